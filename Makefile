@@ -1,0 +1,43 @@
+# herder — `make demo` shows a running stack, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HERDER_TEST_POSTGRES ?= postgresql://postgres@127.0.0.1:5432/test
+export HERDER_TEST_POSTGRES
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-unit lint demo bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install herder with its dev tools (quick when already done)
+
+test: $(STAMP) ## Run the whole suite (unit, integration against a real NATS and SQLite/PostgreSQL, e2e)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP) ## Run only the pure unit tests
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@rm -rf .mypy-path && mkdir -p .mypy-path/herder
+	@for pkg in protocol services robot coordinator cli; do ln -s ../../$$pkg .mypy-path/herder/$$pkg; done
+	$(BIN)/mypy -p herder.protocol -p herder.services -p herder.robot -p herder.coordinator -p herder.cli
+
+demo: $(STAMP) ## Start an embedded stack in a temporary folder, show `herder status`, stop it
+	HERDER=$(BIN)/herder deploy/demo.sh
+
+bench: $(STAMP) ## Run the benchmarks and print their figures
+	$(BIN)/python tests/bench/bench_rpc.py
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .mypy-path .mypy_cache .ruff_cache .pytest_cache .hypothesis
