@@ -1,0 +1,171 @@
+"""Messages of the `auth` service: who a caller is, and the API tokens that say so."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar
+
+from pydantic import StringConstraints
+
+from herder.protocol.messages import EventData, Model, Request
+from herder.protocol.subjects import DEFAULT_TENANT
+
+SERVICE = "auth"
+
+# Token names are short, lower-case, and safe in a subject, a file name and a table.
+TokenName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", min_length=1, max_length=63)]
+
+
+class PrincipalKind(StrEnum):
+    """What sort of caller a principal is."""
+
+    TOKEN = "token"
+    ROBOT = "robot"
+    USER = "user"
+
+
+class Role(StrEnum):
+    """Built-in roles; an API token carries exactly one."""
+
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    INTEGRATOR = "integrator"
+
+
+class Permission(StrEnum):
+    """Permissions that endpoints demand. `*` grants every one."""
+
+    ALL = "*"
+    TOKENS_MANAGE = "auth.tokens.manage"
+
+
+# What each role may do. Operator and integrator rights grow with the services that need them.
+ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
+    Role.ADMIN: frozenset({Permission.ALL}),
+    Role.OPERATOR: frozenset(),
+    Role.INTEGRATOR: frozenset(),
+}
+
+
+class Principal(Model):
+    """The authenticated caller of a request: its name, tenant, role and permissions."""
+
+    kind: PrincipalKind
+    name: str
+    tenant: str = DEFAULT_TENANT
+    role: Role
+    permissions: frozenset[str] = frozenset()
+    token_id: str | None = None
+
+    def can(self, permission: str) -> bool:
+        """Whether this principal holds `permission`."""
+        return Permission.ALL in self.permissions or permission in self.permissions
+
+
+class TokenInfo(Model):
+    """An API token as listed: never its secret."""
+
+    id: str
+    name: str
+    role: Role
+    tenant: str
+    created_at: datetime
+    created_by: str | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+
+
+class TokenCreated(Model):
+    """The reply to `token_create`: the only time the secret is shown."""
+
+    token: TokenInfo
+    secret: str
+
+
+class TokenCreate(Request[TokenCreated]):
+    """Create an API token for an integrator or operator."""
+
+    service = SERVICE
+    verb = "token_create"
+
+    name: TokenName
+    role: Role = Role.OPERATOR
+
+
+class TokenList(Model):
+    """The reply to `token_list`."""
+
+    tokens: list[TokenInfo]
+
+
+class TokenListRequest(Request[TokenList]):
+    """List the tenant's API tokens; revoked ones only when asked."""
+
+    service = SERVICE
+    verb = "token_list"
+
+    include_revoked: bool = False
+
+
+class TokenRevoked(Model):
+    """The reply to `token_revoke`."""
+
+    token: TokenInfo
+
+
+class TokenRevoke(Request[TokenRevoked]):
+    """Revoke an API token by name; requests carrying it are refused from then on."""
+
+    service = SERVICE
+    verb = "token_revoke"
+
+    name: TokenName
+
+
+class WhoAmI(Request[Principal]):
+    """Ask who the caller is."""
+
+    service = SERVICE
+    verb = "whoami"
+
+
+class TokenCreatedEvent(EventData):
+    """An API token was created."""
+
+    event_type: ClassVar[str] = "auth.token_created"
+
+    token_id: str
+    name: str
+    role: Role
+
+
+class TokenRevokedEvent(EventData):
+    """An API token was revoked."""
+
+    event_type: ClassVar[str] = "auth.token_revoked"
+
+    token_id: str
+    name: str
+    role: Role
+
+
+__all__ = [
+    "ROLE_PERMISSIONS",
+    "SERVICE",
+    "Permission",
+    "Principal",
+    "PrincipalKind",
+    "Role",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenCreatedEvent",
+    "TokenInfo",
+    "TokenList",
+    "TokenListRequest",
+    "TokenName",
+    "TokenRevoke",
+    "TokenRevoked",
+    "TokenRevokedEvent",
+    "WhoAmI",
+]

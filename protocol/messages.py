@@ -1,0 +1,130 @@
+"""The base models every herder message is built on."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from herder.protocol import subjects
+from herder.protocol.version import SCHEMA_VERSION
+
+
+class Model(BaseModel):
+    """A message on the wire. Replies and events ignore fields they do not know, so older peers
+    keep working when a newer one adds a field."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: ClassVar[int] = SCHEMA_VERSION
+
+
+ReplyT = TypeVar("ReplyT", bound=Model)
+
+
+class Request(Model, Generic[ReplyT]):
+    """A request to one service verb; `ReplyT` is the model of its successful reply.
+
+    Subclasses set `service` and `verb`; the subject is `hd.<tenant>.svc.<service>.<verb>`.
+    Requests refuse unknown fields: a misspelt field is an error, not a silent no-op.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    service: ClassVar[str]
+    verb: ClassVar[str]
+    reply_model: ClassVar[type[Model]]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        for base in cls.__mro__:
+            metadata = getattr(base, "__pydantic_generic_metadata__", None)
+            if metadata and metadata["origin"] is Request and metadata["args"]:
+                cls.reply_model = metadata["args"][0]
+                break
+
+
+class Empty(Model):
+    """A reply with nothing to say beyond success."""
+
+
+class ErrorBody(Model):
+    """The body of an error reply; the same fields ride in the `Nats-Service-Error*` headers."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str | None = None
+
+
+def new_id() -> str:
+    """A fresh random identifier (UUID4, hex)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class EventData(Model):
+    """The payload of one kind of event; subclasses name their type as `domain.event`."""
+
+    event_type: ClassVar[str]
+
+
+class Event(Model):
+    """A state change, as kept in the HERDER_EVENTS stream."""
+
+    id: str
+    type: str
+    tenant: str
+    time: datetime
+    actor: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: EventData, *, tenant: str, actor: str | None) -> Event:
+        """Wrap a typed payload in an envelope with a fresh id and the current time."""
+        return cls(
+            id=new_id(),
+            type=data.event_type,
+            tenant=tenant,
+            time=utcnow(),
+            actor=actor,
+            data=data.model_dump(mode="json"),
+        )
+
+    @property
+    def subject(self) -> str:
+        """`hd.<tenant>.evt.<domain>.<event>`."""
+        return subjects.event_type_subject(self.tenant, self.type)
+
+
+class DatabaseHealth(Model):
+    """How a service instance sees its database."""
+
+    ok: bool
+    dialect: str
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class HealthReply(Model):
+    """What `health` answers: the instance, its uptime and its database."""
+
+    service: str
+    version: str
+    instance: str
+    uptime_s: float
+    database: DatabaseHealth | None = None
+
+
+class HealthCheck(Request[HealthReply]):
+    """Ask a service how it is; every service answers `health`, so the caller names the service."""
+
+    service = ""
+    verb = "health"
