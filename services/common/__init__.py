@@ -1,0 +1,1 @@
+"""The runtime every herder service uses: bus, database, requests, events, lifecycle."""

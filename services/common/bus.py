@@ -1,0 +1,138 @@
+"""The one seam to NATS: connecting, and the JetStream streams and buckets herder needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from herder.protocol import subjects
+from herder.services.common.errors import SetupError
+
+CONNECT_TIMEOUT_S = 5.0
+RECONNECT_WAIT_S = 1.0
+EVENTS_MAX_AGE_S = 30 * 24 * 3600.0
+EVENTS_DUPLICATE_WINDOW_S = 120.0
+
+
+def display_nats_url(url: str) -> str:
+    """A NATS URL fit to print: any user, password or token removed."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+async def connect(url: str, *, name: str) -> NATS:
+    """Connect to NATS at `url`, or raise `SetupError` with one line saying why not.
+
+    The first connection gives up after CONNECT_TIMEOUT_S; once connected, the client
+    reconnects for as long as it lives (a cluster URL may list several servers).
+    """
+    for server in url.split(","):
+        parts = urlsplit(server.strip() if "://" in server else f"nats://{server.strip()}")
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            raise SetupError(f"{display_nats_url(server)!r} is not a NATS URL; use nats://HOST:PORT")
+    last_error: deque[BaseException] = deque(maxlen=1)
+
+    async def remember(exc: Exception) -> None:
+        last_error.append(exc)
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                url,
+                name=name,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=RECONNECT_WAIT_S,
+                error_cb=remember,
+            ),
+            timeout=CONNECT_TIMEOUT_S,
+        )
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        cause = last_error[-1] if last_error else exc
+        raise SetupError(f"cannot reach NATS at {display_nats_url(url)}: {_describe(cause)}") from None
+
+
+async def sync(nc: NATS, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Return once the server has taken in every command this connection sent before.
+
+    nats-py's `flush()` writes its PING ahead of commands still queued for the socket, so its
+    PONG does not prove a new subscription is in place; a message to ourselves behind them does.
+    """
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(inbox, b"")
+        await subscription.next_msg(timeout=timeout)
+    except nats.errors.TimeoutError:
+        raise SetupError(f"NATS did not confirm this connection's subscriptions within {timeout:g} s") from None
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await subscription.unsubscribe()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().strip("'\"").removeprefix("nats: ")
+    if "authorization" in text.lower():
+        return "the server refused the credentials (authorization violation)"
+    return text or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class JetStreamSettings:
+    """How herder's JetStream assets are stored: replicas is 1 on one node, 3 on a cluster."""
+
+    replicas: int = 1
+
+
+async def ensure_event_stream(js: JetStreamContext, settings: JetStreamSettings) -> None:
+    """Create or update the HERDER_EVENTS stream (`hd.*.evt.>`), keeping 30 days of events."""
+    config = StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        description="herder state-change events",
+        subjects=[subjects.EVENTS_STREAM_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=EVENTS_MAX_AGE_S,
+        duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+        num_replicas=settings.replicas,
+    )
+    try:
+        await js.stream_info(subjects.EVENTS_STREAM)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except nats.js.errors.BadRequestError:
+            pass  # created meanwhile by another process
+    await js.update_stream(config)
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: str, settings: JetStreamSettings) -> KeyValue:
+    """Open the KV bucket `bucket`, creating it first if it does not exist."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas)
+        )

@@ -1,0 +1,97 @@
+"""The request client the CLI, robots and services all use."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from herder.protocol import codec, subjects
+from herder.protocol.codec import BEARER, Header
+from herder.protocol.errors import BadRequest, Internal, Unavailable
+from herder.protocol.messages import Model, Request, new_id
+from herder.protocol.version import SCHEMA_VERSION
+
+DEFAULT_TIMEOUT_S = 5.0
+
+R = TypeVar("R", bound=Model)
+
+
+class Client:
+    """Sends request models to herder services and returns their reply models.
+
+    An error reply raises the matching `HerderError`; no answer in time raises `Unavailable`
+    naming the subject.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        token: str | None,
+        tenant: str = subjects.DEFAULT_TENANT,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        content_type: str = codec.MSGPACK,
+    ) -> None:
+        self.nc = nc
+        self.tenant = subjects.check_token(tenant, "tenant")
+        self.timeout = timeout
+        self.content_type = content_type
+        self._authorization = BEARER + token if token else None
+
+    async def request(
+        self,
+        request: Request[R],
+        *,
+        service: str | None = None,
+        tenant: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> R:
+        """Send `request` and return its reply; `service` names the target of shared verbs like `health`."""
+        service_name = service or request.service
+        if not service_name:
+            raise ValueError(f"{type(request).__name__} is served by every service: say which one")
+        subject = subjects.service(tenant or self.tenant, service_name, request.verb)
+        data = codec.dump(request, self.content_type)
+        codec.check_size(data, "request")
+        headers = {
+            Header.CONTENT_TYPE: self.content_type,
+            Header.TYPE: f"{service_name}.{request.verb}",
+            Header.SCHEMA: _SCHEMA,
+            Header.CORRELATION_ID: correlation_id or new_id(),
+        }
+        if self._authorization:
+            headers[Header.AUTHORIZATION] = self._authorization
+        if idempotency_key:
+            headers[Header.MSG_ID] = idempotency_key
+        wait = self.timeout if timeout is None else timeout
+        try:
+            reply = await self.nc.request(subject, data, timeout=wait, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(
+                f"no {service_name} service is running to answer {subject}; "
+                f"start one with 'herder up' or 'herder service run {service_name}'",
+                details={"subject": subject},
+            ) from None
+        except nats.errors.TimeoutError:
+            raise Unavailable(
+                f"no reply from {subject} within {wait:g} s; the {service_name} service may be down or overloaded",
+                details={"subject": subject},
+            ) from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+            raise Unavailable("the connection to NATS is closed", details={"subject": subject}) from None
+        if reply.headers and codec.is_error_reply(reply.headers):
+            codec.raise_error_reply(reply.data, reply.headers)
+        try:
+            return codec.load(request.reply_model, reply.data, codec.content_type_of(reply.headers))  # type: ignore[return-value]
+        except BadRequest as exc:
+            raise Internal(
+                f"the {service_name} service sent a reply this client cannot read ({exc.message}); "
+                "are the client and the service the same version?"
+            ) from None
+
+
+_SCHEMA = str(SCHEMA_VERSION)

@@ -1,0 +1,139 @@
+"""Runs a set of services in one process: `herder up` runs them all, `herder service run` some."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client as NATS
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from herder.protocol import subjects
+from herder.services.common import database, migrate
+from herder.services.common.bus import JetStreamSettings, connect, ensure_bucket, ensure_event_stream
+from herder.services.common.errors import SetupError
+from herder.services.common.events import EventPublisher
+from herder.services.common.runtime import Runtime, Service, ServiceRunner
+from herder.services.common.tokens import TokenResolver
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What one process of services needs: where NATS and the database are, and which services."""
+
+    nats_url: str
+    db_url: str
+    services: tuple[type[Service], ...]
+    data_dir: Path | None = None
+    jetstream: JetStreamSettings = field(default_factory=JetStreamSettings)
+    migrate: bool = True
+
+
+class ServiceHost:
+    """Connects to NATS and the database, prepares the shared assets, and runs services until stopped."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.log = structlog.get_logger("herder")
+        self.nc: NATS | None = None
+        self.engine: AsyncEngine | None = None
+        self.runtime: Runtime | None = None
+        self.services: dict[str, Service] = {}
+        self._runners: list[ServiceRunner] = []
+        self._tokens: TokenResolver | None = None
+        self._relay: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bring every service up; on failure, undo what was done and raise `SetupError`."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        self.engine = database.create_engine(config.db_url)
+        health = await database.check(self.engine)
+        if not health.ok:
+            raise SetupError(health.error or "the database does not answer")
+        if config.migrate:
+            revisions = await migrate.upgrade(self.engine)
+            self.log.info("database.ready", url=database.display_url(config.db_url), revisions=revisions)
+        else:
+            missing = migrate.heads() - await migrate.current(self.engine)
+            if missing:
+                raise SetupError("the database schema is behind this herder; run 'herder db upgrade' first")
+        names = "+".join(service.name for service in config.services) or "none"
+        self.nc = await connect(config.nats_url, name=f"herder-{names}")
+        js = self.nc.jetstream()
+        await ensure_event_stream(js, config.jetstream)
+        bucket = await ensure_bucket(js, subjects.TOKENS_BUCKET, config.jetstream)
+        self._tokens = TokenResolver(bucket)
+        await self._tokens.start()
+        events = EventPublisher(js, self.engine)
+        self.runtime = Runtime(
+            nc=self.nc,
+            js=js,
+            engine=self.engine,
+            tokens=self._tokens,
+            events=events,
+            data_dir=config.data_dir,
+            log=self.log,
+        )
+        for service_class in config.services:
+            service = service_class(self.runtime)
+            runner = ServiceRunner(service)
+            await runner.start()
+            self._runners.append(runner)
+            self.services[service.name] = service
+        self._relay = asyncio.create_task(events.relay_forever(), name="herder.outbox.relay")
+
+    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop taking requests, drain those in flight, publish what the outbox holds, close everything.
+
+        Safe to call twice, and after a start that failed half-way."""
+        if self.nc is None and self.engine is None:
+            return
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.stop(timeout)
+        self._runners.clear()
+        if self._relay is not None:
+            self._relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay
+            self._relay = None
+            if self.runtime is not None:
+                with contextlib.suppress(Exception):
+                    await self.runtime.events.relay_once(grace_s=0)
+        if self._tokens is not None:
+            await self._tokens.stop()
+            self._tokens = None
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), timeout)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        self.nc = None
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+        self.log.info("host.stopped")
+
+
+def resolve_services(names: Iterable[str]) -> tuple[type[Service], ...]:
+    """The service classes for `names`, or `SetupError` naming the unknown ones."""
+    from herder.services.registry import SERVICES
+
+    chosen = list(dict.fromkeys(names))
+    unknown = [name for name in chosen if name not in SERVICES]
+    if unknown:
+        raise SetupError(f"unknown service {', '.join(unknown)}; herder has: {', '.join(sorted(SERVICES))}")
+    return tuple(SERVICES[name] for name in chosen)

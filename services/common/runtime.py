@@ -1,0 +1,410 @@
+"""The service base every herder service is built on, over the NATS service API (`nats.micro`).
+
+A service declares endpoints as methods taking a validated request model and a
+`RequestContext`, returning a reply model:
+
+    class AuthService(Service):
+        name = "auth"
+
+        @endpoint(permission=Permission.TOKENS_MANAGE)
+        async def token_create(self, request: TokenCreate, ctx: RequestContext) -> TokenCreated:
+            ...
+
+Each endpoint listens on `hd.*.svc.<service>.<verb>` in a queue group named after
+the service, so any number of replicas share the load, and `nats micro ls` and
+`$SRV.PING|INFO|STATS` discover them. Before a handler runs, the runtime checks
+the size, the message type and schema headers, the bearer token, the tenant and
+the permission, and decodes the body; anything wrong gets an error reply with a
+stable code and the service keeps serving. An unexpected exception gets
+`internal` with a correlation id, and its traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import EndpointConfig, ServiceConfig, ServiceStats
+from nats.micro.service import Service as MicroService
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from herder.protocol import codec, subjects
+from herder.protocol.auth import Principal
+from herder.protocol.codec import BEARER, Header
+from herder.protocol.errors import BadRequest, Forbidden, HerderError, Internal, Unauthenticated
+from herder.protocol.messages import HealthCheck, HealthReply, Model, Request, new_id
+from herder.protocol.version import SCHEMA_VERSION, VERSION
+from herder.services.common import bus, database
+from herder.services.common.events import EventPublisher
+from herder.services.common.tokens import TokenResolver
+
+# Requests one service instance works on at once; past this, NATS buffers them.
+MAX_IN_FLIGHT = 256
+DRAIN_TIMEOUT_S = 10.0
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+Handler = Callable[[Any, "RequestContext"], Awaitable[Model]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Model]])
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """What the `endpoint` decorator records about a handler."""
+
+    request_model: type[Request[Any]]
+    permission: str | None
+    authenticated: bool
+
+
+def endpoint(*, permission: str | None = None, authenticated: bool = True) -> Callable[[F], F]:
+    """Mark a service method as the handler of the verb of its request model.
+
+    `permission` is demanded of the caller; `authenticated=False` lets callers without a token in.
+    """
+
+    def mark(handler: F) -> F:
+        hints = get_type_hints(handler)
+        parameters = list(inspect.signature(handler).parameters)
+        if len(parameters) != 3:
+            raise TypeError(f"{handler.__qualname__} must take (self, request, ctx)")
+        request_model = hints.get(parameters[1])
+        if not (isinstance(request_model, type) and issubclass(request_model, Request)):
+            raise TypeError(f"{handler.__qualname__}: annotate the request with its Request model")
+        handler.__herder_endpoint__ = EndpointSpec(  # type: ignore[attr-defined]
+            request_model=request_model,
+            permission=None if permission is None else str(permission),
+            authenticated=authenticated,
+        )
+        return handler
+
+    return mark
+
+
+class RequestContext:
+    """Who asked, for which tenant, under which correlation id; with a logger bound to them."""
+
+    __slots__ = ("_log", "_service_log", "correlation_id", "idempotency_key", "principal", "tenant")
+
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        principal: Principal | None,
+        correlation_id: str,
+        idempotency_key: str | None,
+        service_log: structlog.stdlib.BoundLogger,
+    ) -> None:
+        self.tenant = tenant
+        self.principal = principal
+        self.correlation_id = correlation_id
+        self.idempotency_key = idempotency_key
+        self._service_log = service_log
+        self._log: structlog.stdlib.BoundLogger | None = None
+
+    @property
+    def actor(self) -> str | None:
+        """The name of the caller, as recorded in events and audit records."""
+        return self.principal.name if self.principal else None
+
+    @property
+    def log(self) -> structlog.stdlib.BoundLogger:
+        """The service's logger bound to this request (built on first use: most requests never log)."""
+        if self._log is None:
+            self._log = self._service_log.bind(tenant=self.tenant, actor=self.actor, correlation_id=self.correlation_id)
+        return self._log
+
+
+@dataclass
+class Runtime:
+    """What a service is given to work with: the bus, the database, tokens and events."""
+
+    nc: NATS
+    js: JetStreamContext
+    engine: AsyncEngine | None
+    tokens: TokenResolver
+    events: EventPublisher
+    data_dir: Path | None = None
+    log: structlog.stdlib.BoundLogger = field(default_factory=lambda: structlog.get_logger("herder"))
+
+
+class Service:
+    """Base of every herder service: subclasses set `name` and declare `@endpoint` methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    version: ClassVar[str] = VERSION
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.log: structlog.stdlib.BoundLogger = runtime.log.bind(service=self.name)
+        self.instance_id = new_id()[:12]
+        self._started = time.monotonic()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database engine; a service that owns tables cannot run without one."""
+        if self.runtime.engine is None:
+            raise RuntimeError(f"the {self.name} service needs a database")
+        return self.runtime.engine
+
+    async def setup(self) -> None:
+        """Prepare before the first request (caches, JetStream assets). Runs once per instance."""
+
+    async def teardown(self) -> None:
+        """Release what `setup` took, after the last request."""
+
+    @endpoint()
+    async def health(self, request: HealthCheck, ctx: RequestContext) -> HealthReply:
+        """Every service answers `health`: its instance, uptime and database."""
+        engine = self.runtime.engine
+        return HealthReply(
+            service=self.name,
+            version=self.version,
+            instance=self.instance_id,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            database=await database.check(engine) if engine is not None else None,
+        )
+
+    @classmethod
+    def endpoints(cls) -> dict[str, tuple[str, EndpointSpec]]:
+        """verb -> (method name, spec), for every `@endpoint` method of the class."""
+        found: dict[str, tuple[str, EndpointSpec]] = {}
+        for attribute in dir(cls):
+            spec = getattr(getattr(cls, attribute), "__herder_endpoint__", None)
+            if isinstance(spec, EndpointSpec):
+                found[spec.request_model.verb] = (attribute, spec)
+        return found
+
+
+@dataclass
+class EndpointCounters:
+    """Request, error and latency counts of one endpoint, reported through `$SRV.STATS`."""
+
+    requests: int = 0
+    errors: int = 0
+    processing_ns: int = 0
+    last_error: str = ""
+
+    def record(self, elapsed_ns: int, error: HerderError | None) -> None:
+        """Count one served request."""
+        self.requests += 1
+        self.processing_ns += elapsed_ns
+        if error is not None:
+            self.errors += 1
+            self.last_error = f"{error.code.value}: {error.message}"[:200]
+
+
+class _MicroService(MicroService):
+    """`nats.micro`'s service, reporting herder's counters.
+
+    nats-py delivers one subscription's messages one after another, so herder's endpoints hand
+    each request to a task; nats.micro's own counters would then time only that hand-over.
+    """
+
+    def __init__(self, nc: NATS, config: ServiceConfig, counters: dict[str, EndpointCounters]) -> None:
+        super().__init__(nc, config)
+        self._herder_counters = counters
+
+    def stats(self) -> ServiceStats:
+        stats = super().stats()
+        for endpoint_stats in stats.endpoints:
+            counters = self._herder_counters.get(endpoint_stats.name)
+            if counters is None:
+                continue
+            endpoint_stats.num_requests = counters.requests
+            endpoint_stats.num_errors = counters.errors
+            endpoint_stats.last_error = counters.last_error
+            endpoint_stats.processing_time = counters.processing_ns
+            endpoint_stats.average_processing_time = counters.processing_ns // max(counters.requests, 1)
+        return stats
+
+    async def reset(self) -> None:
+        await super().reset()
+        for name in self._herder_counters:
+            self._herder_counters[name] = EndpointCounters()
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    verb: str
+    message_type: str
+    spec: EndpointSpec
+    handler: Handler
+    counters: EndpointCounters
+
+
+class ServiceRunner:
+    """Serves one service instance on the bus: registration, dispatch, statistics and draining."""
+
+    def __init__(self, service: Service, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.service = service
+        self._runtime = service.runtime
+        self._log = service.log
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._counters: dict[str, EndpointCounters] = {}
+        self._micro: _MicroService | None = None
+
+    async def start(self) -> None:
+        """Run the service's setup, then register it and its endpoints with the NATS service API."""
+        await self.service.setup()
+        name = self.service.name
+        self._micro = _MicroService(
+            self._runtime.nc,
+            ServiceConfig(
+                name=name,
+                version=self.service.version,
+                description=self.service.description or (type(self.service).__doc__ or "").strip(),
+                metadata={"schema": str(SCHEMA_VERSION), "instance": self.service.instance_id},
+                queue_group=name,
+            ),
+            self._counters,
+        )
+        await self._micro.start()
+        for verb, (attribute, spec) in self.service.endpoints().items():
+            counters = self._counters.setdefault(verb, EndpointCounters())
+            route = _Route(
+                verb=verb,
+                message_type=f"{name}.{verb}",
+                spec=spec,
+                handler=getattr(self.service, attribute),
+                counters=counters,
+            )
+            await self._micro.add_endpoint(
+                EndpointConfig(
+                    name=verb,
+                    subject=subjects.service_listen(name, verb),
+                    queue_group=name,
+                    handler=partial(self._accept, route),
+                )
+            )
+        await bus.sync(self._runtime.nc)
+        self._log.info("service.started", instance=self.service.instance_id, verbs=sorted(self._counters))
+
+    async def stop(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Stop taking requests, let those in flight finish (up to `timeout`), then tear down."""
+        if self._micro is not None:
+            await self._micro.stop()
+            self._micro = None
+        if self._in_flight:
+            _done, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._log.warning("service.drain_timeout", cancelled=len(pending))
+        await self.service.teardown()
+        self._log.info("service.stopped", instance=self.service.instance_id)
+
+    async def _accept(self, route: _Route, request: MicroRequest) -> None:
+        # Waiting here when every slot is taken holds back the subscription: NATS buffers the rest.
+        await self._slots.acquire()
+        task = asyncio.create_task(self._serve(route, request))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+
+    async def _serve(self, route: _Route, request: MicroRequest) -> None:
+        started = time.perf_counter_ns()
+        headers = request.headers or {}
+        content_type = codec.content_type_of(headers)
+        correlation_id = headers.get(Header.CORRELATION_ID, "")
+        if not _CORRELATION_ID.fullmatch(correlation_id):
+            correlation_id = new_id()
+        error: HerderError | None = None
+        try:
+            reply = await self._handle(route, request, headers, content_type, correlation_id)
+            data = codec.dump(reply, content_type)
+            codec.check_size(data, "reply")
+            reply_headers = {Header.CONTENT_TYPE: content_type, Header.CORRELATION_ID: correlation_id}
+        except HerderError as exc:
+            error = exc
+        except Exception:
+            self._log.exception(
+                "request.failed", verb=route.verb, subject=request.subject, correlation_id=correlation_id
+            )
+            error = Internal(
+                f"{route.message_type} failed unexpectedly; the service log has the details "
+                f"under correlation id {correlation_id}",
+                details={"correlation_id": correlation_id},
+            )
+        if error is not None:
+            data, reply_headers = codec.error_reply(error, content_type, correlation_id)
+            if not isinstance(error, Internal):  # internal errors were logged with their traceback
+                self._log.info(
+                    "request.refused",
+                    verb=route.verb,
+                    code=error.code.value,
+                    reason=error.message,
+                    correlation_id=correlation_id,
+                )
+        try:
+            await request.respond(data, headers=reply_headers)
+        except ValueError:
+            pass  # published without a reply subject: nobody to answer
+        except Exception as exc:
+            self._log.warning("request.reply_failed", verb=route.verb, error=repr(exc))
+        route.counters.record(time.perf_counter_ns() - started, error)
+
+    async def _handle(
+        self,
+        route: _Route,
+        request: MicroRequest,
+        headers: dict[str, str],
+        content_type: str,
+        correlation_id: str,
+    ) -> Model:
+        data = request.data
+        codec.check_size(data, "request")
+        message_type = headers.get(Header.TYPE)
+        if message_type and message_type != route.message_type:
+            raise BadRequest(f"this endpoint takes {route.message_type}, not {message_type}")
+        schema = headers.get(Header.SCHEMA)
+        if schema and (not schema.isdigit() or int(schema) > SCHEMA_VERSION):
+            raise BadRequest(
+                f"schema version {schema!r} is not one this service speaks (it speaks up to {SCHEMA_VERSION})"
+            )
+        tenant = request.subject.split(".", 2)[1]
+        principal = await self._authenticate(route.spec, headers, tenant)
+        model = codec.load(route.spec.request_model, data or _EMPTY[content_type], content_type)
+        ctx = RequestContext(
+            tenant=tenant,
+            principal=principal,
+            correlation_id=correlation_id,
+            idempotency_key=headers.get(Header.MSG_ID),
+            service_log=self._log,
+        )
+        return await route.handler(model, ctx)
+
+    async def _authenticate(self, spec: EndpointSpec, headers: dict[str, str], tenant: str) -> Principal | None:
+        authorization = headers.get(Header.AUTHORIZATION, "")
+        if not authorization:
+            if spec.authenticated:
+                raise Unauthenticated("this request needs a token: send the header 'Authorization: Bearer <token>'")
+            return None
+        if not authorization.startswith(BEARER):
+            raise Unauthenticated("the Authorization header must read 'Bearer <token>'")
+        principal = await self._runtime.tokens.resolve(authorization[len(BEARER) :].strip())
+        if principal is None:
+            raise Unauthenticated("the token is unknown or revoked")
+        if principal.tenant != tenant:
+            raise Forbidden(f"this token belongs to tenant {principal.tenant!r}, not {tenant!r}")
+        if spec.permission is not None and not principal.can(spec.permission):
+            raise Forbidden(f"role '{principal.role}' lacks the permission '{spec.permission}'")
+        return principal
+
+
+_EMPTY = {codec.MSGPACK: b"\x80", codec.JSON: b"{}"}
