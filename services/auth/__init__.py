@@ -1,0 +1,1 @@
+"""The auth service: API tokens and who a caller is."""

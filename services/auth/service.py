@@ -1,0 +1,196 @@
+"""The auth service: creates, lists and revokes API tokens, and tells callers who they are.
+
+The database is the system of record. Each live token is projected into the
+HERDER_TOKENS bucket as `hash -> principal`, which every service process mirrors
+to check tokens; the projection is reconciled with the database at start-up and
+every RECONCILE_INTERVAL_S, so a failed write to the bucket heals itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from nats.js.kv import KeyValue
+
+from herder.protocol import codec, subjects
+from herder.protocol.auth import (
+    Permission,
+    Principal,
+    Role,
+    TokenCreate,
+    TokenCreated,
+    TokenCreatedEvent,
+    TokenList,
+    TokenListRequest,
+    TokenRevoke,
+    TokenRevoked,
+    TokenRevokedEvent,
+    WhoAmI,
+)
+from herder.protocol.errors import NotFound, Unauthenticated
+from herder.protocol.messages import Event, new_id, utcnow
+from herder.services.auth.core import (
+    BOOTSTRAP_TOKEN_NAME,
+    SYSTEM_ACTOR,
+    BootstrapAction,
+    TokenRecord,
+    check_revoke,
+    plan_bootstrap,
+)
+from herder.services.auth.repository import TokenRepository
+from herder.services.common.runtime import RequestContext, Service, endpoint
+from herder.services.common.tokens import new_secret, token_hash
+
+RECONCILE_INTERVAL_S = 60.0
+
+
+class AuthService(Service):
+    """API tokens and identities."""
+
+    name = "auth"
+
+    async def setup(self) -> None:
+        self.repo = TokenRepository()
+        self.kv: KeyValue = self.runtime.tokens.bucket
+        await self.reconcile()
+        self._reconciler = asyncio.create_task(self._reconcile_forever(), name="auth.reconcile")
+
+    async def teardown(self) -> None:
+        self._reconciler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reconciler
+
+    @endpoint(permission=Permission.TOKENS_MANAGE)
+    async def token_create(self, request: TokenCreate, ctx: RequestContext) -> TokenCreated:
+        """Create a token; its secret is in this reply and nowhere else."""
+        secret, record = await self._create(ctx.tenant, request.name, request.role, actor=ctx.actor)
+        ctx.log.info("token.created", token=record.name, role=record.role.value)
+        return TokenCreated(token=record.info(), secret=secret)
+
+    @endpoint(permission=Permission.TOKENS_MANAGE)
+    async def token_list(self, request: TokenListRequest, ctx: RequestContext) -> TokenList:
+        """The tenant's tokens, without their secrets."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.for_tenant(connection, ctx.tenant, include_revoked=request.include_revoked)
+        return TokenList(tokens=[record.info() for record in records])
+
+    @endpoint(permission=Permission.TOKENS_MANAGE)
+    async def token_revoke(self, request: TokenRevoke, ctx: RequestContext) -> TokenRevoked:
+        """Revoke a token by name; every service refuses it from then on."""
+        revoked = await self._revoke(ctx.tenant, request.name, actor=ctx.actor)
+        ctx.log.info("token.revoked", token=revoked.name, role=revoked.role.value)
+        return TokenRevoked(token=revoked.info())
+
+    @endpoint()
+    async def whoami(self, request: WhoAmI, ctx: RequestContext) -> Principal:
+        """The caller's principal."""
+        if ctx.principal is None:
+            raise Unauthenticated()
+        return ctx.principal
+
+    async def bootstrap_admin(self, held_secret: str | None, *, may_rotate: bool) -> str | None:
+        """Make sure the stack holds a live admin token of the default tenant; return the one to keep.
+
+        Returns `held_secret` when it still works, a new secret when one was made, and None when
+        admin tokens exist but the stack holds none of them and may not rotate its own.
+        """
+        tenant = subjects.DEFAULT_TENANT
+        async with self.engine.connect() as connection:
+            held = await self.repo.live_by_hash(connection, token_hash(held_secret)) if held_secret else None
+            live_admins = await self.repo.count_live_admins(connection, tenant)
+            bootstrap = await self.repo.live_by_name(connection, tenant, BOOTSTRAP_TOKEN_NAME)
+        action = plan_bootstrap(
+            held_token_is_admin=held is not None and held.role is Role.ADMIN and held.tenant == tenant,
+            live_admins=live_admins,
+            may_rotate=may_rotate,
+        )
+        if action is BootstrapAction.KEEP:
+            return held_secret
+        if action is BootstrapAction.NONE:
+            self.log.warning("auth.admin_token_not_held", live_admins=live_admins)
+            return None
+        name = BOOTSTRAP_TOKEN_NAME
+        if bootstrap is not None and bootstrap.role is Role.ADMIN:
+            # Rotating: the bootstrap token's secret is lost, so retire it before making its successor.
+            await self._revoke(tenant, name, actor=SYSTEM_ACTOR, guard_last_admin=False)
+        elif bootstrap is not None:
+            name = f"{BOOTSTRAP_TOKEN_NAME}-{new_id()[:6]}"  # someone gave the name to a lesser token
+        secret, _record = await self._create(tenant, name, Role.ADMIN, actor=SYSTEM_ACTOR)
+        self.log.info("auth.admin_token_created", action=action.value, token=name)
+        return secret
+
+    async def _create(self, tenant: str, name: str, role: Role, *, actor: str | None) -> tuple[str, TokenRecord]:
+        secret = new_secret()
+        record = TokenRecord(
+            id=new_id(),
+            tenant=tenant,
+            name=name,
+            role=role,
+            token_hash=token_hash(secret),
+            created_at=utcnow(),
+            created_by=actor,
+        )
+        async with self.runtime.events.transaction() as tx:
+            await self.repo.insert(tx.connection, record)
+            tx.emit(Event.of(TokenCreatedEvent(token_id=record.id, name=name, role=role), tenant=tenant, actor=actor))
+        await self._project(record)
+        return secret, record
+
+    async def _revoke(self, tenant: str, name: str, *, actor: str | None, guard_last_admin: bool = True) -> TokenRecord:
+        async with self.runtime.events.transaction() as tx:
+            record = await self.repo.live_by_name(tx.connection, tenant, name)
+            if record is None:
+                raise NotFound(f"tenant {tenant!r} has no live token named {name!r}")
+            if guard_last_admin:
+                check_revoke(record, await self.repo.count_live_admins(tx.connection, tenant, lock=True))
+            revoked = await self.repo.revoke(tx.connection, record.id, by=actor)
+            if revoked is None:
+                raise NotFound(f"token {name!r} was revoked meanwhile")
+            tx.emit(
+                Event.of(
+                    TokenRevokedEvent(token_id=record.id, name=name, role=record.role),
+                    tenant=tenant,
+                    actor=actor,
+                )
+            )
+        await self.kv.delete(record.token_hash)
+        return revoked
+
+    async def _project(self, record: TokenRecord) -> None:
+        """Write a live token to the bucket, then undo that if it was revoked meanwhile.
+
+        A revocation commits before it deletes from the bucket, so checking the row after the
+        write closes the race in which this write would land after that delete.
+        """
+        await self.kv.put(record.token_hash, codec.dump(record.principal()))
+        async with self.engine.connect() as connection:
+            current = await self.repo.by_id(connection, record.id)
+        if current is None or not current.live:
+            await self.kv.delete(record.token_hash)
+
+    async def reconcile(self) -> None:
+        """Make the bucket hold exactly the live tokens of the database."""
+        # The mirror is read before the database: a token created in between is then only
+        # missing from the mirror (and written), never wrongly taken for a revoked one.
+        projected = self.runtime.tokens.snapshot()
+        async with self.engine.connect() as connection:
+            live = {record.token_hash: record for record in await self.repo.all_live(connection)}
+        written = removed = 0
+        for key, record in live.items():
+            if projected.get(key) != record.principal():
+                await self._project(record)
+                written += 1
+        for key in projected.keys() - live.keys():
+            await self.kv.delete(key)
+            removed += 1
+        if written or removed:
+            self.log.info("auth.tokens_reconciled", written=written, removed=removed, live=len(live))
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                self.log.warning("auth.reconcile_failed", error=repr(exc))
