@@ -1,0 +1,39 @@
+"""The `herder` command: one entry point, a sub-command per job."""
+
+from __future__ import annotations
+
+import typer
+
+from herder.cli import stack, status, tap, tokens
+from herder.cli.output import report_errors
+
+app = typer.Typer(
+    name="herder",
+    help="herder orchestrates RPA robots. Start a stack with 'herder up', then look at it with 'herder status'.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command("up")(stack.up)
+app.command("status")(status.status)
+app.command("version")(status.version)
+app.command("tap")(tap.tap)
+app.command("whoami")(tokens.whoami)
+app.add_typer(tokens.token_app, name="token")
+app.add_typer(stack.db_app, name="db")
+
+service_app = typer.Typer(help="Run herder services on their own (the way to scale out).", no_args_is_help=True)
+service_app.command("run")(stack.service_run)
+app.add_typer(service_app, name="service")
+
+
+def main() -> None:
+    """Entry point of the `herder` script."""
+    with report_errors():
+        app()
+
+
+if __name__ == "__main__":
+    main()

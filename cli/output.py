@@ -1,0 +1,102 @@
+"""How the CLI shows things: tables for people, JSON for programs, one line for an error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from herder.protocol import codec
+from herder.protocol.errors import ErrorCode, HerderError
+from herder.services.common.errors import SetupError
+
+T = TypeVar("T")
+
+EXIT_ERROR = 1
+EXIT_INTERNAL = 70
+
+_HINTS = {
+    ErrorCode.UNAUTHENTICATED: " (give a valid token with --token-file or HERDER_TOKEN)",
+}
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Print `herder: <message>` on stderr and exit with `code`."""
+    _say(message)
+    raise typer.Exit(code)
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a command's coroutine; failures reach `report_errors` around the whole command."""
+    return asyncio.run(main())
+
+
+@contextmanager
+def report_errors() -> Iterator[None]:
+    """Turn every failure of a command into one line on stderr and a non-zero exit."""
+    try:
+        yield
+    except HerderError as exc:
+        _say(f"{exc.message}{_HINTS.get(exc.code, '')} [{exc.code.value}]")
+        raise SystemExit(EXIT_ERROR) from None
+    except SetupError as exc:
+        _say(exc.message)
+        raise SystemExit(EXIT_ERROR) from None
+    except ValidationError as exc:  # a request built from command-line arguments
+        _say(f"{codec.invalid(exc.title, exc).message} [bad_request]")
+        raise SystemExit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if os.environ.get("HERDER_DEBUG"):
+            traceback.print_exc()
+        _say(
+            f"unexpected error: {type(exc).__name__}: {exc} (set HERDER_DEBUG=1 to see the traceback, "
+            "and please report it)"
+        )
+        raise SystemExit(EXIT_INTERNAL) from None
+
+
+def _say(message: str) -> None:
+    print(f"herder: {message}", file=sys.stderr)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def print_json(value: Any) -> None:
+    """Print `value` (models included) as JSON on stdout."""
+    if isinstance(value, list):
+        value = [_plain(item) for item in value]
+    print(json.dumps(_plain(value), indent=2, default=str))
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> None:
+    """Print rows as an aligned table on stdout."""
+    table = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("-" if cell is None else str(cell) for cell in row))
+    Console(soft_wrap=True).print(table)
+
+
+def when(moment: datetime | None) -> str | None:
+    """A timestamp as people read it: UTC, to the second."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else None
