@@ -1,0 +1,238 @@
+"""The herder CLI as a user runs it: `herder up` in the foreground, other commands beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import wait_until
+
+pytestmark = pytest.mark.e2e
+
+HERDER = str(Path(sys.executable).parent / "herder")
+
+
+def herder(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HERDER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def _is_log_event(line: str) -> bool:
+    try:
+        return "event" in json.loads(line)
+    except ValueError:
+        return False
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str, logs: bool = False) -> str:
+    """A failure a user sees: non-zero exit, one line on stderr naming the cause, no traceback.
+
+    With `logs`, a service process may have written structured log events (JSON) before it.
+    """
+    assert result.returncode != 0, result
+    lines = result.stderr.strip().splitlines()
+    if logs:
+        lines = [line for line in lines if not _is_log_event(line)]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("herder: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions `text` (the stack's data folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Up:
+    """A `herder up` running as a subprocess."""
+
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"HERDER_DATA_DIR": str(self.data_dir)}
+
+    def nats_pid(self) -> int:
+        ports = list((self.data_dir / "nats" / "ports").glob("*.ports"))
+        assert len(ports) == 1, ports
+        return int(ports[0].stem.rsplit("_", 1)[1])
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    data_dir = tmp_path / "stack"
+    log = tmp_path / "up.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [HERDER, "up", "--data-dir", str(data_dir), "--port", "0", "--log-format", "json"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    stack = Up(process=process, data_dir=data_dir, log=log)
+
+    def ready() -> bool:
+        assert process.poll() is None, log.read_text()
+        context = data_dir / "context.json"
+        return context.exists() and json.loads(context.read_text()).get("pid") == process.pid
+
+    try:
+        wait_until(ready, timeout=30)
+        yield stack
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
+    context = up.data_dir / "context.json"
+    assert context.stat().st_mode & 0o777 == 0o600
+    assert "is up" in up.log.read_text()
+
+    status = herder("status", env=up.env)
+    assert status.returncode == 0, status.stderr
+    assert "auth" in status.stdout and "database  sqlite  ok" in status.stdout
+    report = json.loads(herder("status", "--json", env=up.env).stdout)
+    assert [s["name"] for s in report["services"]] == ["auth"]
+    assert report["database"]["ok"] is True and report["nats"]["jetstream"]["streams"] >= 2
+
+    tap = subprocess.Popen(
+        [HERDER, "tap", "auth.>", "--count", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **up.env},
+    )
+    try:
+        assert tap.stderr is not None
+        assert tap.stderr.readline().startswith("tapping hd.*.evt.auth.>")
+        created = herder("token", "create", "e2e", "--role", "integrator", env=up.env)
+        assert created.returncode == 0, created.stderr
+        secret = created.stdout.strip()
+        assert secret.startswith("hd_") and secret not in created.stderr
+        out, _ = tap.communicate(timeout=15)
+    finally:
+        tap.kill()
+    assert tap.returncode == 0
+    (line,) = out.strip().splitlines()
+    assert " default hd.default.evt.auth.token_created by admin " in line
+    assert "name=e2e role=integrator" in line
+
+    replay = herder("tap", "--since", "1h", "--count", "2", "--json", env=up.env)
+    assert [json.loads(x)["data"]["name"] for x in replay.stdout.splitlines()] == ["admin", "e2e"]
+
+    me = json.loads(herder("whoami", "--json", env={**up.env, "HERDER_TOKEN": secret}).stdout)
+    assert (me["name"], me["role"]) == ("e2e", "integrator")
+    token_file = up.data_dir.parent / "e2e.token"
+    token_file.write_text(secret + "\n")
+    assert herder("whoami", "--token-file", str(token_file), env=up.env).stdout.startswith(
+        "e2e (token, role integrator)"
+    )
+
+    listed = herder("token", "list", env=up.env)
+    assert "e2e" in listed.stdout and "integrator" in listed.stdout and secret not in listed.stdout
+    assert_one_line_error(
+        herder("token", "list", env={**up.env, "HERDER_TOKEN": secret}), "lacks the permission", "[forbidden]"
+    )
+    assert_one_line_error(herder("whoami", env={**up.env, "HERDER_TOKEN": "hd_bogus"}), "[unauthenticated]")
+    assert_one_line_error(herder("token", "create", "Bad Name", env=up.env), "[bad_request]")
+    assert herder("token", "revoke", "e2e", env=up.env).returncode == 0
+
+    nats_pid = up.nats_pid()
+    up.process.send_signal(signal.SIGTERM)
+    assert up.process.wait(20) == 0
+    wait_until(lambda: not Path(f"/proc/{nats_pid}").exists(), timeout=10)
+    assert processes_mentioning(str(up.data_dir)) == []
+    assert "pid" not in json.loads(context.read_text())
+
+    assert_one_line_error(herder("status", env=up.env), "herder is not running", "herder up")
+
+
+def test_a_second_up_on_the_same_folder_is_refused(up: Up) -> None:
+    assert_one_line_error(
+        herder("up", "--data-dir", str(up.data_dir), "--port", "0"), "already runs from", str(up.process.pid)
+    )
+
+
+def test_status_with_nothing_running_says_how_to_start(tmp_path: Path) -> None:
+    assert_one_line_error(herder("status", "--data-dir", str(tmp_path)), "herder up")
+    assert_one_line_error(herder("status", "--url", "nats://127.0.0.1:1"), "herder is not running", "herder up")
+
+
+def test_a_bad_database_url_fails_in_one_line_and_leaves_no_server(tmp_path: Path) -> None:
+    data_dir = tmp_path / "bad-db"
+    result = herder("up", "--data-dir", str(data_dir), "--port", "0", "--db", "mysql://root@localhost/x")
+    assert_one_line_error(result, "'mysql' databases are not supported")
+    assert processes_mentioning(str(data_dir)) == []
+
+
+def test_service_run_with_unreachable_nats_or_unknown_service(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'h.db'}"
+    assert_one_line_error(
+        herder("service", "run", "auth", "--nats", "nats://127.0.0.1:1", "--db", db, "--log-format", "json"),
+        "cannot reach NATS",
+        logs=True,
+    )
+    assert_one_line_error(
+        herder("service", "run", "nope", "--nats", "nats://127.0.0.1:1", "--db", db), "unknown service nope"
+    )
+
+
+def test_db_upgrade(tmp_path: Path) -> None:
+    result = herder("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'h.db'}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["revisions"]) == ["auth_0001", "common_0001"]
+    assert_one_line_error(herder("db", "upgrade", "--db", "sqlite:////no/such/dir/h.db"), "does not exist")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["up"],
+        ["status"],
+        ["tap"],
+        ["token"],
+        ["token", "create"],
+        ["whoami"],
+        ["service", "run"],
+        ["db", "upgrade"],
+    ],
+)
+def test_every_command_explains_itself(command: list[str]) -> None:
+    result = herder(*command, "--help")
+    assert result.returncode == 0
+    assert "Usage" in result.stdout
+
+
+def test_version() -> None:
+    assert json.loads(herder("version", "--json").stdout)["herder"] == "0.1.0"
