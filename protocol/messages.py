@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -61,8 +61,8 @@ class ErrorBody(Model):
 
 
 def new_id() -> str:
-    """A fresh random identifier (UUID4, hex)."""
-    return uuid.uuid4().hex
+    """A fresh random identifier: 128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
 
 
 def utcnow() -> datetime:

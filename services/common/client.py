@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from herder.protocol import codec, subjects
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Internal, Unavailable
-from herder.protocol.messages import Model, Request, new_id
+from herder.protocol.messages import Model, Request
 from herder.protocol.version import SCHEMA_VERSION
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -39,6 +39,8 @@ class Client:
         self.timeout = timeout
         self.content_type = content_type
         self._authorization = BEARER + token if token else None
+        # The subject and headers of a verb are the same on every call: built once, sent as they are.
+        self._routes: dict[tuple[str, str, str, str], tuple[str, dict[str, str]]] = {}
 
     async def request(
         self,
@@ -54,19 +56,15 @@ class Client:
         service_name = service or request.service
         if not service_name:
             raise ValueError(f"{type(request).__name__} is served by every service: say which one")
-        subject = subjects.service(tenant or self.tenant, service_name, request.verb)
+        subject, headers = self._route(tenant or self.tenant, service_name, request.verb)
         data = codec.dump(request, self.content_type)
         codec.check_size(data, "request")
-        headers = {
-            Header.CONTENT_TYPE: self.content_type,
-            Header.TYPE: f"{service_name}.{request.verb}",
-            Header.SCHEMA: _SCHEMA,
-            Header.CORRELATION_ID: correlation_id or new_id(),
-        }
-        if self._authorization:
-            headers[Header.AUTHORIZATION] = self._authorization
-        if idempotency_key:
-            headers[Header.MSG_ID] = idempotency_key
+        if correlation_id or idempotency_key:
+            headers = dict(headers)
+            if correlation_id:
+                headers[Header.CORRELATION_ID] = correlation_id
+            if idempotency_key:
+                headers[Header.MSG_ID] = idempotency_key
         wait = self.timeout if timeout is None else timeout
         try:
             reply = await self.nc.request(subject, data, timeout=wait, headers=headers)
@@ -92,6 +90,20 @@ class Client:
                 f"the {service_name} service sent a reply this client cannot read ({exc.message}); "
                 "are the client and the service the same version?"
             ) from None
+
+    def _route(self, tenant: str, service: str, verb: str) -> tuple[str, dict[str, str]]:
+        """The subject and the constant headers of a verb; a caller without a correlation id gets
+        one from the service, which returns it in error replies."""
+        key = (tenant, service, verb, self.content_type)
+        route = self._routes.get(key)
+        if route is None:
+            headers = {Header.TYPE: f"{service}.{verb}", Header.SCHEMA: _SCHEMA}
+            if self.content_type != codec.MSGPACK:
+                headers[Header.CONTENT_TYPE] = self.content_type
+            if self._authorization:
+                headers[Header.AUTHORIZATION] = self._authorization
+            route = self._routes[key] = (subjects.service(tenant, service, verb), headers)
+        return route
 
 
 _SCHEMA = str(SCHEMA_VERSION)

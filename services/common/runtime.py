@@ -94,23 +94,30 @@ def endpoint(*, permission: str | None = None, authenticated: bool = True) -> Ca
 class RequestContext:
     """Who asked, for which tenant, under which correlation id; with a logger bound to them."""
 
-    __slots__ = ("_log", "_service_log", "correlation_id", "idempotency_key", "principal", "tenant")
+    __slots__ = ("_correlation_id", "_log", "_service_log", "idempotency_key", "principal", "tenant")
 
     def __init__(
         self,
         *,
         tenant: str,
         principal: Principal | None,
-        correlation_id: str,
+        correlation_id: str | None,
         idempotency_key: str | None,
         service_log: structlog.stdlib.BoundLogger,
     ) -> None:
         self.tenant = tenant
         self.principal = principal
-        self.correlation_id = correlation_id
         self.idempotency_key = idempotency_key
+        self._correlation_id = correlation_id
         self._service_log = service_log
         self._log: structlog.stdlib.BoundLogger | None = None
+
+    @property
+    def correlation_id(self) -> str:
+        """The caller's correlation id, or one made for this request when the caller sent none."""
+        if self._correlation_id is None:
+            self._correlation_id = new_id()
+        return self._correlation_id
 
     @property
     def actor(self) -> str | None:
@@ -321,35 +328,47 @@ class ServiceRunner:
         started = time.perf_counter_ns()
         headers = request.headers or {}
         content_type = codec.content_type_of(headers)
-        correlation_id = headers.get(Header.CORRELATION_ID, "")
-        if not _CORRELATION_ID.fullmatch(correlation_id):
-            correlation_id = new_id()
+        sent_id = headers.get(Header.CORRELATION_ID)
+        if sent_id is not None and _CORRELATION_ID.fullmatch(sent_id) is None:
+            sent_id = None  # not an id this service will log or echo; it makes its own
+        ctx = RequestContext(
+            tenant=request.subject.split(".", 2)[1],
+            principal=None,
+            correlation_id=sent_id,
+            idempotency_key=headers.get(Header.MSG_ID),
+            service_log=self._log,
+        )
         error: HerderError | None = None
+        reply_headers: dict[str, str] | None = None
         try:
-            reply = await self._handle(route, request, headers, content_type, correlation_id)
+            reply = await self._handle(route, request.data, headers, content_type, ctx)
             data = codec.dump(reply, content_type)
             codec.check_size(data, "reply")
-            reply_headers = {Header.CONTENT_TYPE: content_type, Header.CORRELATION_ID: correlation_id}
+            # A msgpack success needs no headers; a caller that sent a correlation id gets it back.
+            if content_type != codec.MSGPACK:
+                reply_headers = {Header.CONTENT_TYPE: content_type}
+            if sent_id is not None:
+                reply_headers = {**(reply_headers or {}), Header.CORRELATION_ID: sent_id}
         except HerderError as exc:
             error = exc
         except Exception:
             self._log.exception(
-                "request.failed", verb=route.verb, subject=request.subject, correlation_id=correlation_id
+                "request.failed", verb=route.verb, subject=request.subject, correlation_id=ctx.correlation_id
             )
             error = Internal(
                 f"{route.message_type} failed unexpectedly; the service log has the details "
-                f"under correlation id {correlation_id}",
-                details={"correlation_id": correlation_id},
+                f"under correlation id {ctx.correlation_id}",
+                details={"correlation_id": ctx.correlation_id},
             )
         if error is not None:
-            data, reply_headers = codec.error_reply(error, content_type, correlation_id)
+            data, reply_headers = codec.error_reply(error, content_type, ctx.correlation_id)
             if not isinstance(error, Internal):  # internal errors were logged with their traceback
                 self._log.info(
                     "request.refused",
                     verb=route.verb,
                     code=error.code.value,
                     reason=error.message,
-                    correlation_id=correlation_id,
+                    correlation_id=ctx.correlation_id,
                 )
         try:
             await request.respond(data, headers=reply_headers)
@@ -360,14 +379,8 @@ class ServiceRunner:
         route.counters.record(time.perf_counter_ns() - started, error)
 
     async def _handle(
-        self,
-        route: _Route,
-        request: MicroRequest,
-        headers: dict[str, str],
-        content_type: str,
-        correlation_id: str,
+        self, route: _Route, data: bytes, headers: dict[str, str], content_type: str, ctx: RequestContext
     ) -> Model:
-        data = request.data
         codec.check_size(data, "request")
         message_type = headers.get(Header.TYPE)
         if message_type and message_type != route.message_type:
@@ -377,34 +390,33 @@ class ServiceRunner:
             raise BadRequest(
                 f"schema version {schema!r} is not one this service speaks (it speaks up to {SCHEMA_VERSION})"
             )
-        tenant = request.subject.split(".", 2)[1]
-        principal = await self._authenticate(route.spec, headers, tenant)
+        authorization = headers.get(Header.AUTHORIZATION)
+        if authorization:
+            secret = _bearer_secret(authorization)
+            # The mirror answers almost every time; only a token created a moment ago needs the bucket.
+            principal = self._runtime.tokens.lookup(secret) or await self._runtime.tokens.resolve(secret)
+            ctx.principal = _admit(route.spec, principal, ctx.tenant)
+        elif route.spec.authenticated:
+            raise Unauthenticated("this request needs a token: send the header 'Authorization: Bearer <token>'")
         model = codec.load(route.spec.request_model, data or _EMPTY[content_type], content_type)
-        ctx = RequestContext(
-            tenant=tenant,
-            principal=principal,
-            correlation_id=correlation_id,
-            idempotency_key=headers.get(Header.MSG_ID),
-            service_log=self._log,
-        )
         return await route.handler(model, ctx)
 
-    async def _authenticate(self, spec: EndpointSpec, headers: dict[str, str], tenant: str) -> Principal | None:
-        authorization = headers.get(Header.AUTHORIZATION, "")
-        if not authorization:
-            if spec.authenticated:
-                raise Unauthenticated("this request needs a token: send the header 'Authorization: Bearer <token>'")
-            return None
-        if not authorization.startswith(BEARER):
-            raise Unauthenticated("the Authorization header must read 'Bearer <token>'")
-        principal = await self._runtime.tokens.resolve(authorization[len(BEARER) :].strip())
-        if principal is None:
-            raise Unauthenticated("the token is unknown or revoked")
-        if principal.tenant != tenant:
-            raise Forbidden(f"this token belongs to tenant {principal.tenant!r}, not {tenant!r}")
-        if spec.permission is not None and not principal.can(spec.permission):
-            raise Forbidden(f"role '{principal.role}' lacks the permission '{spec.permission}'")
-        return principal
+
+def _bearer_secret(authorization: str) -> str:
+    if not authorization.startswith(BEARER):
+        raise Unauthenticated("the Authorization header must read 'Bearer <token>'")
+    return authorization[len(BEARER) :].strip()
+
+
+def _admit(spec: EndpointSpec, principal: Principal | None, tenant: str) -> Principal:
+    """The principal, if it may call this endpoint in this tenant; otherwise the error saying why not."""
+    if principal is None:
+        raise Unauthenticated("the token is unknown or revoked")
+    if principal.tenant != tenant:
+        raise Forbidden(f"this token belongs to tenant {principal.tenant!r}, not {tenant!r}")
+    if spec.permission is not None and not principal.can(spec.permission):
+        raise Forbidden(f"role '{principal.role}' lacks the permission '{spec.permission}'")
+    return principal
 
 
 _EMPTY = {codec.MSGPACK: b"\x80", codec.JSON: b"{}"}

@@ -83,6 +83,10 @@ class TokenResolver:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
+    def lookup(self, secret: str) -> Principal | None:
+        """The principal of a token as the mirror knows it; None may also mean "not mirrored yet"."""
+        return self._principals.get(token_hash(secret))
+
     async def resolve(self, secret: str) -> Principal | None:
         """The principal a token stands for, or None when it is unknown or revoked."""
         key = token_hash(secret)
