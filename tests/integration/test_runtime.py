@@ -175,6 +175,30 @@ async def test_a_request_round_trips_with_its_context(stack: Stack, probe: Servi
     assert reply.correlation_id == "corr-42"
 
 
+async def test_correlation_ids_come_back_when_sent_and_are_made_when_needed(stack: Stack, probe: ServiceRunner) -> None:
+    auth = {"Authorization": f"Bearer {stack.admin_token}"}
+    body = codec.dump(Echo(text="x"))
+    subject = subjects.service("default", "probe", "echo")
+
+    plain = await stack.nc.request(subject, body, headers=auth, timeout=2)
+    assert not plain.headers  # a msgpack success travels without headers
+    made = msgpack.unpackb(plain.data)["correlation_id"]
+    assert len(made) == 32
+
+    traced = await stack.nc.request(subject, body, headers={**auth, "Hd-Correlation-Id": "job-7.step-2"}, timeout=2)
+    assert traced.headers == {"Hd-Correlation-Id": "job-7.step-2"}
+
+    # An id the service will not log (spaces, too long) is replaced, not echoed.
+    odd = await stack.nc.request(subject, body, headers={**auth, "Hd-Correlation-Id": "a b"}, timeout=2)
+    assert not odd.headers
+    assert msgpack.unpackb(odd.data)["correlation_id"] != "a b"
+
+    failed = await stack.nc.request(subjects.service("default", "probe", "boom"), b"", headers=auth, timeout=2)
+    error = msgpack.unpackb(failed.data)
+    assert failed.headers["Hd-Correlation-Id"] == error["correlation_id"]
+    assert error["correlation_id"] in error["message"]
+
+
 async def test_a_json_client_gets_json(stack: Stack, probe: ServiceRunner) -> None:
     client = stack.client_with(stack.admin_token)
     client.content_type = codec.JSON
