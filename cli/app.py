@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from herder.cli import stack, status, tap, tokens
-from herder.cli.output import report_errors
+from herder.cli.output import refuse_tokens_in_arguments, report_errors
 
 app = typer.Typer(
     name="herder",
@@ -31,6 +33,7 @@ app.add_typer(service_app, name="service")
 
 def main() -> None:
     """Entry point of the `herder` script."""
+    refuse_tokens_in_arguments(sys.argv[1:])
     with report_errors():
         app()
 

@@ -24,6 +24,7 @@ from herder.services.common.errors import SetupError
 T = TypeVar("T")
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 
 _HINTS = {
@@ -35,6 +36,19 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print `herder: <message>` on stderr and exit with `code`."""
     _say(message)
     raise typer.Exit(code)
+
+
+def refuse_tokens_in_arguments(args: list[str]) -> None:
+    """Stop before anything runs when a token is given as an option: shell history and `ps` would keep it."""
+    for arg in args:
+        if arg == "--":
+            return
+        if arg == "--token" or arg.startswith("--token="):
+            _say(
+                "tokens are not taken on the command line, where shell history and 'ps' would keep them; "
+                "put the token in a file and pass --token-file FILE, or set HERDER_TOKEN"
+            )
+            raise SystemExit(EXIT_USAGE)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -188,6 +188,14 @@ def test_status_with_nothing_running_says_how_to_start(tmp_path: Path) -> None:
     assert_one_line_error(herder("status", "--url", "nats://127.0.0.1:1"), "herder is not running", "herder up")
 
 
+@pytest.mark.parametrize("args", [["status", "--token", "hd_leak"], ["token", "list", "--token=hd_leak"]])
+def test_a_token_given_as_an_option_is_refused_without_being_echoed(args: list[str]) -> None:
+    result = herder(*args)
+    assert result.returncode == 2
+    assert_one_line_error(result, "--token-file", "HERDER_TOKEN")
+    assert "hd_leak" not in result.stderr + result.stdout
+
+
 def test_a_bad_database_url_fails_in_one_line_and_leaves_no_server(tmp_path: Path) -> None:
     data_dir = tmp_path / "bad-db"
     result = herder("up", "--data-dir", str(data_dir), "--port", "0", "--db", "mysql://root@localhost/x")
