@@ -15,7 +15,7 @@ from herder.protocol.errors import HerderError
 from herder.protocol.messages import HealthCheck, HealthReply
 from herder.protocol.version import SCHEMA_VERSION, VERSION
 from herder.services.common import discovery
-from herder.services.common.bus import connect, display_nats_url
+from herder.services.common.bus import Unreachable, connect, display_nats_url
 from herder.services.common.client import Client
 from herder.services.common.errors import SetupError
 
@@ -43,10 +43,8 @@ def status(
 async def _gather(target: Target) -> dict[str, Any]:
     try:
         nc = await connect(target.nats_url, name="herder-cli")
-    except SetupError as exc:
-        raise SetupError(
-            f"herder is not running at {target.where}: {exc.message.split(': ', 1)[-1]}; start it with 'herder up'"
-        ) from None
+    except Unreachable as exc:
+        raise SetupError(f"herder is not running at {target.where}: {exc.reason}; start it with 'herder up'") from None
     try:
         return {
             "nats": await _nats_health(nc),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,8 +24,18 @@ EVENTS_MAX_AGE_S = 30 * 24 * 3600.0
 EVENTS_DUPLICATE_WINDOW_S = 120.0
 
 
+class Unreachable(SetupError):
+    """No NATS server answered at the URL (as opposed to one that answered and refused)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"cannot reach NATS at {where}: {reason}")
+        self.reason = reason
+
+
 def display_nats_url(url: str) -> str:
-    """A NATS URL fit to print: any user, password or token removed."""
+    """A NATS URL (or a comma-separated list of them) fit to print: any user, password or token removed."""
+    if "," in url:
+        return ",".join(display_nats_url(server.strip()) for server in url.split(","))
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     host = parts.hostname or ""
     if parts.port:
@@ -37,33 +46,67 @@ def display_nats_url(url: str) -> str:
 async def connect(url: str, *, name: str) -> NATS:
     """Connect to NATS at `url`, or raise `SetupError` with one line saying why not.
 
-    The first connection gives up after CONNECT_TIMEOUT_S; once connected, the client
-    reconnects for as long as it lives (a cluster URL may list several servers).
+    The first connection gives up at once when the credentials are refused or every server in
+    `url` refuses the connection, and after CONNECT_TIMEOUT_S otherwise; once connected, the
+    client reconnects for as long as it lives (a cluster URL may list several servers).
     """
-    for server in url.split(","):
-        parts = urlsplit(server.strip() if "://" in server else f"nats://{server.strip()}")
+    servers = [server.strip() for server in url.split(",")]
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
         if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
             raise SetupError(f"{display_nats_url(server)!r} is not a NATS URL; use nats://HOST:PORT")
-    last_error: deque[BaseException] = deque(maxlen=1)
+    seen: list[BaseException] = []
+    hopeless = asyncio.Event()
 
     async def remember(exc: Exception) -> None:
-        last_error.append(exc)
+        seen.append(exc)
+        refusals = sum(isinstance(error, ConnectionRefusedError) for error in seen)
+        if _refuses_credentials(exc) or refusals >= len(servers):
+            hopeless.set()
 
-    try:
-        return await asyncio.wait_for(
-            nats.connect(
-                url,
-                name=name,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=RECONNECT_WAIT_S,
-                error_cb=remember,
-            ),
-            timeout=CONNECT_TIMEOUT_S,
+    # nats-py retries the first connection for as long as reconnecting is allowed: watch its errors.
+    attempt = asyncio.ensure_future(
+        nats.connect(
+            servers,
+            name=name,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT_S,
+            error_cb=remember,
         )
-    except (TimeoutError, nats.errors.Error, OSError) as exc:
-        cause = last_error[-1] if last_error else exc
-        raise SetupError(f"cannot reach NATS at {display_nats_url(url)}: {_describe(cause)}") from None
+    )
+    verdict = asyncio.ensure_future(hopeless.wait())
+    try:
+        await asyncio.wait({attempt, verdict}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        verdict.cancel()
+    if attempt.done():
+        failure = attempt.exception()
+        if failure is None:
+            return attempt.result()
+        seen.append(failure)
+    else:
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
+            await attempt
+    cause = _most_telling(seen)
+    where = display_nats_url(url)
+    if cause is not None and _refuses_credentials(cause):
+        raise SetupError(f"NATS at {where} refused the credentials (authorization violation); check the token")
+    reason = _describe(cause) if cause is not None else f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    raise Unreachable(where, reason)
+
+
+def _refuses_credentials(error: BaseException) -> bool:
+    return "authorization" in str(error).lower()
+
+
+def _most_telling(errors: list[BaseException]) -> BaseException | None:
+    """Of the errors a connection attempt met, the one that says most: a refusal of credentials first."""
+    for error in errors:
+        if _refuses_credentials(error):
+            return error
+    return errors[-1] if errors else None
 
 
 async def sync(nc: NATS, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -92,8 +135,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip().strip("'\"").removeprefix("nats: ")
-    if "authorization" in text.lower():
-        return "the server refused the credentials (authorization violation)"
     return text or type(exc).__name__
 
 

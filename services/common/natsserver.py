@@ -24,6 +24,7 @@ import bcrypt
 from herder.services.common.errors import SetupError
 
 READY_TIMEOUT_S = 15.0
+BCRYPT_ROUNDS = 4
 STOP_TIMEOUT_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
@@ -97,8 +98,10 @@ class EmbeddedNats:
             "}",
         ]
         if self.token:
-            # The file holds only a bcrypt hash; the secret stays in herder's context file.
-            hashed = bcrypt.hashpw(self.token.encode(), bcrypt.gensalt(rounds=11)).decode()
+            # The file holds only a bcrypt hash; the secret stays in herder's context file. The token
+            # is random (192 bits from `herder up`), so a slow hash would add nothing against guessing,
+            # while nats-server would pay it on every connection: the lowest cost does.
+            hashed = bcrypt.hashpw(self.token.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
             lines += ["authorization {", f"  token: {json.dumps(hashed)}", "}"]
         return "\n".join(lines) + "\n"
 
