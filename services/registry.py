@@ -1,10 +1,26 @@
-"""The services herder can run, by name."""
+"""The services herder can run, by name.
+
+Classes are imported when a service is run, not before: the CLI's other commands start
+without loading the services' database code.
+"""
 
 from __future__ import annotations
 
-from herder.services.auth.service import AuthService
-from herder.services.common.runtime import Service
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-SERVICES: dict[str, type[Service]] = {
-    AuthService.name: AuthService,
+if TYPE_CHECKING:
+    from herder.services.common.runtime import Service
+
+_CLASSES = {
+    "auth": "herder.services.auth.service:AuthService",
 }
+
+NAMES: tuple[str, ...] = tuple(_CLASSES)
+
+
+def service_class(name: str) -> type[Service]:
+    """The class of the service called `name` (one of NAMES)."""
+    module, _, attribute = _CLASSES[name].partition(":")
+    cls: type[Service] = getattr(import_module(module), attribute)
+    return cls

@@ -130,10 +130,10 @@ class ServiceHost:
 
 def resolve_services(names: Iterable[str]) -> tuple[type[Service], ...]:
     """The service classes for `names`, or `SetupError` naming the unknown ones."""
-    from herder.services.registry import SERVICES
+    from herder.services import registry
 
     chosen = list(dict.fromkeys(names))
-    unknown = [name for name in chosen if name not in SERVICES]
+    unknown = [name for name in chosen if name not in registry.NAMES]
     if unknown:
-        raise SetupError(f"unknown service {', '.join(unknown)}; herder has: {', '.join(sorted(SERVICES))}")
-    return tuple(SERVICES[name] for name in chosen)
+        raise SetupError(f"unknown service {', '.join(unknown)}; herder has: {', '.join(sorted(registry.NAMES))}")
+    return tuple(registry.service_class(name) for name in chosen)
