@@ -23,7 +23,7 @@ from herder.services.common.errors import SetupError
 from herder.services.common.natsserver import EmbeddedNats
 
 # The services' database code (SQLAlchemy, Alembic) is imported by the commands that run
-# services, so that every other command starts in half the time.
+# services, so that the other commands start in well under half the time.
 
 DEFAULT_NATS_PORT = 4333
 ENV_DB = "HERDER_DB"

@@ -43,7 +43,7 @@ def test_every_registered_service_is_found_under_its_name() -> None:
 
 
 def test_the_cli_starts_without_the_services_database_code() -> None:
-    """Commands that only talk to a stack load no SQLAlchemy or Alembic (half the start-up time)."""
+    """Commands that only talk to a stack load no SQLAlchemy or Alembic (most of the start-up time)."""
     probe = "import sys, herder.cli.app; print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
