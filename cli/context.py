@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
 import platformdirs
 import typer
+from nats.aio.client import Client as NATS
 
 from herder.protocol.subjects import DEFAULT_TENANT
+from herder.services.common.bus import Unreachable, connect, display_nats_url
 from herder.services.common.errors import SetupError
 
 CONTEXT_FILE = "context.json"
@@ -126,9 +130,20 @@ def resolve(data_dir: Path | None, url: str | None, token_file: Path | None) -> 
     """Find the stack: `--url` (with a token from `--token-file` or HERDER_TOKEN), else the data folder."""
     token = read_token_file(token_file) if token_file else os.environ.get(ENV_TOKEN) or None
     if url:
-        from herder.services.common.bus import display_nats_url
-
         return Target(nats_url=url, token=token, tenant=DEFAULT_TENANT, where=display_nats_url(url))
     folder = data_dir or default_data_dir()
     context = Context.read(folder / CONTEXT_FILE)
     return Target(nats_url=context.nats_url, token=token or context.token, tenant=context.tenant, where=str(folder))
+
+
+@asynccontextmanager
+async def connected(target: Target, name: str) -> AsyncIterator[NATS]:
+    """A connection to the stack's NATS, closed afterwards; when nothing answers, say herder is not running."""
+    try:
+        nc = await connect(target.nats_url, name=name)
+    except Unreachable as exc:
+        raise SetupError(f"herder is not running at {target.where}: {exc.reason}; start it with 'herder up'") from None
+    try:
+        yield nc
+    finally:
+        await nc.close()

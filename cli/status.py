@@ -9,15 +9,14 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, resolve
+from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
 from herder.cli.output import fail, print_json, print_table, run
 from herder.protocol.errors import HerderError
 from herder.protocol.messages import HealthCheck, HealthReply
 from herder.protocol.version import SCHEMA_VERSION, VERSION
 from herder.services.common import discovery
-from herder.services.common.bus import Unreachable, connect, display_nats_url
+from herder.services.common.bus import display_nats_url
 from herder.services.common.client import Client
-from herder.services.common.errors import SetupError
 
 
 def status(
@@ -41,18 +40,12 @@ def status(
 
 
 async def _gather(target: Target) -> dict[str, Any]:
-    try:
-        nc = await connect(target.nats_url, name="herder-cli")
-    except Unreachable as exc:
-        raise SetupError(f"herder is not running at {target.where}: {exc.reason}; start it with 'herder up'") from None
-    try:
+    async with connected(target, "herder-cli") as nc:
         return {
             "nats": await _nats_health(nc),
             "services": [s.as_dict() for s in discovery.summarize(await discovery.gather(nc))],
             "database": await _database_health(nc, target),
         }
-    finally:
-        await nc.close()
 
 
 async def _nats_health(nc: NATS) -> dict[str, Any]:

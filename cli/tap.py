@@ -13,12 +13,11 @@ import typer
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, resolve
+from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
 from herder.cli.output import fail, run
 from herder.protocol import codec, subjects
 from herder.protocol.errors import BadRequest
 from herder.protocol.messages import Event, utcnow
-from herder.services.common.bus import connect
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -77,7 +76,6 @@ def tap(
 
 
 async def _tap(target: Target, subject: str, start: Any, count: int | None, json_out: bool) -> None:
-    nc = await connect(target.nats_url, name="herder-tap")
     done = asyncio.Event()
     seen = 0
 
@@ -110,9 +108,8 @@ async def _tap(target: Target, subject: str, start: Any, count: int | None, json
         if start is not None
         else ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
     )
-    try:
-        js = nc.jetstream()
-        subscription = await js.subscribe(
+    async with connected(target, "herder-tap") as nc:
+        subscription = await nc.jetstream().subscribe(
             subject, stream=subjects.EVENTS_STREAM, cb=show, ordered_consumer=True, config=config
         )
         print(f"tapping {subject} on {target.where}; Ctrl-C stops", file=sys.stderr, flush=True)
@@ -120,5 +117,3 @@ async def _tap(target: Target, subject: str, start: Any, count: int | None, json
             await done.wait()
         finally:
             await subscription.unsubscribe()
-    finally:
-        await nc.close()

@@ -8,11 +8,10 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, resolve
+from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
 from herder.cli.output import print_json, print_table, run, when
 from herder.protocol.auth import Principal, Role, TokenCreate, TokenListRequest, TokenRevoke, WhoAmI
 from herder.protocol.messages import Model
-from herder.services.common.bus import connect
 from herder.services.common.client import Client
 
 M = TypeVar("M", bound=Model)
@@ -22,11 +21,8 @@ token_app = typer.Typer(help="API tokens for integrators and operators.", no_arg
 
 def _call(target: Target, send: Callable[[Client], Awaitable[M]]) -> M:
     async def main() -> M:
-        nc = await connect(target.nats_url, name="herder-cli")
-        try:
+        async with connected(target, "herder-cli") as nc:
             return await send(Client(nc, token=target.token, tenant=target.tenant))
-        finally:
-            await nc.close()
 
     return run(main)
 

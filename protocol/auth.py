@@ -130,24 +130,24 @@ class WhoAmI(Request[Principal]):
     verb = "whoami"
 
 
-class TokenCreatedEvent(EventData):
+class _TokenEvent(EventData):
+    """What every token event says: which token, by name and role (never its secret or hash)."""
+
+    token_id: str
+    name: str
+    role: Role
+
+
+class TokenCreatedEvent(_TokenEvent):
     """An API token was created."""
 
     event_type: ClassVar[str] = "auth.token_created"
 
-    token_id: str
-    name: str
-    role: Role
 
-
-class TokenRevokedEvent(EventData):
+class TokenRevokedEvent(_TokenEvent):
     """An API token was revoked."""
 
     event_type: ClassVar[str] = "auth.token_revoked"
-
-    token_id: str
-    name: str
-    role: Role
 
 
 __all__ = [

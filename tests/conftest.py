@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -12,12 +11,11 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from herder.services.auth.service import AuthService
-from herder.services.common import database, migrate
 from herder.services.common.bus import connect
 from herder.services.common.client import Client
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.natsserver import EmbeddedNats
-from tests.support import Postgres, connect_postgres
+from tests.support import Postgres, connect_postgres, migrated
 
 
 @pytest.fixture
@@ -61,15 +59,7 @@ def postgres_template(postgres: Postgres) -> Iterator[str]:
     name = f"herder_tpl_{uuid.uuid4().hex[:8]}"
     postgres.create(name)
     try:
-
-        async def upgrade() -> None:
-            engine = database.create_engine(postgres.url_of(name))
-            try:
-                await migrate.upgrade(engine)
-            finally:
-                await engine.dispose()
-
-        asyncio.run(upgrade())
+        migrated(postgres.url_of(name))
         yield name
     finally:
         postgres.drop(name)
@@ -92,17 +82,7 @@ def blank_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated database, on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'herder.db'}"
-
-        async def upgrade() -> None:
-            engine = database.create_engine(url)
-            try:
-                await migrate.upgrade(engine)
-            finally:
-                await engine.dispose()
-
-        asyncio.run(upgrade())
-        yield url
+        yield migrated(f"sqlite:///{tmp_path / 'herder.db'}")
         return
     template = request.getfixturevalue("postgres_template")
     with request.getfixturevalue("postgres").database(template=template) as url:

@@ -37,6 +37,21 @@ async def eventually(check: Callable[[], Awaitable[T] | T], *, timeout: float = 
         await asyncio.sleep(interval)
 
 
+def migrated(url: str) -> str:
+    """Bring the database at `url` to the newest schema (from synchronous fixtures); return `url`."""
+    from herder.services.common import database, migrate
+
+    async def upgrade() -> None:
+        engine = database.create_engine(url)
+        try:
+            await migrate.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(upgrade())
+    return url
+
+
 def wait_until(check: Callable[[], T], *, timeout: float = 15.0, interval: float = 0.05) -> T:
     """The blocking twin of `eventually`, for tests that drive subprocesses."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Index, MetaData, String, Table, insert, select, text, update
+from typing import Any
+
+from sqlalchemy import Column, Index, MetaData, Select, String, Table, insert, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -39,17 +41,16 @@ tokens = Table(
 
 
 def _record(row: RowMapping) -> TokenRecord:
-    return TokenRecord(
-        id=row["id"],
-        tenant=row["tenant"],
-        name=row["name"],
-        role=Role(row["role"]),
-        token_hash=row["token_hash"],
-        created_at=row["created_at"],
-        created_by=row["created_by"],
-        revoked_at=row["revoked_at"],
-        revoked_by=row["revoked_by"],
-    )
+    return TokenRecord(**{**row, "role": Role(row["role"])})
+
+
+async def _first(connection: AsyncConnection, query: Select[Any]) -> TokenRecord | None:
+    row = (await connection.execute(query)).mappings().first()
+    return _record(row) if row else None
+
+
+async def _all(connection: AsyncConnection, query: Select[Any]) -> list[TokenRecord]:
+    return [_record(row) for row in (await connection.execute(query)).mappings()]
 
 
 class TokenRepository:
@@ -79,20 +80,17 @@ class TokenRepository:
 
     async def by_id(self, connection: AsyncConnection, token_id: str) -> TokenRecord | None:
         """The token with this id, live or revoked."""
-        row = (await connection.execute(select(tokens).where(tokens.c.id == token_id))).mappings().first()
-        return _record(row) if row else None
+        return await _first(connection, select(tokens).where(tokens.c.id == token_id))
 
     async def live_by_name(self, connection: AsyncConnection, tenant: str, name: str) -> TokenRecord | None:
         """The tenant's live token of this name."""
         query = select(tokens).where(tokens.c.tenant == tenant, tokens.c.name == name, tokens.c.revoked_at.is_(None))
-        row = (await connection.execute(query)).mappings().first()
-        return _record(row) if row else None
+        return await _first(connection, query)
 
     async def live_by_hash(self, connection: AsyncConnection, token_hash: str) -> TokenRecord | None:
         """The live token with this hash."""
         query = select(tokens).where(tokens.c.token_hash == token_hash, tokens.c.revoked_at.is_(None))
-        row = (await connection.execute(query)).mappings().first()
-        return _record(row) if row else None
+        return await _first(connection, query)
 
     async def for_tenant(
         self, connection: AsyncConnection, tenant: str, *, include_revoked: bool = False
@@ -101,13 +99,11 @@ class TokenRepository:
         query = select(tokens).where(tokens.c.tenant == tenant)
         if not include_revoked:
             query = query.where(tokens.c.revoked_at.is_(None))
-        rows = (await connection.execute(query.order_by(tokens.c.name, tokens.c.created_at))).mappings()
-        return [_record(row) for row in rows]
+        return await _all(connection, query.order_by(tokens.c.name, tokens.c.created_at))
 
     async def all_live(self, connection: AsyncConnection) -> list[TokenRecord]:
         """Every live token of every tenant."""
-        rows = (await connection.execute(select(tokens).where(tokens.c.revoked_at.is_(None)))).mappings()
-        return [_record(row) for row in rows]
+        return await _all(connection, select(tokens).where(tokens.c.revoked_at.is_(None)))
 
     async def count_live_admins(self, connection: AsyncConnection, tenant: str, *, lock: bool = False) -> int:
         """How many live admin tokens the tenant has; `lock` holds their rows until the transaction ends,

@@ -332,7 +332,7 @@ class ServiceRunner:
         if sent_id is not None and _CORRELATION_ID.fullmatch(sent_id) is None:
             sent_id = None  # not an id this service will log or echo; it makes its own
         ctx = RequestContext(
-            tenant=request.subject.split(".", 2)[1],
+            tenant=subjects.parse_service(request.subject).tenant,
             principal=None,
             correlation_id=sent_id,
             idempotency_key=headers.get(Header.MSG_ID),
@@ -394,7 +394,7 @@ class ServiceRunner:
         if authorization:
             secret = _bearer_secret(authorization)
             # The mirror answers almost every time; only a token created a moment ago needs the bucket.
-            principal = self._runtime.tokens.lookup(secret) or await self._runtime.tokens.resolve(secret)
+            principal = self._runtime.tokens.lookup(secret) or await self._runtime.tokens.fetch(secret)
             ctx.principal = _admit(route.spec, principal, ctx.tenant)
         elif route.spec.authenticated:
             raise Unauthenticated("this request needs a token: send the header 'Authorization: Bearer <token>'")

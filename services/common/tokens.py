@@ -87,16 +87,12 @@ class TokenResolver:
         """The principal of a token as the mirror knows it; None may also mean "not mirrored yet"."""
         return self._principals.get(token_hash(secret))
 
-    async def resolve(self, secret: str) -> Principal | None:
-        """The principal a token stands for, or None when it is unknown or revoked."""
-        key = token_hash(secret)
-        principal = self._principals.get(key)
-        if principal is not None:
-            return principal
-        # A token created a moment ago may not have reached the mirror yet; ask the bucket.
-        # The answer is not cached: the watch stays the one writer, so a revocation cannot be undone.
+    async def fetch(self, secret: str) -> Principal | None:
+        """The principal of a token as the bucket holds it: for a token created a moment ago,
+        which may not have reached the mirror yet. Not cached: the watch stays the mirror's one
+        writer, so a revocation cannot be undone."""
         try:
-            entry = await self._kv.get(key)
+            entry = await self._kv.get(token_hash(secret))
         except nats.js.errors.KeyNotFoundError:
             return None
         if not entry.value:
@@ -105,6 +101,10 @@ class TokenResolver:
             return codec.load(Principal, entry.value)
         except BadRequest:
             return None
+
+    async def resolve(self, secret: str) -> Principal | None:
+        """The principal a token stands for, or None when it is unknown or revoked."""
+        return self.lookup(secret) or await self.fetch(secret)
 
     def snapshot(self) -> dict[str, Principal]:
         """A copy of the mirror: token hash -> principal."""

@@ -186,6 +186,8 @@ def test_a_second_up_on_the_same_folder_is_refused(up: Up) -> None:
 def test_status_with_nothing_running_says_how_to_start(tmp_path: Path) -> None:
     assert_one_line_error(herder("status", "--data-dir", str(tmp_path)), "herder up")
     assert_one_line_error(herder("status", "--url", "nats://127.0.0.1:1"), "herder is not running", "herder up")
+    for command in (["token", "list"], ["whoami"], ["tap"]):
+        assert_one_line_error(herder(*command, "--url", "nats://127.0.0.1:1"), "herder is not running", "herder up")
 
 
 @pytest.mark.parametrize("args", [["status", "--token", "hd_leak"], ["token", "list", "--token=hd_leak"]])

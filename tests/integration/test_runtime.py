@@ -24,24 +24,16 @@ from herder.protocol.errors import (
     Unavailable,
 )
 from herder.protocol.messages import Empty, Model, Request
-from herder.services.common import database, discovery, migrate
+from herder.services.common import discovery
 from herder.services.common.runtime import RequestContext, Service, ServiceRunner, endpoint
 from tests.conftest import Stack
-from tests.support import eventually
+from tests.support import eventually, migrated
 
 
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     """The runtime does not depend on the database kind: SQLite is enough here."""
-    url = f"sqlite:///{tmp_path / 'herder.db'}"
-
-    async def upgrade() -> None:
-        engine = database.create_engine(url)
-        await migrate.upgrade(engine)
-        await engine.dispose()
-
-    asyncio.run(upgrade())
-    return url
+    return migrated(f"sqlite:///{tmp_path / 'herder.db'}")
 
 
 class EchoReply(Model):
