@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import platformdirs
 import typer
 from nats.aio.client import Client as NATS
 
+from herder.protocol.messages import Model
 from herder.protocol.subjects import DEFAULT_TENANT
 from herder.services.common.bus import Unreachable, connect, display_nats_url
+from herder.services.common.client import Client
 from herder.services.common.errors import SetupError
+
+M = TypeVar("M", bound=Model)
 
 CONTEXT_FILE = "context.json"
 ENV_DATA_DIR = "HERDER_DATA_DIR"
@@ -147,3 +152,13 @@ async def connected(target: Target, name: str) -> AsyncIterator[NATS]:
         yield nc
     finally:
         await nc.close()
+
+
+def call(target: Target, send: Callable[[Client], Awaitable[M]]) -> M:
+    """Connect to the stack, send one request with the target's token, and return the reply."""
+
+    async def main() -> M:
+        async with connected(target, "herder-cli") as nc:
+            return await send(Client(nc, token=target.token, tenant=target.tenant))
+
+    return asyncio.run(main())

@@ -9,7 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 import typer
@@ -26,6 +26,8 @@ T = TypeVar("T")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
+# Piped output is for programs and files: no wrapping at a terminal's width.
+_UNBOUNDED_WIDTH = 100_000
 
 _HINTS = {
     ErrorCode.UNAUTHENTICATED: " (give a valid token with --token-file or HERDER_TOKEN)",
@@ -104,13 +106,27 @@ def print_json(value: Any) -> None:
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> None:
     """Print rows as an aligned table on stdout."""
     table = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
-    for column in columns:
-        table.add_column(column)
+    for index, column in enumerate(columns):
+        # Rows stay one line each: on a terminal the last column is cut to fit, elsewhere nothing is.
+        last = index == len(columns) - 1
+        table.add_column(column, no_wrap=True, overflow="ellipsis" if last else "fold")
     for row in rows:
         table.add_row(*("-" if cell is None else str(cell) for cell in row))
-    Console(soft_wrap=True).print(table)
+    console = Console(soft_wrap=True) if sys.stdout.isatty() else Console(soft_wrap=True, width=_UNBOUNDED_WIDTH)
+    console.print(table)
 
 
 def when(moment: datetime | None) -> str | None:
     """A timestamp as people read it: UTC, to the second."""
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else None
+
+
+def ago(moment: datetime | None) -> str:
+    """How long ago `moment` was, roughly: '4s ago', '3m ago', '2h ago', '5d ago'."""
+    if moment is None:
+        return "never"
+    seconds = max((datetime.now(UTC) - moment).total_seconds(), 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"

@@ -16,7 +16,7 @@ import typer
 from herder.cli.context import CONTEXT_FILE, Context, DataDirOption, default_data_dir
 from herder.cli.output import fail, print_json, run
 from herder.protocol.version import VERSION
-from herder.services import registry
+from herder.services import catalog
 from herder.services.common import logs
 from herder.services.common.bus import JetStreamSettings, display_nats_url
 from herder.services.common.errors import SetupError
@@ -137,7 +137,7 @@ async def _up(
             await asyncio.to_thread(embedded.start)
             nats_url = embedded.client_url
         host = ServiceHost(
-            HostConfig(nats_url=nats_url, db_url=db_url, services=resolve_services(registry.NAMES), data_dir=folder)
+            HostConfig(nats_url=nats_url, db_url=db_url, services=resolve_services(catalog.NAMES), data_dir=folder)
         )
         await host.start()
         auth = host.services["auth"]
@@ -179,7 +179,7 @@ def _clear_pid(path: Path) -> None:
 
 def service_run(
     names: Annotated[
-        list[str], typer.Argument(help=f"Services to run: {', '.join(registry.NAMES)}.", show_default=False)
+        list[str], typer.Argument(help=f"Services to run: {', '.join(catalog.NAMES)}.", show_default=False)
     ],
     nats: Annotated[
         str,

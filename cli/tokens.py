@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
-from herder.cli.output import print_json, print_table, run, when
+from herder.cli.context import DataDirOption, JsonOption, TokenFileOption, UrlOption, call, resolve
+from herder.cli.output import print_json, print_table, when
 from herder.protocol.auth import Principal, Role, TokenCreate, TokenListRequest, TokenRevoke, WhoAmI
-from herder.protocol.messages import Model
-from herder.services.common.client import Client
-
-M = TypeVar("M", bound=Model)
 
 token_app = typer.Typer(help="API tokens for integrators and operators.", no_args_is_help=True)
-
-
-def _call(target: Target, send: Callable[[Client], Awaitable[M]]) -> M:
-    async def main() -> M:
-        async with connected(target, "herder-cli") as nc:
-            return await send(Client(nc, token=target.token, tenant=target.tenant))
-
-    return run(main)
 
 
 @token_app.command("create")
@@ -37,7 +24,7 @@ def create(
     json_out: JsonOption = False,
 ) -> None:
     """Create an API token. Its secret is printed once, now; herder keeps only a hash."""
-    created = _call(resolve(data_dir, url, token_file), lambda c: c.request(TokenCreate(name=name, role=role)))
+    created = call(resolve(data_dir, url, token_file), lambda c: c.request(TokenCreate(name=name, role=role)))
     if json_out:
         print_json(created)
         return
@@ -57,9 +44,7 @@ def list_tokens(
     json_out: JsonOption = False,
 ) -> None:
     """List the API tokens (never their secrets)."""
-    listed = _call(
-        resolve(data_dir, url, token_file), lambda c: c.request(TokenListRequest(include_revoked=all_tokens))
-    )
+    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(TokenListRequest(include_revoked=all_tokens)))
     if json_out:
         print_json(listed.tokens)
         return
@@ -85,7 +70,7 @@ def revoke(
     json_out: JsonOption = False,
 ) -> None:
     """Revoke an API token; every service refuses it from then on."""
-    revoked = _call(resolve(data_dir, url, token_file), lambda c: c.request(TokenRevoke(name=name)))
+    revoked = call(resolve(data_dir, url, token_file), lambda c: c.request(TokenRevoke(name=name)))
     if json_out:
         print_json(revoked.token)
     else:
@@ -99,7 +84,7 @@ def whoami(
     json_out: JsonOption = False,
 ) -> None:
     """Show who the token you use stands for."""
-    principal: Principal = _call(resolve(data_dir, url, token_file), lambda c: c.request(WhoAmI()))
+    principal: Principal = call(resolve(data_dir, url, token_file), lambda c: c.request(WhoAmI()))
     if json_out:
         print_json(principal)
         return

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, ClassVar
 
-from pydantic import StringConstraints
+from pydantic import StringConstraints, field_validator
 
 from herder.protocol.messages import EventData, Model, Request
 from herder.protocol.subjects import DEFAULT_TENANT
@@ -26,11 +26,12 @@ class PrincipalKind(StrEnum):
 
 
 class Role(StrEnum):
-    """Built-in roles; an API token carries exactly one."""
+    """Built-in roles; an API token carries exactly one. `robot` belongs to robot tokens alone."""
 
     ADMIN = "admin"
     OPERATOR = "operator"
     INTEGRATOR = "integrator"
+    ROBOT = "robot"
 
 
 class Permission(StrEnum):
@@ -38,13 +39,35 @@ class Permission(StrEnum):
 
     ALL = "*"
     TOKENS_MANAGE = "auth.tokens.manage"
+    ROBOTS_READ = "registry.robots.read"
+    ROBOTS_MANAGE = "registry.robots.manage"
+    PACKAGES_READ = "packages.read"
+    PACKAGES_PUBLISH = "packages.publish"
+    JOBS_READ = "jobs.read"
+    JOBS_START = "jobs.start"
+    JOBS_STOP = "jobs.stop"
+    # What a robot agent may do with its own token: connect, heartbeat, report on its jobs.
+    ROBOT_AGENT = "robot.agent"
 
 
-# What each role may do. Operator and integrator rights grow with the services that need them.
+# What each role may do. An operator runs the fleet; an integrator starts and watches jobs.
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.ADMIN: frozenset({Permission.ALL}),
-    Role.OPERATOR: frozenset(),
-    Role.INTEGRATOR: frozenset(),
+    Role.OPERATOR: frozenset(
+        {
+            Permission.ROBOTS_READ,
+            Permission.ROBOTS_MANAGE,
+            Permission.PACKAGES_READ,
+            Permission.PACKAGES_PUBLISH,
+            Permission.JOBS_READ,
+            Permission.JOBS_START,
+            Permission.JOBS_STOP,
+        }
+    ),
+    Role.INTEGRATOR: frozenset(
+        {Permission.ROBOTS_READ, Permission.PACKAGES_READ, Permission.JOBS_READ, Permission.JOBS_START}
+    ),
+    Role.ROBOT: frozenset({Permission.ROBOT_AGENT}),
 }
 
 
@@ -91,6 +114,13 @@ class TokenCreate(Request[TokenCreated]):
 
     name: TokenName
     role: Role = Role.OPERATOR
+
+    @field_validator("role")
+    @classmethod
+    def _not_robot(cls, role: Role) -> Role:
+        if role is Role.ROBOT:
+            raise ValueError("robot tokens are issued by 'herder robot add', not as API tokens")
+        return role
 
 
 class TokenList(Model):

@@ -7,6 +7,7 @@ fence a tenant or a robot by subject:
     hd.<tenant>.cmd.<host>.<agent>       commands to a robot or a host's _coordinator
     hd.<tenant>.evt.<domain>.<event>     state changes, kept in the HERDER_EVENTS stream
     hd.<tenant>.tel.<robot>.<kind>       heartbeats, logs, screenshots
+    hd.<tenant>.tel.<robot>.log.<job>    one job's log lines, kept in the HERDER_LOGS stream
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ DEFAULT_TENANT = "default"
 EVENTS_STREAM = "HERDER_EVENTS"
 EVENTS_STREAM_SUBJECTS = f"{PREFIX}.*.evt.>"
 TOKENS_BUCKET = "HERDER_TOKENS"
+ROBOTS_BUCKET = "HERDER_ROBOTS"
+PACKAGES_BUCKET = "HERDER_PACKAGES"
+LOGS_STREAM = "HERDER_LOGS"
+LOGS_STREAM_SUBJECTS = f"{PREFIX}.*.tel.*.log.*"
+HEARTBEAT = "heartbeat"
+LOG = "log"
+# Stands for "no robot" where a subject needs one: the log of a job that never reached a robot.
+NO_ROBOT = "_"
 
 MAX_TOKEN_LENGTH = 128
 # Printable, no whitespace, none of NATS's separators or wildcards.
@@ -76,6 +85,39 @@ def event_type_subject(tenant: str, event_type: str) -> str:
 def telemetry(tenant: str, robot: str, kind: str) -> str:
     """`hd.<tenant>.tel.<robot>.<kind>`: heartbeats, logs and screenshots of one robot."""
     return _join((tenant, "tenant"), ("tel", "kind"), (robot, "robot"), (kind, "telemetry kind"))
+
+
+def heartbeat(tenant: str, robot: str) -> str:
+    """`hd.<tenant>.tel.<robot>.heartbeat`: a robot's heartbeats."""
+    return telemetry(tenant, robot, HEARTBEAT)
+
+
+def heartbeat_listen() -> str:
+    """Every robot's heartbeats, of every tenant: what the registry subscribes to."""
+    return f"{PREFIX}.{ANY}.tel.{ANY}.{HEARTBEAT}"
+
+
+def job_log(tenant: str, robot: str, job_id: str) -> str:
+    """`hd.<tenant>.tel.<robot>.log.<job>`: the log lines of one job as its robot runs it."""
+    return ".".join([telemetry(tenant, robot, LOG), check_token(job_id, "job id")])
+
+
+def job_log_filter(tenant: str, job_id: str) -> str:
+    """Every log line of one job, whichever robot wrote it."""
+    return f"{PREFIX}.{check_token(tenant, 'tenant')}.tel.{ANY}.{LOG}.{check_token(job_id, 'job id')}"
+
+
+def parse_telemetry(subject: str) -> tuple[str, str, str]:
+    """(tenant, robot, kind) of `hd.<tenant>.tel.<robot>.<kind>[...]`, or `BadRequest`."""
+    parts = subject.split(".")
+    if len(parts) < 5 or parts[0] != PREFIX or parts[2] != "tel":
+        raise BadRequest(f"{subject!r} is not a telemetry subject hd.<tenant>.tel.<robot>.<kind>")
+    return parts[1], parts[3], parts[4]
+
+
+def robot_key(tenant: str, robot: str) -> str:
+    """The key of a robot in the HERDER_ROBOTS bucket: `<tenant>.<robot>`."""
+    return f"{check_token(tenant, 'tenant')}.{check_token(robot, 'robot')}"
 
 
 def events_filter(pattern: str | None = None, tenant: str = ANY) -> str:

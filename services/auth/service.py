@@ -17,6 +17,7 @@ from herder.protocol import codec, subjects
 from herder.protocol.auth import (
     Permission,
     Principal,
+    PrincipalKind,
     Role,
     TokenCreate,
     TokenCreated,
@@ -173,7 +174,12 @@ class AuthService(Service):
         """Make the bucket hold exactly the live tokens of the database."""
         # The mirror is read before the database: a token created in between is then only
         # missing from the mirror (and written), never wrongly taken for a revoked one.
-        projected = self.runtime.tokens.snapshot()
+        # The bucket also holds robot tokens, which the registry projects: leave those be.
+        projected = {
+            key: principal
+            for key, principal in self.runtime.tokens.snapshot().items()
+            if principal.kind is PrincipalKind.TOKEN
+        }
         async with self.engine.connect() as connection:
             live = {record.token_hash: record for record in await self.repo.all_live(connection)}
         written = removed = 0

@@ -12,8 +12,16 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from herder.protocol import subjects
 from herder.services.common.errors import SetupError
@@ -22,6 +30,8 @@ CONNECT_TIMEOUT_S = 5.0
 RECONNECT_WAIT_S = 1.0
 EVENTS_MAX_AGE_S = 30 * 24 * 3600.0
 EVENTS_DUPLICATE_WINDOW_S = 120.0
+LOGS_MAX_AGE_S = 14 * 24 * 3600.0
+LOGS_MAX_BYTES = 4 * 1024**3
 
 
 class Unreachable(SetupError):
@@ -147,19 +157,45 @@ class JetStreamSettings:
 
 async def ensure_event_stream(js: JetStreamContext, settings: JetStreamSettings) -> None:
     """Create or update the HERDER_EVENTS stream (`hd.*.evt.>`), keeping 30 days of events."""
-    config = StreamConfig(
-        name=subjects.EVENTS_STREAM,
-        description="herder state-change events",
-        subjects=[subjects.EVENTS_STREAM_SUBJECTS],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=EVENTS_MAX_AGE_S,
-        duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
-        num_replicas=settings.replicas,
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            description="herder state-change events",
+            subjects=[subjects.EVENTS_STREAM_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=EVENTS_MAX_AGE_S,
+            duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            num_replicas=settings.replicas,
+        ),
     )
+
+
+async def ensure_log_stream(js: JetStreamContext, settings: JetStreamSettings) -> None:
+    """Create or update the HERDER_LOGS stream (`hd.*.tel.*.log.*`): jobs' log lines, 14 days or 4 GiB."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.LOGS_STREAM,
+            description="herder job logs, one subject per job",
+            subjects=[subjects.LOGS_STREAM_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=LOGS_MAX_AGE_S,
+            max_bytes=LOGS_MAX_BYTES,
+            duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            num_replicas=settings.replicas,
+        ),
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
     try:
-        await js.stream_info(subjects.EVENTS_STREAM)
+        await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         try:
             await js.add_stream(config)
@@ -177,3 +213,16 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, settings: JetStreamSe
         return await js.create_key_value(
             KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas)
         )
+
+
+async def ensure_object_store(js: JetStreamContext, bucket: str, settings: JetStreamSettings) -> ObjectStore:
+    """Open the object store `bucket`, creating it first if it does not exist."""
+    try:
+        return await js.object_store(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        try:
+            return await js.create_object_store(
+                bucket, ObjectStoreConfig(bucket=bucket, storage=StorageType.FILE, replicas=settings.replicas)
+            )
+        except nats.js.errors.BadRequestError:
+            return await js.object_store(bucket)  # created meanwhile by another process

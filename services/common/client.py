@@ -38,9 +38,16 @@ class Client:
         self.tenant = subjects.check_token(tenant, "tenant")
         self.timeout = timeout
         self.content_type = content_type
+        self._token = token
         self._authorization = BEARER + token if token else None
         # The subject and headers of a verb are the same on every call: built once, sent as they are.
         self._routes: dict[tuple[str, str, str, str], tuple[str, dict[str, str]]] = {}
+
+    def acting_as(self, token: str | None, tenant: str) -> Client:
+        """This client with another token and tenant (itself when they are the same)."""
+        if token == self._token and tenant == self.tenant:
+            return self
+        return Client(self.nc, token=token, tenant=tenant, timeout=self.timeout, content_type=self.content_type)
 
     async def request(
         self,

@@ -10,6 +10,7 @@ publishes it later: a committed change is never without its event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -63,18 +64,28 @@ class EventPublisher:
     def __init__(self, js: JetStreamContext, engine: AsyncEngine | None) -> None:
         self._js = js
         self._engine = engine
+        # Deferred events, published in commit order by one worker.
+        self._queue: asyncio.Queue[list[tuple[Event, bytes]]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
 
     async def publish(self, event: Event) -> None:
         """Publish one event now, deduplicated by its id."""
         await self._send(event.id, event.subject, codec.dump(event), event.type)
 
+    def _headers(self, event_id: str, event_type: str) -> dict[str, str]:
+        return {Header.MSG_ID: event_id, Header.TYPE: event_type, Header.CONTENT_TYPE: codec.MSGPACK}
+
     async def _send(self, event_id: str, subject: str, payload: bytes, event_type: str) -> None:
-        headers = {Header.MSG_ID: event_id, Header.TYPE: event_type, Header.CONTENT_TYPE: codec.MSGPACK}
-        await self._js.publish(subject, payload, headers=headers, timeout=PUBLISH_TIMEOUT_S)
+        await self._js.publish(subject, payload, headers=self._headers(event_id, event_type), timeout=PUBLISH_TIMEOUT_S)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        """A transaction whose emitted events are stored with it and published after commit."""
+    async def transaction(self, *, defer: bool = False) -> AsyncIterator[Transaction]:
+        """A transaction whose emitted events are stored with it and published after commit.
+
+        With `defer`, the events are handed to a background worker that publishes them in commit
+        order, so the caller can act on the change (send a command, reply) without waiting for
+        JetStream; they are just as safe in the outbox until published.
+        """
         if self._engine is None:
             raise RuntimeError("this service has no database; it cannot open a transaction")
         async with self._engine.begin() as connection:
@@ -89,6 +100,13 @@ class EventPublisher:
                         for e, payload in staged
                     ],
                 )
+        if not staged:
+            return
+        if defer:
+            self._queue.put_nowait(staged)
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._publish_deferred(), name="herder.events.deferred")
+            return
         for event, payload in staged:
             await self._publish_staged(event.id, event.subject, payload, event.type)
 
@@ -102,6 +120,61 @@ class EventPublisher:
         async with self._engine.begin() as connection:
             await connection.execute(delete(outbox).where(outbox.c.id == event_id))
         return True
+
+    async def _publish_deferred(self) -> None:
+        """Publish queued events in order, a batch at a time, then clear them from the outbox together."""
+        assert self._engine is not None
+        while True:
+            staged = await self._queue.get()
+            try:
+                while not self._queue.empty() and len(staged) < RELAY_BATCH:
+                    batch = self._queue.get_nowait()
+                    self._queue.task_done()
+                    staged.extend(batch)
+                acks = [
+                    await self._js.publish_async(
+                        event.subject,
+                        payload,
+                        headers=self._headers(event.id, event.type),
+                        wait_stall=PUBLISH_TIMEOUT_S,
+                    )
+                    for event, payload in staged
+                ]
+                published: list[str] = []
+                for (event, _payload), ack in zip(staged, acks, strict=True):
+                    try:
+                        await asyncio.wait_for(ack, PUBLISH_TIMEOUT_S)
+                    except Exception as exc:
+                        # The relay publishes it later, from the outbox.
+                        log.warning("event.publish_deferred", event_id=event.id, subject=event.subject, error=repr(exc))
+                        break
+                    published.append(event.id)
+                if published:
+                    async with self._engine.begin() as connection:
+                        await connection.execute(delete(outbox).where(outbox.c.id.in_(published)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event.publish_failed", count=len(staged), error=repr(exc))
+            finally:
+                self._queue.task_done()
+
+    async def flush(self, timeout: float = PUBLISH_TIMEOUT_S) -> None:
+        """Wait until every deferred event has been published (or left to the relay)."""
+        if self._worker is not None and not self._worker.done():
+            await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def close(self, timeout: float = PUBLISH_TIMEOUT_S) -> None:
+        """Publish what is queued, then stop the worker."""
+        try:
+            await self.flush(timeout)
+        except TimeoutError:
+            log.warning("event.flush_timeout", queued=self._queue.qsize())
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
 
     async def relay_once(self, grace_s: float = RELAY_GRACE_S) -> int:
         """Publish outbox rows older than `grace_s`; return how many went out."""

@@ -85,6 +85,7 @@ class ServiceHost:
             tokens=self._tokens,
             events=events,
             data_dir=config.data_dir,
+            jetstream=config.jetstream,
             log=self.log,
         )
         for service_class in config.services:
@@ -111,6 +112,7 @@ class ServiceHost:
                 await self._relay
             self._relay = None
             if self.runtime is not None:
+                await self.runtime.events.close()
                 with contextlib.suppress(Exception):
                     await self.runtime.events.relay_once(grace_s=0)
         if self._tokens is not None:
@@ -130,10 +132,10 @@ class ServiceHost:
 
 def resolve_services(names: Iterable[str]) -> tuple[type[Service], ...]:
     """The service classes for `names`, or `SetupError` naming the unknown ones."""
-    from herder.services import registry
+    from herder.services import catalog
 
     chosen = list(dict.fromkeys(names))
-    unknown = [name for name in chosen if name not in registry.NAMES]
+    unknown = [name for name in chosen if name not in catalog.NAMES]
     if unknown:
-        raise SetupError(f"unknown service {', '.join(unknown)}; herder has: {', '.join(sorted(registry.NAMES))}")
-    return tuple(registry.service_class(name) for name in chosen)
+        raise SetupError(f"unknown service {', '.join(unknown)}; herder has: {', '.join(sorted(catalog.NAMES))}")
+    return tuple(catalog.service_class(name) for name in chosen)

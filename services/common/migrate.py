@@ -20,6 +20,9 @@ from herder.services.common.errors import SetupError
 MIGRATION_LOCATIONS = (
     ("herder.services.common.migrations", "versions"),
     ("herder.services.auth.migrations", ""),
+    ("herder.services.registry.migrations", ""),
+    ("herder.services.packages.migrations", ""),
+    ("herder.services.jobs.migrations", ""),
 )
 # Serialises concurrent upgrades of one PostgreSQL database by several processes.
 _PG_LOCK_KEY = 0x6864_6D69_6772  # "hdmigr"

@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
@@ -40,12 +40,13 @@ from nats.micro.service import Service as MicroService
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herder.protocol import codec, subjects
-from herder.protocol.auth import Principal
+from herder.protocol.auth import Principal, PrincipalKind
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Forbidden, HerderError, Internal, Unauthenticated
 from herder.protocol.messages import HealthCheck, HealthReply, Model, Request, new_id
 from herder.protocol.version import SCHEMA_VERSION, VERSION
 from herder.services.common import bus, database
+from herder.services.common.client import Client
 from herder.services.common.events import EventPublisher
 from herder.services.common.tokens import TokenResolver
 
@@ -94,7 +95,7 @@ def endpoint(*, permission: str | None = None, authenticated: bool = True) -> Ca
 class RequestContext:
     """Who asked, for which tenant, under which correlation id; with a logger bound to them."""
 
-    __slots__ = ("_correlation_id", "_log", "_service_log", "idempotency_key", "principal", "tenant")
+    __slots__ = ("_correlation_id", "_log", "_service_log", "bearer", "idempotency_key", "principal", "tenant")
 
     def __init__(
         self,
@@ -108,6 +109,9 @@ class RequestContext:
         self.tenant = tenant
         self.principal = principal
         self.idempotency_key = idempotency_key
+        # The caller's token, so that a service can ask another on the caller's behalf (and with no
+        # more rights than the caller has). Never logged, never stored.
+        self.bearer: str | None = None
         self._correlation_id = correlation_id
         self._service_log = service_log
         self._log: structlog.stdlib.BoundLogger | None = None
@@ -123,6 +127,16 @@ class RequestContext:
     def actor(self) -> str | None:
         """The name of the caller, as recorded in events and audit records."""
         return self.principal.name if self.principal else None
+
+    def robot_name(self) -> str:
+        """The robot whose own token made this request; `Forbidden` for any other caller."""
+        if self.principal is None or self.principal.kind is not PrincipalKind.ROBOT:
+            raise Forbidden("only a robot's own token can do this; register the robot with 'herder robot add'")
+        return self.principal.name
+
+    def on_behalf(self, client: Client) -> Client:
+        """A client that asks other services as this request's caller, in its tenant."""
+        return client.acting_as(self.bearer, self.tenant)
 
     @property
     def log(self) -> structlog.stdlib.BoundLogger:
@@ -142,7 +156,14 @@ class Runtime:
     tokens: TokenResolver
     events: EventPublisher
     data_dir: Path | None = None
+    jetstream: bus.JetStreamSettings = field(default_factory=bus.JetStreamSettings)
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: structlog.get_logger("herder"))
+
+    @cached_property
+    def client(self) -> Client:
+        """A client with no token of its own: pass it to `RequestContext.on_behalf` to ask another
+        service as the caller."""
+        return Client(self.nc, token=None)
 
 
 class Service:
@@ -396,6 +417,7 @@ class ServiceRunner:
             # The mirror answers almost every time; only a token created a moment ago needs the bucket.
             principal = self._runtime.tokens.lookup(secret) or await self._runtime.tokens.fetch(secret)
             ctx.principal = _admit(route.spec, principal, ctx.tenant)
+            ctx.bearer = secret
         elif route.spec.authenticated:
             raise Unauthenticated("this request needs a token: send the header 'Authorization: Bearer <token>'")
         model = codec.load(route.spec.request_model, data or _EMPTY[content_type], content_type)

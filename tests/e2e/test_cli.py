@@ -122,7 +122,7 @@ def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
     assert status.returncode == 0, status.stderr
     assert "auth" in status.stdout and "database  sqlite  ok" in status.stdout
     report = json.loads(herder("status", "--json", env=up.env).stdout)
-    assert [s["name"] for s in report["services"]] == ["auth"]
+    assert [s["name"] for s in report["services"]] == ["auth", "jobs", "packages", "registry"]
     assert report["database"]["ok"] is True and report["nats"]["jetstream"]["streams"] >= 2
 
     tap = subprocess.Popen(
@@ -220,7 +220,13 @@ def test_service_run_with_unreachable_nats_or_unknown_service(tmp_path: Path) ->
 def test_db_upgrade(tmp_path: Path) -> None:
     result = herder("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'h.db'}", "--json")
     assert result.returncode == 0, result.stderr
-    assert sorted(json.loads(result.stdout)["revisions"]) == ["auth_0001", "common_0001"]
+    assert sorted(json.loads(result.stdout)["revisions"]) == [
+        "auth_0001",
+        "common_0001",
+        "jobs_0001",
+        "packages_0001",
+        "registry_0001",
+    ]
     assert_one_line_error(herder("db", "upgrade", "--db", "sqlite:////no/such/dir/h.db"), "does not exist")
 
 

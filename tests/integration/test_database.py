@@ -13,11 +13,21 @@ from sqlalchemy import MetaData, text
 from herder.services.auth import repository
 from herder.services.common import database, events, migrate
 from herder.services.common.errors import SetupError
+from herder.services.jobs import repository as jobs_repository
+from herder.services.packages import repository as packages_repository
+from herder.services.registry import repository as registry_repository
 
 
 def _metadata() -> MetaData:
     combined = MetaData()
-    for source in (repository.metadata, events.metadata):
+    sources = (
+        repository.metadata,
+        events.metadata,
+        packages_repository.metadata,
+        registry_repository.metadata,
+        jobs_repository.metadata,
+    )
+    for source in sources:
         for table in source.tables.values():
             table.to_metadata(combined)
     return combined
@@ -28,7 +38,17 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
     try:
         assert await migrate.current(engine) == set()
         revisions = await migrate.upgrade(engine)
-        assert set(revisions) == migrate.heads() == {"common_0001", "auth_0001"}
+        assert (
+            set(revisions)
+            == migrate.heads()
+            == {
+                "common_0001",
+                "auth_0001",
+                "registry_0001",
+                "packages_0001",
+                "jobs_0001",
+            }
+        )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing
 
         def differences(connection: object) -> list[object]:

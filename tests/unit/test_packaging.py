@@ -35,11 +35,11 @@ def test_every_declared_package_imports_from_its_folder() -> None:
 
 
 def test_every_registered_service_is_found_under_its_name() -> None:
-    from herder.services import registry
+    from herder.services import catalog
 
-    assert registry.NAMES
-    for name in registry.NAMES:
-        assert registry.service_class(name).name == name
+    assert catalog.NAMES
+    for name in catalog.NAMES:
+        assert catalog.service_class(name).name == name
 
 
 def test_the_cli_starts_without_the_services_database_code() -> None:

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 _CLASSES = {
     "auth": "herder.services.auth.service:AuthService",
+    "packages": "herder.services.packages.service:PackagesService",
+    "registry": "herder.services.registry.service:RegistryService",
+    "jobs": "herder.services.jobs.service:JobsService",
 }
 
 NAMES: tuple[str, ...] = tuple(_CLASSES)

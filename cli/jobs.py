@@ -1,0 +1,429 @@
+"""`herder job start|list|show|stop|kill|logs`: jobs, and following one as it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from typing import Annotated, Any, TextIO
+
+import typer
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, call, connected, resolve
+from herder.cli.output import fail, print_json, print_table, run, when
+from herder.protocol import codec, subjects
+from herder.protocol.errors import BadRequest
+from herder.protocol.jobs import (
+    JobInfo,
+    JobKill,
+    JobListRequest,
+    JobShow,
+    JobStart,
+    JobState,
+    JobStateChangedEvent,
+    JobStop,
+    LogRecord,
+    LogStream,
+    OnRobotLost,
+    Priority,
+)
+from herder.protocol.messages import Event
+from herder.services.common.client import Client
+
+# How long to wait for a job's last log line once the job has ended (it follows the end closely).
+END_OF_LOG_WAIT_S = 3.0
+# How often a follower asks for the job's state, in case an event was missed.
+POLL_S = 5.0
+SHORT_ID = 12
+
+job_app = typer.Typer(help="Jobs: start, watch, stop and kill processes on unattended robots.", no_args_is_help=True)
+
+IdArgument = Annotated[
+    str, typer.Argument(help="The job's id, or enough of its start to tell it apart (4+ characters).")
+]
+
+
+@job_app.command("start")
+def start(
+    process: Annotated[str, typer.Argument(help="The process to run.")],
+    version: Annotated[str | None, typer.Option("--version", help="The version to run (default: the newest).")] = None,
+    robot: Annotated[str | None, typer.Option("--robot", help="Run it on this unattended robot.")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Run it on any available robot of this group.")] = None,
+    input_json: Annotated[str | None, typer.Option("--input", help="The input: a JSON object.")] = None,
+    priority: Annotated[
+        Priority, typer.Option("--priority", help="Which waiting job a robot takes first.")
+    ] = Priority.NORMAL,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Hard-stop the job after this many seconds.", min=0.001)
+    ] = None,
+    kill_grace: Annotated[
+        float, typer.Option("--kill-grace", help="Seconds between SIGTERM and SIGKILL on a hard stop.", min=0)
+    ] = 10.0,
+    requeue: Annotated[
+        bool, typer.Option("--requeue", help="If its robot is lost mid-run, run the job again instead of Faulting it.")
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Follow its states and log lines until it ends; exit 0 only if it is Successful."),
+    ] = False,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Start a process on a robot (--robot) or on any available robot of a group (--group)."""
+    if (robot is None) == (group is None):
+        fail("say where to run it: --robot NAME or --group NAME (one of them)", 2)
+    request = JobStart(
+        process=process,
+        version=version,
+        robot=robot,
+        group=group,
+        input=_parse_input(input_json),
+        priority=priority,
+        timeout_s=timeout,
+        kill_grace_s=kill_grace,
+        on_robot_lost=OnRobotLost.REQUEUE if requeue else OnRobotLost.FAULT,
+    )
+    target = resolve(data_dir, url, token_file)
+    if not wait:
+        job = call(target, lambda c: c.request(request))
+        if json_out:
+            print_json(job)
+        else:
+            print(f"job {job.id} {job.process} {job.version}: {_state_line(job)}")
+        return
+    job = run(lambda: _start_and_follow(target, request, json_out))
+    if job.state is not JobState.SUCCESSFUL:
+        raise typer.Exit(1)
+
+
+def _parse_input(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BadRequest(f"--input is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f'--input must be a JSON object, like \'{{"name": "Ada"}}\', not {type(value).__name__}')
+    return value
+
+
+async def _start_and_follow(target: Target, request: JobStart, json_out: bool) -> JobInfo:
+    async with connected(target, "herder-cli") as nc:
+        client = Client(nc, token=target.token, tenant=target.tenant)
+        follower = Follower(nc, client, target.tenant, out=sys.stderr if json_out else sys.stdout)
+        # Listen for state changes before the job exists, so none is missed.
+        await follower.listen_states()
+        job = await client.request(request)
+        follower.show(f"job {job.id} {job.process} {job.version}: {_state_line(job)}")
+        final = await follower.follow(job)
+    if json_out:
+        print_json(final)
+    return final
+
+
+@job_app.command("list")
+def list_jobs(
+    states: Annotated[
+        list[JobState] | None, typer.Option("--state", help="Only jobs in this state; repeat for several.")
+    ] = None,
+    process: Annotated[str | None, typer.Option("--process", help="Only jobs of this process.")] = None,
+    robot: Annotated[str | None, typer.Option("--robot", help="Only jobs that ran on this robot.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many, newest first.", min=1, max=1000)] = 50,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List jobs, newest first; a Pending job says why it has not started."""
+    request = JobListRequest(states=states or [], process=process, robot=robot, limit=limit)
+    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
+    if json_out:
+        print_json(listed.jobs)
+        return
+    print_table(
+        ["ID", "PROCESS", "VERSION", "STATE", "ROBOT", "PRIORITY", "CREATED (UTC)", "REASON"],
+        [
+            (
+                job.id[:SHORT_ID],
+                job.process,
+                job.version,
+                job.state.value,
+                job.robot or job.target_robot or (f"group {job.target_group}" if job.target_group else None),
+                job.priority.value,
+                when(job.created_at),
+                job.reason or None,
+            )
+            for job in listed.jobs
+        ],
+    )
+
+
+@job_app.command("show")
+def show(
+    job_id: IdArgument,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show one job: where it runs, its state and why, its input and output."""
+    job = call(resolve(data_dir, url, token_file), lambda c: c.request(JobShow(id=job_id)))
+    if json_out:
+        print_json(job)
+        return
+    target = f"robot {job.target_robot}" if job.target_robot else f"group {job.target_group}"
+    fields = [
+        ("id", job.id),
+        ("process", f"{job.process} {job.version}"),
+        ("state", job.state.value),
+        ("reason", job.reason or "-"),
+        ("target", target),
+        ("robot", f"{job.robot} on host {job.host}" if job.robot else "-"),
+        ("attempt", str(job.attempt)),
+        ("priority", job.priority.value),
+        ("timeout", f"{job.timeout_s:g} s" if job.timeout_s else "none"),
+        ("kill grace", f"{job.kill_grace_s:g} s"),
+        ("if robot lost", "re-queue" if job.on_robot_lost is OnRobotLost.REQUEUE else "fault"),
+        ("created", f"{when(job.created_at)} UTC by {job.created_by or '-'}"),
+        ("started", f"{when(job.started_at)} UTC" if job.started_at else "-"),
+        ("ended", f"{when(job.ended_at)} UTC" if job.ended_at else "-"),
+        ("input", json.dumps(job.input)),
+        ("output", json.dumps(job.output) if job.output is not None else "-"),
+    ]
+    if job.error:
+        fields.append(("error", job.error))
+    for label, value in fields:
+        print(f"{label:<14} {value}")
+
+
+@job_app.command("stop")
+def stop(
+    job_id: IdArgument,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Soft-stop a job: its script sees should_stop() and ends itself. A Pending job is cancelled."""
+    job = call(resolve(data_dir, url, token_file), lambda c: c.request(JobStop(id=job_id)))
+    if json_out:
+        print_json(job)
+    else:
+        print(f"job {job.id[:SHORT_ID]}: {_state_line(job)}")
+
+
+@job_app.command("kill")
+def kill(
+    job_id: IdArgument,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Hard-stop a job: SIGTERM to its processes, SIGKILL after its grace period. A Pending job is cancelled."""
+    job = call(resolve(data_dir, url, token_file), lambda c: c.request(JobKill(id=job_id)))
+    if json_out:
+        print_json(job)
+    else:
+        print(f"job {job.id[:SHORT_ID]}: {_state_line(job)}")
+
+
+@job_app.command("logs")
+def logs(
+    job_id: IdArgument,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")] = False,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print each line as a JSON object.")] = False,
+) -> None:
+    """Print a job's log lines: its script's stdout, stderr and SDK records, and what the robot did."""
+    run(lambda: _logs(resolve(data_dir, url, token_file), job_id, follow, json_out))
+
+
+async def _logs(target: Target, job_id: str, follow: bool, json_out: bool) -> None:
+    async with connected(target, "herder-cli") as nc:
+        client = Client(nc, token=target.token, tenant=target.tenant)
+        if follow:
+            follower = Follower(nc, client, target.tenant, out=sys.stdout, json_lines=json_out, show_states=False)
+            await follower.listen_states()
+            job = await client.request(JobShow(id=job_id))
+            await follower.follow(job)
+            return
+        job = await client.request(JobShow(id=job_id))
+        await _print_stored(nc, target.tenant, job.id, json_out)
+
+
+async def _print_stored(nc: NATS, tenant: str, job_id: str, json_out: bool) -> None:
+    js = nc.jetstream()
+    subject = subjects.job_log_filter(tenant, job_id)
+    info = await js.stream_info(subjects.LOGS_STREAM, subjects_filter=subject)
+    if not info.state.subjects:
+        print(f"job {job_id[:SHORT_ID]} has no log lines (yet)", file=sys.stderr)
+        return
+    done = asyncio.Event()
+
+    async def show(msg: Msg) -> None:
+        print(_format_record(msg, json_out), flush=False)
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    subscription = await js.subscribe(
+        subject,
+        stream=subjects.LOGS_STREAM,
+        cb=show,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        await done.wait()
+    finally:
+        sys.stdout.flush()
+        await subscription.unsubscribe()
+
+
+def _format_record(msg: Msg, json_out: bool) -> str:
+    try:
+        record = codec.load(LogRecord, msg.data)
+    except BadRequest:
+        return (
+            json.dumps({"undecodable_bytes": len(msg.data)})
+            if json_out
+            else f"(undecodable line, {len(msg.data)} bytes)"
+        )
+    if json_out:
+        return record.model_dump_json()
+    return format_log_line(record)
+
+
+def format_log_line(record: LogRecord) -> str:
+    """One log line as people read it: time, level, where it came from, the message and its fields."""
+    fields = " ".join(f"{key}={_value(value)}" for key, value in record.fields.items() if key != "state")
+    stamp = record.time.strftime("%H:%M:%S.%f")[:-3]
+    text = f"{stamp} {record.level.value.upper():<7} {record.stream.value:<6} {record.message}"
+    return f"{text} {fields}" if fields else text
+
+
+def _value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return text if text and " " not in text else json.dumps(text)
+
+
+def _state_line(job: JobInfo) -> str:
+    return _describe_state(job.state, job.robot, job.reason)
+
+
+def _describe_state(state: JobState, robot: str | None, reason: str) -> str:
+    if reason:
+        return f"{state.value} ({reason})"
+    return f"{state.value} on robot {robot}" if robot and state.active else state.value
+
+
+class Follower:
+    """Follows one job live: its state changes (from events) and its log lines (from the log stream),
+    until the job has ended and its log is complete."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        client: Client,
+        tenant: str,
+        *,
+        out: TextIO,
+        json_lines: bool = False,
+        show_states: bool = True,
+    ) -> None:
+        self.nc = nc
+        self.client = client
+        self.tenant = tenant
+        self.out = out
+        self.json_lines = json_lines
+        self.show_states = show_states
+        self.job_id: str | None = None
+        self._early: list[Event] = []
+        self._ended = asyncio.Event()
+        self._log_complete = asyncio.Event()
+        self._subscriptions: list[Any] = []
+
+    def show(self, line: str) -> None:
+        """Print a line of the follower's own."""
+        print(line, file=self.out, flush=True)
+
+    async def listen_states(self) -> None:
+        """Start listening for job state changes (before the job is created, to miss none)."""
+        subject = subjects.event(self.tenant, "jobs", "job_state_changed")
+        self._subscriptions.append(await self.nc.subscribe(subject, cb=self._on_event))
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = codec.load(Event, msg.data, codec.content_type_of(msg.headers))
+            change = JobStateChangedEvent.model_validate(event.data)
+        except (BadRequest, ValueError):
+            return
+        if self.job_id is None:
+            self._early.append(event)
+            return
+        if change.job_id != self.job_id:
+            return
+        if self.show_states:
+            now = _describe_state(change.state, change.robot, change.reason)
+            self.show(f"job {change.job_id[:SHORT_ID]}: {change.previous.value} → {now}")
+        if change.state.final:
+            self._ended.set()
+
+    async def follow(self, job: JobInfo) -> JobInfo:
+        """Print the job's states and log lines until it has ended; return it as it ended."""
+        self.job_id = job.id
+        for event in self._early:
+            await self._on_event_replay(event)
+        self._early.clear()
+        js = self.nc.jetstream()
+        self._subscriptions.append(
+            await js.subscribe(
+                subjects.job_log_filter(self.tenant, job.id),
+                stream=subjects.LOGS_STREAM,
+                cb=self._on_log,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )
+        )
+        try:
+            current = job
+            while not current.state.final:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ended.wait(), POLL_S)
+                current = await self.client.request(JobShow(id=job.id))
+            # The job has ended; its last log line (written by the jobs service) closes the log.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._log_complete.wait(), END_OF_LOG_WAIT_S)
+            return current
+        finally:
+            for subscription in self._subscriptions:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+
+    async def _on_event_replay(self, event: Event) -> None:
+        change = JobStateChangedEvent.model_validate(event.data)
+        if change.job_id == self.job_id and change.state.final:
+            self._ended.set()
+
+    async def _on_log(self, msg: Msg) -> None:
+        try:
+            record = codec.load(LogRecord, msg.data)
+        except BadRequest:
+            return
+        if record.stream is LogStream.END:
+            self._log_complete.set()
+            if self.show_states:
+                return  # the state line says the same
+        if self.json_lines:
+            self.show(record.model_dump_json())
+        else:
+            self.show("  " + format_log_line(record) if self.show_states else format_log_line(record))

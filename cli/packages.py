@@ -1,0 +1,238 @@
+"""`herder package publish|list|versions`: processes and their versions.
+
+This module loads no SQLAlchemy (the CLI's start-up stays light): it checks manifests, orders
+versions and packs archives with the packages service's pure modules only.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TextIO, TypeVar
+
+import nats.errors
+import typer
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
+
+from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
+from herder.cli.output import print_json, print_table, run, when
+from herder.protocol.errors import NotFound, Unavailable
+from herder.protocol.messages import Model
+from herder.protocol.packages import (
+    PackagePublish,
+    ProcessListRequest,
+    VersionInfo,
+    VersionListRequest,
+    object_name,
+)
+from herder.protocol.subjects import PACKAGES_BUCKET
+from herder.services.common.client import Client
+from herder.services.packages.archive import pack, sha256_hex
+from herder.services.packages.core import already_published, object_digest
+from herder.services.packages.manifest import Manifest, check_name, load_manifest
+
+M = TypeVar("M", bound=Model)
+
+# Uploads larger than this show their progress on stderr.
+PROGRESS_MIN_BYTES = 1024 * 1024
+SHORT_SHA_CHARS = 12
+
+package_app = typer.Typer(help="Processes (automation scripts) and their versions.", no_args_is_help=True)
+
+
+def _call(target: Target, send: Callable[[Client], Awaitable[M]]) -> M:
+    async def main() -> M:
+        async with connected(target, "herder-cli") as nc:
+            return await send(Client(nc, token=target.token, tenant=target.tenant))
+
+    return run(main)
+
+
+def human_size(size: int) -> str:
+    """A byte count as people read it: 512 B, 12.3 KiB, 4.0 MiB."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def short_sha(sha256: str) -> str:
+    """The first digits of a sha256, enough to tell archives apart in a table."""
+    return sha256[:SHORT_SHA_CHARS] + "…"
+
+
+class _Progress(io.BytesIO):
+    """The archive as the object store reads it, drawing how much has gone on stderr.
+
+    nats-py reads it chunk by chunk from a worker thread; printing from there is fine."""
+
+    def __init__(self, data: bytes, label: str, stream: TextIO) -> None:
+        super().__init__(data)
+        self._total = len(data)
+        self._label = label
+        self._stream = stream
+        self._live = stream.isatty()
+        self._sent = 0
+        self._shown = -1
+        if not self._live:  # a log file gets one line, not a line per chunk
+            print(f"uploading {label} ({human_size(self._total)})", file=stream, flush=True)
+
+    def readinto(self, buffer: Any) -> int:
+        read = super().readinto(buffer)
+        self._sent += read
+        percent = self._sent * 100 // max(self._total, 1)
+        if self._live and percent != self._shown:
+            self._shown = percent
+            end = "\n" if self._sent >= self._total else ""
+            print(
+                f"\ruploading {self._label}: {human_size(self._sent)} of {human_size(self._total)} ({percent}%)",
+                end=end,
+                file=self._stream,
+                flush=True,
+            )
+        return read
+
+
+async def _refuse_published(client: Client, manifest: Manifest) -> None:
+    """Refuse a version that exists before uploading anything (the service refuses it too)."""
+    try:
+        listed = await client.request(VersionListRequest(process=manifest.name))
+    except NotFound:
+        return  # a new process
+    if any(info.version == manifest.version for info in listed.versions):
+        raise already_published(manifest.name, manifest.version)
+
+
+async def upload(nc: NATS, name: str, archive: bytes, sha256: str, *, label: str) -> bool:
+    """Put an archive in the packages object store under `name`; False when it was there already."""
+    try:
+        store = await nc.jetstream().object_store(PACKAGES_BUCKET)
+    except BucketNotFoundError:
+        raise Unavailable("the packages service has not run on this stack yet; start it with 'herder up'") from None
+    try:
+        stored = await store.get_info(name)
+        # Content-addressed: the same name with the same digest is the same archive.
+        if stored.size == len(archive) and stored.digest == object_digest(sha256):
+            return False
+    except ObjectNotFoundError:
+        pass
+    data = _Progress(archive, label, sys.stderr) if len(archive) > PROGRESS_MIN_BYTES else io.BytesIO(archive)
+    try:
+        await store.put(name, data)
+    except nats.errors.TimeoutError:
+        raise Unavailable(
+            f"uploading {label} to the {PACKAGES_BUCKET} object store timed out; JetStream may be overloaded"
+        ) from None
+    return True
+
+
+async def _publish(target: Target, manifest: Manifest, archive: bytes, sha256: str) -> VersionInfo:
+    async with connected(target, "herder-cli") as nc:
+        client = Client(nc, token=target.token, tenant=target.tenant)
+        await _refuse_published(client, manifest)
+        label = f"{manifest.name} {manifest.version}"
+        await upload(nc, object_name(target.tenant, sha256), archive, sha256, label=label)
+        return await client.request(
+            PackagePublish(
+                process=manifest.name,
+                version=manifest.version,
+                sha256=sha256,
+                size=len(archive),
+                entry=manifest.entry,
+                description=manifest.description,
+            )
+        )
+
+
+@package_app.command("publish")
+def publish(
+    folder: Annotated[Path, typer.Argument(help="The process folder, holding herder.toml.", show_default=False)],
+    version: Annotated[
+        str | None, typer.Option("--version", help="Publish as this version instead of the manifest's.")
+    ] = None,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Publish a process folder as a new version (versions never change once published).
+
+    The folder needs a manifest, herder.toml:
+
+    \b
+        name = "hello"
+        version = "1.0.0"
+        description = "Greets whoever the input names"   # optional
+        \\[entry]
+        python = "hello:main"          # a callable, module:function
+        # or: command = ["bash", "run.sh", "--fast"]
+        # or: robot = "hello.robot"    (a suite file or folder)
+    """
+    manifest = load_manifest(folder)
+    if version is not None:
+        manifest = manifest.with_version(version)
+    target = resolve(data_dir, url, token_file)
+    archive = pack(folder)
+    sha256 = sha256_hex(archive)
+    published = run(lambda: _publish(target, manifest, archive, sha256))
+    if json_out:
+        print_json(published)
+        return
+    print(
+        f"published {published.process} {published.version} "
+        f"({human_size(published.size)}, sha256 {short_sha(published.sha256)})"
+    )
+
+
+@package_app.command("list")
+def list_processes(
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List the processes, each with its newest version."""
+    listed = _call(resolve(data_dir, url, token_file), lambda c: c.request(ProcessListRequest()))
+    if json_out:
+        print_json(listed.processes)
+        return
+    if not listed.processes:
+        print("no processes yet; publish one with 'herder package publish DIR'", file=sys.stderr)
+        return
+    rows = [(p.name, p.latest, p.versions, when(p.updated_at), p.description) for p in listed.processes]
+    print_table(["NAME", "LATEST", "VERSIONS", "UPDATED (UTC)", "DESCRIPTION"], rows)
+
+
+@package_app.command("versions")
+def list_versions(
+    name: Annotated[str, typer.Argument(help="The process.", show_default=False)],
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List the versions of a process, newest first."""
+    check_name(name, what="the process name")
+    listed = _call(resolve(data_dir, url, token_file), lambda c: c.request(VersionListRequest(process=name)))
+    if json_out:
+        print_json(listed.versions)
+        return
+    rows = [
+        (
+            v.version,
+            when(v.published_at),
+            v.published_by,
+            human_size(v.size),
+            short_sha(v.sha256),
+            v.entry.describe(),
+        )
+        for v in listed.versions
+    ]
+    print_table(["VERSION", "PUBLISHED (UTC)", "BY", "SIZE", "SHA256", "ENTRY"], rows)

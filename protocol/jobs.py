@@ -1,0 +1,352 @@
+"""Messages of the `jobs` service, the commands it sends robots, and the reports and logs robots send back.
+
+A job runs one package version of a process on one unattended robot. Its states:
+
+    Pending ──► Running ──► Successful | Faulted | Stopped
+       │           │
+       │           ├──► Stopping (soft stop asked) ──► Successful | Faulted | Stopped
+       │           └──► Terminating (hard stop asked) ──► Stopped
+       └──► Stopped (cancelled before it started)
+
+Commands go to `hd.<tenant>.cmd.<host>.<robot>` as requests; the robot acknowledges each. Every
+start carries an attempt number, every report from the robot carries it back, and a report of a
+stale attempt is refused: a job re-queued after its robot was lost cannot be finished by the
+robot that lost it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from herder.protocol.messages import EventData, Model, Request
+from herder.protocol.packages import PackageRef, ProcessName, Version
+from herder.protocol.registry import Name
+
+SERVICE = "jobs"
+
+JobId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+# What people type: a job id or an unambiguous prefix of one (at least 4 hex digits).
+JobIdOrPrefix = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{4,32}$", to_lower=True)]
+
+DEFAULT_KILL_GRACE_S = 10.0
+MAX_INPUT_BYTES = 256 * 1024
+
+
+class JobState(StrEnum):
+    """The states of a job, exactly."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    STOPPING = "Stopping"
+    TERMINATING = "Terminating"
+    SUCCESSFUL = "Successful"
+    FAULTED = "Faulted"
+    STOPPED = "Stopped"
+
+    @property
+    def final(self) -> bool:
+        """Whether the job has ended."""
+        return self in FINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """Whether the job holds its robot."""
+        return self in ACTIVE_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCESSFUL, JobState.FAULTED, JobState.STOPPED})
+ACTIVE_STATES = frozenset({JobState.RUNNING, JobState.STOPPING, JobState.TERMINATING})
+
+
+class Priority(StrEnum):
+    """Which Pending job a robot takes first: High before Normal before Low, then the oldest."""
+
+    HIGH = "High"
+    NORMAL = "Normal"
+    LOW = "Low"
+
+    @property
+    def rank(self) -> int:
+        """0 for High, 1 for Normal, 2 for Low: the order robots take them in."""
+        return _RANKS[self]
+
+
+_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+
+
+class OnRobotLost(StrEnum):
+    """What becomes of a running job whose robot stops answering."""
+
+    FAULT = "fault"  # the job is Faulted with "robot lost"
+    REQUEUE = "requeue"  # the job goes back to Pending and runs again, with a new attempt
+
+
+class JobInfo(Model):
+    """A job as shown to people and programs."""
+
+    id: str
+    tenant: str
+    process: str
+    version: str
+    state: JobState
+    reason: str = ""  # why a Pending job waits; how an ended job ended
+    priority: Priority
+    target_robot: str | None = None
+    target_group: str | None = None
+    robot: str | None = None
+    host: str | None = None
+    attempt: int = 0
+    input: dict[str, Any] = Field(default_factory=dict)
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    timeout_s: float | None = None
+    kill_grace_s: float = DEFAULT_KILL_GRACE_S
+    on_robot_lost: OnRobotLost = OnRobotLost.FAULT
+    created_at: datetime
+    created_by: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class JobStart(Request[JobInfo]):
+    """Start a process on a robot, or on any available robot of a group."""
+
+    service = SERVICE
+    verb = "start"
+
+    process: ProcessName
+    version: Version | None = None  # None: the newest version
+    robot: Name | None = None
+    group: Name | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    kill_grace_s: float = Field(DEFAULT_KILL_GRACE_S, ge=0, le=3600)
+    on_robot_lost: OnRobotLost = OnRobotLost.FAULT
+
+    @model_validator(mode="after")
+    def _one_target(self) -> JobStart:
+        if (self.robot is None) == (self.group is None):
+            raise ValueError("name exactly one target: a robot or a group")
+        return self
+
+
+class JobList(Model):
+    """The reply to `list`, newest first."""
+
+    jobs: list[JobInfo]
+
+
+class JobListRequest(Request[JobList]):
+    """List jobs, newest first: all, or those in some states, of a process or on a robot."""
+
+    service = SERVICE
+    verb = "list"
+
+    states: list[JobState] = Field(default_factory=list)
+    process: ProcessName | None = None
+    robot: Name | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class JobShow(Request[JobInfo]):
+    """One job, by id or unambiguous id prefix."""
+
+    service = SERVICE
+    verb = "show"
+
+    id: JobIdOrPrefix
+
+
+class JobStop(Request[JobInfo]):
+    """Soft stop: the script sees `should_stop()` and ends itself. A Pending job is cancelled."""
+
+    service = SERVICE
+    verb = "stop"
+
+    id: JobIdOrPrefix
+
+
+class JobKill(Request[JobInfo]):
+    """Hard stop: the script is terminated, then killed after the job's grace period. A Pending job is cancelled."""
+
+    service = SERVICE
+    verb = "kill"
+
+    id: JobIdOrPrefix
+
+
+class Outcome(StrEnum):
+    """What a robot reports about the run of a job."""
+
+    TERMINATING = "terminating"  # the robot hard-stops the job on its own (its timeout passed)
+    SUCCESSFUL = "successful"
+    FAULTED = "faulted"
+    STOPPED = "stopped"
+
+
+class JobReport(Request[JobInfo]):
+    """A robot reports on a job it runs (robot token). Refused with `conflict` for a stale attempt."""
+
+    service = SERVICE
+    verb = "report"
+
+    job_id: JobId
+    attempt: int = Field(ge=1)
+    outcome: Outcome
+    reason: str = Field("", max_length=2000)
+    error: str | None = Field(None, max_length=8000)
+    output: dict[str, Any] | None = None
+    exit_code: int | None = None
+
+
+# --- commands to robots, on hd.<tenant>.cmd.<host>.<robot> ---
+
+
+class StartCommand(Model):
+    """Run a job: fetch the package, check its hash, run its entry point with the input."""
+
+    kind: Literal["start"] = "start"
+    job_id: str
+    attempt: int
+    session: str  # the agent session the job was given to; any other agent of the robot ignores it
+    package: PackageRef
+    input: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = None
+    kill_grace_s: float = DEFAULT_KILL_GRACE_S
+
+
+class StopCommand(Model):
+    """Soft-stop a job: raise the flag that `should_stop()` reads."""
+
+    kind: Literal["stop"] = "stop"
+    job_id: str
+    attempt: int
+    session: str
+
+
+class KillCommand(Model):
+    """Hard-stop a job: SIGTERM to its process group, SIGKILL after `grace_s`."""
+
+    kind: Literal["kill"] = "kill"
+    job_id: str
+    attempt: int
+    session: str
+    grace_s: float = DEFAULT_KILL_GRACE_S
+
+
+class Command(Model):
+    """The envelope of every command to a robot."""
+
+    command: StartCommand | StopCommand | KillCommand = Field(discriminator="kind")
+
+
+class CommandAck(Model):
+    """A robot's acknowledgement of a command."""
+
+    job_id: str
+    attempt: int
+    session: str
+    accepted: bool = True
+    detail: str = ""
+
+
+# --- log lines, on hd.<tenant>.tel.<robot>.log.<job> in the HERDER_LOGS stream ---
+
+
+class LogStream(StrEnum):
+    """Where a log line came from."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    SDK = "sdk"  # `herder.robot.sdk.log`, with structured fields
+    AGENT = "agent"  # the robot agent about the job: fetched, started, stopped
+    END = "end"  # the last line of a job's log, written by the jobs service when the job ends
+
+
+class LogLevel(StrEnum):
+    """The level of a log line."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class LogRecord(Model):
+    """One line of a job's log."""
+
+    job_id: str
+    attempt: int
+    seq: int
+    time: datetime
+    stream: LogStream
+    level: LogLevel = LogLevel.INFO
+    message: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- events ---
+
+
+class JobCreatedEvent(EventData):
+    """A job was created."""
+
+    event_type: ClassVar[str] = "jobs.job_created"
+
+    job_id: str
+    process: str
+    version: str
+    priority: Priority
+    target_robot: str | None = None
+    target_group: str | None = None
+
+
+class JobStateChangedEvent(EventData):
+    """A job changed state."""
+
+    event_type: ClassVar[str] = "jobs.job_state_changed"
+
+    job_id: str
+    process: str
+    state: JobState
+    previous: JobState
+    robot: str | None = None
+    attempt: int = 0
+    reason: str = ""
+
+
+__all__ = [
+    "ACTIVE_STATES",
+    "DEFAULT_KILL_GRACE_S",
+    "FINAL_STATES",
+    "SERVICE",
+    "Command",
+    "CommandAck",
+    "JobCreatedEvent",
+    "JobId",
+    "JobIdOrPrefix",
+    "JobInfo",
+    "JobKill",
+    "JobList",
+    "JobListRequest",
+    "JobReport",
+    "JobShow",
+    "JobStart",
+    "JobState",
+    "JobStateChangedEvent",
+    "JobStop",
+    "KillCommand",
+    "LogLevel",
+    "LogRecord",
+    "LogStream",
+    "OnRobotLost",
+    "Outcome",
+    "Priority",
+    "StartCommand",
+    "StopCommand",
+]

@@ -1,0 +1,171 @@
+"""Messages of the `packages` service: processes (automation scripts) and their immutable versions.
+
+A process is a folder with a manifest, `herder.toml`, naming the process, its version and its
+entry point. Publishing packs the folder into an archive, stores it in the JetStream object store
+(bucket HERDER_PACKAGES, under `<tenant>/<sha256>`), and records the version with that hash.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, ClassVar
+
+from pydantic import Field, StringConstraints
+
+from herder.protocol.messages import EventData, Model, Request
+
+SERVICE = "packages"
+MANIFEST = "herder.toml"
+
+ProcessName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class EntryKind(StrEnum):
+    """How a package version is run."""
+
+    PYTHON = "python"  # a callable, `module:function`, run by herder's Python
+    COMMAND = "command"  # a command line, run as it is, from the package folder
+    ROBOT = "robot"  # a Robot Framework suite (file or folder), run with the `robot` runner
+
+
+class EntryPoint(Model):
+    """What to run in an unpacked package: a callable, a command line (its words), or a suite."""
+
+    kind: EntryKind
+    target: str = Field(min_length=1, max_length=1024)
+    args: list[str] = Field(default_factory=list, max_length=256)
+
+    def describe(self) -> str:
+        """The entry point as people read it."""
+        words = " ".join([self.target, *self.args]) if self.kind is EntryKind.COMMAND else self.target
+        return f"{self.kind.value}: {words}"
+
+
+def object_name(tenant: str, sha256: str) -> str:
+    """Where an archive lives in the HERDER_PACKAGES object store: content-addressed per tenant."""
+    return f"{tenant}/{sha256}"
+
+
+class PackageRef(Model):
+    """Everything a robot needs to fetch, check and run one package version."""
+
+    process: str
+    version: str
+    sha256: Sha256
+    size: int
+    object: str
+    entry: EntryPoint
+
+
+class VersionInfo(Model):
+    """One published version of a process."""
+
+    process: str
+    version: str
+    sha256: str
+    size: int
+    entry: EntryPoint
+    description: str = ""
+    published_at: datetime
+    published_by: str | None = None
+
+
+class ProcessInfo(Model):
+    """A process and its newest version."""
+
+    name: str
+    latest: str
+    versions: int
+    description: str = ""
+    updated_at: datetime
+
+
+class PackagePublish(Request[VersionInfo]):
+    """Record a version whose archive is already in the object store under `object_name(tenant, sha256)`.
+
+    Versions are immutable: publishing one that exists is refused with `conflict`."""
+
+    service = SERVICE
+    verb = "publish"
+
+    process: ProcessName
+    version: Version
+    sha256: Sha256
+    size: int = Field(ge=1)
+    entry: EntryPoint
+    description: str = Field("", max_length=1000)
+
+
+class ProcessList(Model):
+    """The reply to `list`."""
+
+    processes: list[ProcessInfo]
+
+
+class ProcessListRequest(Request[ProcessList]):
+    """List the tenant's processes."""
+
+    service = SERVICE
+    verb = "list"
+
+
+class VersionList(Model):
+    """The reply to `versions`, newest first."""
+
+    process: str
+    versions: list[VersionInfo]
+
+
+class VersionListRequest(Request[VersionList]):
+    """List the versions of one process."""
+
+    service = SERVICE
+    verb = "versions"
+
+    process: ProcessName
+
+
+class PackageResolve(Request[PackageRef]):
+    """The package of a process at a version, or at its newest version when none is given."""
+
+    service = SERVICE
+    verb = "resolve"
+
+    process: ProcessName
+    version: Version | None = None
+
+
+class VersionPublishedEvent(EventData):
+    """A process version was published."""
+
+    event_type: ClassVar[str] = "packages.version_published"
+
+    process: str
+    version: str
+    sha256: str
+    size: int
+
+
+__all__ = [
+    "MANIFEST",
+    "SERVICE",
+    "EntryKind",
+    "EntryPoint",
+    "PackagePublish",
+    "PackageRef",
+    "PackageResolve",
+    "ProcessInfo",
+    "ProcessList",
+    "ProcessListRequest",
+    "ProcessName",
+    "Sha256",
+    "Version",
+    "VersionInfo",
+    "VersionList",
+    "VersionListRequest",
+    "VersionPublishedEvent",
+    "object_name",
+]

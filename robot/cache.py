@@ -1,0 +1,168 @@
+"""The robot's package cache: each package version downloaded once, checked against its hash, unpacked once.
+
+Packages are content-addressed, so the cache is a folder of folders named by sha256:
+
+    <root>/<sha256>/         an unpacked package, complete: it appears by an atomic rename
+    <root>/.fetch-<random>/  a download or unpacking under way (or left by a crash)
+
+A package whose bytes do not hash to what the packages service published is refused with
+`PackageHashMismatch` before anything of it is unpacked, let alone run. The unpacked folders are
+shared by every job of that version: the runner makes them the jobs' working directory and herder
+never writes to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from herder.protocol import subjects
+from herder.protocol.errors import BadRequest, ErrorCode, HerderError
+from herder.protocol.packages import PackageRef
+from herder.services.packages.archive import unpack
+
+# A download that makes no progress must not hold a job forever; 256 MiB needs far less.
+DOWNLOAD_TIMEOUT_S = 600.0
+ARCHIVE_FILE = "package.tar.gz"
+UNPACKED_DIR = "package"
+SCRATCH_PREFIX = ".fetch-"
+
+
+class PackageFetchError(HerderError):
+    """The package could not be fetched; the message says why in one line."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class PackageMissing(PackageFetchError):
+    """The package is not in the object store."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class PackageHashMismatch(PackageFetchError):
+    """The bytes in the object store are not the package that was published; nothing of them is used."""
+
+    code = ErrorCode.CONFLICT
+
+
+class PackageCache:
+    """Packages fetched from the HERDER_PACKAGES object store and kept unpacked under `root`."""
+
+    def __init__(self, root: Path, js: JetStreamContext) -> None:
+        self.root = root
+        self._js = js
+        # One download per hash at a time: later callers wait for the first.
+        self._fetching: dict[str, asyncio.Future[Path]] = {}
+
+    def path_of(self, sha256: str) -> Path:
+        """Where the package with this hash is (or will be) unpacked."""
+        return self.root / sha256
+
+    async def fetch(self, ref: PackageRef) -> Path:
+        """The unpacked folder of `ref`, downloaded and checked first unless it is cached already.
+
+        `PackageHashMismatch` if the stored bytes are not the published package, `PackageMissing`
+        if there are none, `PackageFetchError` for any other failure.
+        """
+        folder = self.path_of(ref.sha256)
+        if folder.is_dir():
+            return folder
+        fetching = self._fetching.get(ref.sha256)
+        if fetching is None:
+            fetching = asyncio.ensure_future(self._fetch(ref))
+            self._fetching[ref.sha256] = fetching
+            fetching.add_done_callback(lambda done: self._settled(ref.sha256, done))
+        # A caller that gives up does not cancel the download others wait for.
+        return await asyncio.shield(fetching)
+
+    def _settled(self, sha256: str, done: asyncio.Future[Path]) -> None:
+        self._fetching.pop(sha256, None)
+        if not done.cancelled():
+            done.exception()  # seen by every waiter; marked as retrieved when none is left
+
+    async def _fetch(self, ref: PackageRef) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=self.root))
+        try:
+            archive = scratch / ARCHIVE_FILE
+            await self._download(ref, archive)
+            unpacked = scratch / UNPACKED_DIR
+            await asyncio.to_thread(_check_and_unpack, archive, ref, unpacked)
+            folder = self.path_of(ref.sha256)
+            try:
+                os.rename(unpacked, folder)
+            except OSError as exc:
+                if not folder.is_dir():  # else another agent sharing the cache got there first
+                    raise PackageFetchError(f"cannot keep package {_name(ref)} in {self.root}: {exc}") from None
+            return folder
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+
+    async def _download(self, ref: PackageRef, archive: Path) -> None:
+        try:
+            store = await self._js.object_store(subjects.PACKAGES_BUCKET)
+            info = await store.get_info(ref.object)
+        except nats.js.errors.BucketNotFoundError:
+            raise PackageMissing(
+                f"package {_name(ref)} is not in the object store: there is no bucket {subjects.PACKAGES_BUCKET}"
+            ) from None
+        except nats.js.errors.NotFoundError:
+            raise PackageMissing(f"package {_name(ref)} is not in the object store (object {ref.object})") from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise PackageFetchError(f"cannot look up package {_name(ref)}: {_describe(exc)}") from None
+        if info.size != ref.size:
+            # Checked before downloading: a wrong size cannot be the right bytes.
+            raise PackageHashMismatch(
+                f"package hash mismatch: {_name(ref)} is {info.size} bytes in the object store, "
+                f"{ref.size} were published; nothing was unpacked"
+            )
+        try:
+            with archive.open("wb") as handle:
+                async with asyncio.timeout(DOWNLOAD_TIMEOUT_S):
+                    await store.get(ref.object, writeinto=handle)
+        except nats.js.errors.DigestMismatchError:
+            raise PackageHashMismatch(
+                f"package hash mismatch: {_name(ref)} does not match the object store's own digest; "
+                "nothing was unpacked"
+            ) from None
+        except nats.js.errors.NotFoundError:
+            raise PackageMissing(f"package {_name(ref)} is not in the object store (object {ref.object})") from None
+        except TimeoutError:
+            raise PackageFetchError(
+                f"package {_name(ref)} was not downloaded within {DOWNLOAD_TIMEOUT_S:g} s"
+            ) from None
+        except nats.errors.Error as exc:
+            raise PackageFetchError(f"cannot download package {_name(ref)}: {_describe(exc)}") from None
+
+
+def _check_and_unpack(archive: Path, ref: PackageRef, target: Path) -> None:
+    """Unpack `archive` into `target` if it is the published package; `PackageHashMismatch` if not."""
+    data = archive.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != ref.size or digest != ref.sha256:
+        raise PackageHashMismatch(
+            f"package hash mismatch: {_name(ref)} downloaded as sha256 {digest}, "
+            f"{ref.sha256} was published; nothing was unpacked"
+        )
+    try:
+        unpack(data, target)
+    except BadRequest as exc:
+        raise PackageFetchError(f"package {_name(ref)}: {exc.message}") from None
+
+
+def _name(ref: PackageRef) -> str:
+    return f"{ref.process} {ref.version}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().removeprefix("nats: ")
+    return text or type(exc).__name__

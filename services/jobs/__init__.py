@@ -1,0 +1,1 @@
+"""The jobs service: starting, stopping and following jobs on unattended robots."""

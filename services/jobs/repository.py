@@ -1,0 +1,370 @@
+"""The jobs service's table, and every query it makes of it.
+
+Two guards live in the schema, not only in the code: a partial unique index lets a robot hold at
+most one active (Running, Stopping, Terminating) job, and every state change is a conditional
+update on the state and attempt it was decided from, so two replicas can never both move a job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from herder.protocol.jobs import (
+    ACTIVE_STATES,
+    DEFAULT_KILL_GRACE_S,
+    JobInfo,
+    JobState,
+    OnRobotLost,
+    Priority,
+)
+from herder.protocol.packages import PackageRef
+from herder.services.common.database import UtcDateTime
+from herder.services.jobs.allocation import Queued, Target
+
+metadata = MetaData()
+
+_ACTIVE_SQL = "state IN ('Running', 'Stopping', 'Terminating')"
+
+jobs = Table(
+    "jobs_jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("process", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("package", Text(), nullable=False),
+    Column("target_robot", String(63)),
+    Column("target_group", String(63)),
+    Column("robot", String(63)),
+    Column("host", String(63)),
+    Column("session", String(64)),
+    Column("priority", String(8), nullable=False),
+    Column("rank", Integer(), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text(), nullable=False),
+    Column("attempt", Integer(), nullable=False),
+    Column("input", Text(), nullable=False),
+    Column("output", Text()),
+    Column("error", Text()),
+    Column("exit_code", Integer()),
+    Column("timeout_s", Float()),
+    Column("kill_grace_s", Float(), nullable=False),
+    Column("on_robot_lost", String(16), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("created_by", String(128)),
+    Column("started_at", UtcDateTime()),
+    Column("start_acked_at", UtcDateTime()),
+    Column("ended_at", UtcDateTime()),
+    Index("ix_jobs_jobs_queue", "tenant", "state", "rank", "created_at"),
+    Index("ix_jobs_jobs_created", "tenant", "created_at"),
+    Index("ix_jobs_jobs_robot", "tenant", "robot", "state"),
+    Index(
+        "ux_jobs_jobs_robot_active",
+        "tenant",
+        "robot",
+        unique=True,
+        sqlite_where=text(_ACTIVE_SQL),
+        postgresql_where=text(_ACTIVE_SQL),
+    ),
+)
+
+_ACTIVE = [state.value for state in ACTIVE_STATES]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One row of `jobs_jobs`."""
+
+    id: str
+    tenant: str
+    process: str
+    version: str
+    package: PackageRef
+    priority: Priority
+    state: JobState
+    reason: str
+    attempt: int
+    input: dict[str, Any]
+    created_at: datetime
+    target_robot: str | None = None
+    target_group: str | None = None
+    robot: str | None = None
+    host: str | None = None
+    session: str | None = None
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    timeout_s: float | None = None
+    kill_grace_s: float = DEFAULT_KILL_GRACE_S
+    on_robot_lost: OnRobotLost = OnRobotLost.FAULT
+    created_by: str | None = None
+    started_at: datetime | None = None
+    start_acked_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    @property
+    def target(self) -> Target:
+        """Where the job may run."""
+        return Target(robot=self.target_robot, group=self.target_group)
+
+    @property
+    def queued(self) -> Queued:
+        """The job as the allocator orders it."""
+        return Queued(id=self.id, target=self.target, rank=self.priority.rank, created_at=self.created_at)
+
+    def info(self, reason: str | None = None) -> JobInfo:
+        """The job as shown to people; `reason` replaces the stored one (a Pending job's is worked out when asked)."""
+        return JobInfo(
+            id=self.id,
+            tenant=self.tenant,
+            process=self.process,
+            version=self.version,
+            state=self.state,
+            reason=self.reason if reason is None else reason,
+            priority=self.priority,
+            target_robot=self.target_robot,
+            target_group=self.target_group,
+            robot=self.robot,
+            host=self.host,
+            attempt=self.attempt,
+            input=self.input,
+            output=self.output,
+            error=self.error,
+            timeout_s=self.timeout_s,
+            kill_grace_s=self.kill_grace_s,
+            on_robot_lost=self.on_robot_lost,
+            created_at=self.created_at,
+            created_by=self.created_by,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+        )
+
+
+def _record(row: RowMapping) -> JobRecord:
+    values: dict[str, Any] = dict(row)
+    values.pop("rank")
+    values["package"] = PackageRef.model_validate_json(values["package"])
+    values["priority"] = Priority(values["priority"])
+    values["state"] = JobState(values["state"])
+    values["on_robot_lost"] = OnRobotLost(values["on_robot_lost"])
+    values["input"] = json.loads(values["input"])
+    values["output"] = json.loads(values["output"]) if values["output"] is not None else None
+    return JobRecord(**values)
+
+
+def _row(record: JobRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "tenant": record.tenant,
+        "process": record.process,
+        "version": record.version,
+        "package": record.package.model_dump_json(),
+        "target_robot": record.target_robot,
+        "target_group": record.target_group,
+        "robot": record.robot,
+        "host": record.host,
+        "session": record.session,
+        "priority": record.priority.value,
+        "rank": record.priority.rank,
+        "state": record.state.value,
+        "reason": record.reason,
+        "attempt": record.attempt,
+        "input": json.dumps(record.input),
+        "output": json.dumps(record.output) if record.output is not None else None,
+        "error": record.error,
+        "exit_code": record.exit_code,
+        "timeout_s": record.timeout_s,
+        "kill_grace_s": record.kill_grace_s,
+        "on_robot_lost": record.on_robot_lost.value,
+        "created_at": record.created_at,
+        "created_by": record.created_by,
+        "started_at": record.started_at,
+        "start_acked_at": record.start_acked_at,
+        "ended_at": record.ended_at,
+    }
+
+
+class JobRepository:
+    """Reads and writes `jobs_jobs` on a connection the caller holds."""
+
+    async def insert(self, connection: AsyncConnection, record: JobRecord) -> None:
+        """Store a new job."""
+        await connection.execute(insert(jobs).values(**_row(record)))
+
+    async def get(self, connection: AsyncConnection, tenant: str, job_id: str) -> JobRecord | None:
+        """The job with this id."""
+        query = select(jobs).where(jobs.c.tenant == tenant, jobs.c.id == job_id)
+        row = (await connection.execute(query)).mappings().first()
+        return _record(row) if row else None
+
+    async def by_prefix(self, connection: AsyncConnection, tenant: str, prefix: str) -> list[JobRecord]:
+        """Jobs whose id starts with `prefix` (at most two: enough to tell an ambiguous prefix)."""
+        if len(prefix) == 32:
+            found = await self.get(connection, tenant, prefix)
+            return [found] if found else []
+        query = select(jobs).where(jobs.c.tenant == tenant, jobs.c.id.like(f"{prefix}%")).limit(2)
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
+    async def listing(
+        self,
+        connection: AsyncConnection,
+        tenant: str,
+        *,
+        states: Sequence[JobState] = (),
+        process: str | None = None,
+        robot: str | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """The tenant's jobs, newest first."""
+        query = select(jobs).where(jobs.c.tenant == tenant)
+        if states:
+            query = query.where(jobs.c.state.in_([state.value for state in states]))
+        if process:
+            query = query.where(jobs.c.process == process)
+        if robot:
+            query = query.where(jobs.c.robot == robot)
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
+    async def queue(self, connection: AsyncConnection, tenant: str) -> list[Queued]:
+        """The tenant's Pending jobs, in the order robots take them."""
+        query = (
+            select(jobs.c.id, jobs.c.target_robot, jobs.c.target_group, jobs.c.rank, jobs.c.created_at)
+            .where(jobs.c.tenant == tenant, jobs.c.state == JobState.PENDING.value)
+            .order_by(jobs.c.rank, jobs.c.created_at, jobs.c.id)
+        )
+        return [
+            Queued(
+                id=row.id,
+                target=Target(robot=row.target_robot, group=row.target_group),
+                rank=row.rank,
+                created_at=row.created_at,
+            )
+            for row in await connection.execute(query)
+        ]
+
+    async def busy(self, connection: AsyncConnection, tenant: str) -> dict[str, str]:
+        """robot -> the job it holds, for the tenant's robots that hold one."""
+        query = select(jobs.c.robot, jobs.c.id).where(jobs.c.tenant == tenant, jobs.c.state.in_(_ACTIVE))
+        return {row.robot: row.id for row in await connection.execute(query)}
+
+    async def holds(self, connection: AsyncConnection, tenant: str, robot: str) -> str | None:
+        """The id of the active job `robot` holds, if any."""
+        query = select(jobs.c.id).where(jobs.c.tenant == tenant, jobs.c.robot == robot, jobs.c.state.in_(_ACTIVE))
+        found: str | None = (await connection.execute(query.limit(1))).scalar()
+        return found
+
+    async def next_for(
+        self, connection: AsyncConnection, tenant: str, robot: str, groups: Sequence[str]
+    ) -> JobRecord | None:
+        """The Pending job `robot` should take next, locked against other replicas (PostgreSQL
+        skips rows another transaction holds rather than waiting for them)."""
+        eligible = [jobs.c.target_robot == robot]
+        if groups:
+            eligible.append(jobs.c.target_group.in_(list(groups)))
+        query = (
+            select(jobs)
+            .where(jobs.c.tenant == tenant, jobs.c.state == JobState.PENDING.value, or_(*eligible))
+            .order_by(jobs.c.rank, jobs.c.created_at, jobs.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        row = (await connection.execute(query)).mappings().first()
+        return _record(row) if row else None
+
+    async def active_on(self, connection: AsyncConnection, tenant: str, robot: str) -> list[JobRecord]:
+        """The active jobs of a robot (one, unless something went wrong)."""
+        query = select(jobs).where(jobs.c.tenant == tenant, jobs.c.robot == robot, jobs.c.state.in_(_ACTIVE))
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
+    async def pending_for_robot(self, connection: AsyncConnection, tenant: str, robot: str) -> list[JobRecord]:
+        """Pending jobs aimed at `robot` by name."""
+        query = select(jobs).where(
+            jobs.c.tenant == tenant, jobs.c.target_robot == robot, jobs.c.state == JobState.PENDING.value
+        )
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
+    async def pending_targets(self, connection: AsyncConnection) -> set[tuple[str, Target]]:
+        """(tenant, target) of every Pending job, once each."""
+        query = select(jobs.c.tenant, jobs.c.target_robot, jobs.c.target_group).where(
+            jobs.c.state == JobState.PENDING.value
+        )
+        rows = await connection.execute(query.distinct())
+        return {(row.tenant, Target(robot=row.target_robot, group=row.target_group)) for row in rows}
+
+    async def all_active(self, connection: AsyncConnection) -> list[JobRecord]:
+        """Every active job of every tenant."""
+        query = select(jobs).where(jobs.c.state.in_(_ACTIVE))
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
+    async def move(self, connection: AsyncConnection, before: JobRecord, after: JobRecord) -> bool:
+        """Write `after` if the job is still as `before` found it (same state and attempt); False if
+        someone moved it first."""
+        result = await connection.execute(
+            update(jobs)
+            .where(
+                and_(
+                    jobs.c.id == before.id,
+                    jobs.c.state == before.state.value,
+                    jobs.c.attempt == before.attempt,
+                )
+            )
+            .values(**{k: v for k, v in _row(after).items() if k not in ("id", "tenant", "created_at")})
+        )
+        return result.rowcount == 1
+
+    async def acknowledge_start(self, connection: AsyncConnection, job_id: str, attempt: int, at: datetime) -> None:
+        """Record that the robot confirmed it got the start of this attempt."""
+        await connection.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.start_acked_at.is_(None))
+            .values(start_acked_at=at)
+        )
+
+    async def unacknowledged(self, connection: AsyncConnection, started_before: datetime) -> list[JobRecord]:
+        """Running jobs whose robot has not confirmed the start it was sent before `started_before`."""
+        query = select(jobs).where(
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.start_acked_at.is_(None),
+            jobs.c.started_at <= started_before,
+        )
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
+
+def started(record: JobRecord, *, robot: str, host: str, session: str, at: datetime, reason: str) -> JobRecord:
+    """`record` as it is once given to a robot: Running, with the next attempt."""
+    return replace(
+        record,
+        state=JobState.RUNNING,
+        robot=robot,
+        host=host,
+        session=session,
+        attempt=record.attempt + 1,
+        started_at=at,
+        start_acked_at=None,
+        ended_at=None,
+        reason=reason,
+    )

@@ -1,0 +1,568 @@
+"""The jobs service: creates jobs, gives them to robots, stops them, and records how they end.
+
+Decisions come from the pure modules (`states` for the state machine, `allocation` for who runs
+what and why a job waits); this module reads requests and rows, asks them, writes rows, sends
+commands and publishes events.
+
+Allocation is safe with any number of replicas: a robot takes its next job in one transaction that
+checks it holds none and moves the job from Pending by a conditional update, and the schema lets a
+robot hold one active job at most. Every replica mirrors the robots' presence and reacts to its
+changes (a robot that connects gets work; one that is lost loses its jobs); the reactions are
+conditional updates too, so whichever replica comes first does the work once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Coroutine
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from herder.protocol import codec, subjects
+from herder.protocol.auth import Permission
+from herder.protocol.codec import Header
+from herder.protocol.errors import BadRequest, Conflict, NotFound
+from herder.protocol.jobs import (
+    MAX_INPUT_BYTES,
+    CommandAck,
+    JobCreatedEvent,
+    JobInfo,
+    JobKill,
+    JobList,
+    JobListRequest,
+    JobReport,
+    JobShow,
+    JobStart,
+    JobState,
+    JobStateChangedEvent,
+    JobStop,
+    KillCommand,
+    LogLevel,
+    LogRecord,
+    LogStream,
+    Outcome,
+    StartCommand,
+    StopCommand,
+)
+from herder.protocol.messages import Event, new_id, utcnow
+from herder.protocol.packages import PackageRef, PackageResolve
+from herder.protocol.registry import RobotPresence, RobotType
+from herder.services.common.bus import ensure_bucket, ensure_log_stream
+from herder.services.common.events import Transaction
+from herder.services.common.runtime import RequestContext, Service, endpoint
+from herder.services.jobs import allocation, commands, states
+from herder.services.jobs.allocation import Target
+from herder.services.jobs.directory import RobotDirectory
+from herder.services.jobs.repository import JobRecord, JobRepository, started
+
+SWEEP_INTERVAL_S = 1.0
+# A start the robot has not confirmed after this long is sent again.
+START_RESEND_AFTER_S = 5.0
+MOVE_ATTEMPTS = 3
+
+
+class JobsService(Service):
+    """Jobs: starting, stopping and following them on unattended robots."""
+
+    name = "jobs"
+
+    async def setup(self) -> None:
+        self.repo = JobRepository()
+        js = self.runtime.js
+        await ensure_log_stream(js, self.runtime.jetstream)
+        robots_kv = await ensure_bucket(js, subjects.ROBOTS_BUCKET, self.runtime.jetstream)
+        self.directory = RobotDirectory(robots_kv, on_change=self._robot_changed)
+        await self.directory.start()
+        # Versions are immutable: once resolved, a (tenant, process, version) never changes.
+        self._packages: dict[tuple[str, str, str], PackageRef] = {}
+        self._last_given: dict[tuple[str, str], float] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="jobs.sweep")
+
+    async def teardown(self) -> None:
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        await self.directory.stop()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=commands.ACK_TIMEOUT_S)
+        for task in self._background:
+            task.cancel()
+
+    # --- people and programs ---
+
+    @endpoint(permission=Permission.JOBS_START)
+    async def start(self, request: JobStart, ctx: RequestContext) -> JobInfo:
+        """Create a job and, when a robot it may run on is free, start it there at once."""
+        target = Target(robot=request.robot, group=request.group)
+        await self._check_target(ctx.tenant, target)
+        if len(json.dumps(request.input)) > MAX_INPUT_BYTES:
+            raise BadRequest(f"the input is larger than {MAX_INPUT_BYTES // 1024} KiB; pass big data by reference")
+        package = await self._resolve(ctx, request.process, request.version)
+        record = JobRecord(
+            id=new_id(),
+            tenant=ctx.tenant,
+            process=package.process,
+            version=package.version,
+            package=package,
+            priority=request.priority,
+            state=JobState.PENDING,
+            reason="",
+            attempt=0,
+            input=request.input,
+            created_at=utcnow(),
+            target_robot=request.robot,
+            target_group=request.group,
+            timeout_s=request.timeout_s,
+            kill_grace_s=request.kill_grace_s,
+            on_robot_lost=request.on_robot_lost,
+            created_by=ctx.actor,
+        )
+        async with self.runtime.events.transaction(defer=True) as tx:
+            await self.repo.insert(tx.connection, record)
+            busy = await self.repo.busy(tx.connection, ctx.tenant)
+            tx.emit(
+                Event.of(
+                    JobCreatedEvent(
+                        job_id=record.id,
+                        process=record.process,
+                        version=record.version,
+                        priority=record.priority,
+                        target_robot=record.target_robot,
+                        target_group=record.target_group,
+                    ),
+                    tenant=ctx.tenant,
+                    actor=ctx.actor,
+                )
+            )
+        ctx.log.info("job.created", job_id=record.id, process=record.process, version=record.version)
+        robots = self.directory.robots(ctx.tenant)
+        for robot in allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant)):
+            given = await self.allocate(ctx.tenant, robot.name)
+            if given is not None and given.id == record.id:
+                return given.info()
+        return await self._info(record)
+
+    @endpoint(permission=Permission.JOBS_READ)
+    async def list_jobs(self, request: JobListRequest, ctx: RequestContext) -> JobList:
+        """Jobs, newest first; a Pending job says why it waits."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.listing(
+                connection,
+                ctx.tenant,
+                states=request.states,
+                process=request.process,
+                robot=request.robot,
+                limit=request.limit,
+            )
+            reasons = await self._pending_reasons(connection, ctx.tenant, records)
+        return JobList(jobs=[record.info(reasons.get(record.id)) for record in records])
+
+    @endpoint(permission=Permission.JOBS_READ)
+    async def show(self, request: JobShow, ctx: RequestContext) -> JobInfo:
+        """One job; a Pending one says why it waits."""
+        async with self.engine.connect() as connection:
+            record = await self._find(connection, ctx.tenant, request.id)
+        return await self._info(record)
+
+    @endpoint(permission=Permission.JOBS_STOP)
+    async def stop(self, request: JobStop, ctx: RequestContext) -> JobInfo:
+        """Soft stop: the script sees `should_stop()`; a Pending job is cancelled."""
+        after = await self._move(
+            ctx.tenant,
+            request.id,
+            lambda job: _stopped_by(job, states.stop(job.state), ctx.actor, hard=False),
+            actor=ctx.actor,
+        )
+        if after.state is JobState.STOPPING:
+            stop = StopCommand(job_id=after.id, attempt=after.attempt, session=after.session or "")
+            self._spawn(self._command(after, stop))
+        ctx.log.info("job.stop_asked", job_id=after.id, state=after.state.value)
+        return after.info()
+
+    @endpoint(permission=Permission.JOBS_STOP)
+    async def kill(self, request: JobKill, ctx: RequestContext) -> JobInfo:
+        """Hard stop: terminate, then kill after the job's grace period; a Pending job is cancelled."""
+        after = await self._move(
+            ctx.tenant,
+            request.id,
+            lambda job: _stopped_by(job, states.kill(job.state), ctx.actor, hard=True),
+            actor=ctx.actor,
+        )
+        if after.state is JobState.TERMINATING:
+            kill = KillCommand(
+                job_id=after.id, attempt=after.attempt, session=after.session or "", grace_s=after.kill_grace_s
+            )
+            self._spawn(self._command(after, kill))
+        ctx.log.info("job.kill_asked", job_id=after.id, state=after.state.value)
+        return after.info()
+
+    # --- robots ---
+
+    @endpoint(permission=Permission.ROBOT_AGENT)
+    async def report(self, request: JobReport, ctx: RequestContext) -> JobInfo:
+        """A robot reports on the job it runs; a report of another robot's or an older attempt is refused."""
+        robot = ctx.robot_name()
+        now = utcnow()
+        async with self.runtime.events.transaction(defer=True) as tx:
+            job = await self.repo.get(tx.connection, ctx.tenant, request.job_id)
+            if job is None:
+                raise NotFound(f"no job {request.job_id}")
+            if job.robot != robot or request.attempt != job.attempt:
+                raise Conflict(
+                    f"stale report: job {job.id[:12]} is at attempt {job.attempt} on robot {job.robot or 'none'}; "
+                    f"this report is of attempt {request.attempt} from robot {robot}"
+                )
+            state = states.report(job.state, request.outcome)
+            if state is job.state:
+                return job.info()
+            after = replace(
+                job,
+                state=state,
+                reason=_report_reason(job, state, request),
+                start_acked_at=job.start_acked_at or now,
+            )
+            if state.final:
+                after = replace(
+                    after,
+                    ended_at=now,
+                    error=request.error if state is JobState.FAULTED else None,
+                    output=request.output,
+                    exit_code=request.exit_code,
+                )
+            if not await self.repo.move(tx.connection, job, after):
+                raise Conflict(f"job {job.id[:12]} changed while the report was read; send it again")
+            self._emit(tx, job, after, actor=robot)
+        ctx.log.info("job.reported", job_id=job.id, robot=robot, outcome=request.outcome.value, state=state.value)
+        if after.state.final:
+            self._spawn(self._after_end(after))
+        return after.info()
+
+    # --- allocation ---
+
+    async def allocate(self, tenant: str, robot_name: str) -> JobRecord | None:
+        """Give `robot_name` its next job, if it is free and one waits for it; return the job started."""
+        robot = self.directory.get(tenant, robot_name)
+        if robot is None or not allocation.takes_jobs(robot) or not robot.session:
+            return None
+        try:
+            async with self.runtime.events.transaction(defer=True) as tx:
+                if await self.repo.holds(tx.connection, tenant, robot.name):
+                    return None
+                job = await self.repo.next_for(tx.connection, tenant, robot.name, robot.groups)
+                if job is None:
+                    return None
+                after = started(
+                    job,
+                    robot=robot.name,
+                    host=robot.host,
+                    session=robot.session,
+                    at=utcnow(),
+                    reason="",
+                )
+                states.check(job.state, after.state)
+                if not await self.repo.move(tx.connection, job, after):
+                    return None
+                self._emit(tx, job, after, actor=None)
+        except IntegrityError:
+            return None  # another replica gave this robot a job a moment ago
+        self._last_given[(tenant, robot.name)] = time.monotonic()
+        self._spawn(self._send_start(after))
+        return after
+
+    async def _allocate_target(self, tenant: str, target: Target) -> None:
+        async with self.engine.connect() as connection:
+            busy = await self.repo.busy(connection, tenant)
+        for robot in allocation.idle_candidates(target, self.directory.robots(tenant), busy, self._given(tenant)):
+            await self.allocate(tenant, robot.name)
+
+    def _given(self, tenant: str) -> dict[str, float]:
+        return {robot: at for (t, robot), at in self._last_given.items() if t == tenant}
+
+    async def _send_start(self, job: JobRecord) -> None:
+        command = StartCommand(
+            job_id=job.id,
+            attempt=job.attempt,
+            session=job.session or "",
+            package=job.package,
+            input=job.input,
+            timeout_s=job.timeout_s,
+            kill_grace_s=job.kill_grace_s,
+        )
+        ack = await self._command(job, command)
+        if ack is None:
+            return  # the robot is not listening: the sweep sends it again, or its loss ends the job
+        if ack.accepted:
+            async with self.engine.begin() as connection:
+                await self.repo.acknowledge_start(connection, job.id, job.attempt, utcnow())
+            return
+        self.log.warning("job.start_refused", job_id=job.id, robot=job.robot, detail=ack.detail)
+        why = f"robot {job.robot} refused the start ({ack.detail})"
+        await self._lose(job.tenant, job.robot or "", why, only=job.id)
+
+    async def _command(self, job: JobRecord, command: StartCommand | StopCommand | KillCommand) -> CommandAck | None:
+        if not job.robot or not job.host:
+            return None
+        return await commands.send(self.runtime.nc, job.tenant, job.host, job.robot, command)
+
+    # --- robots coming and going ---
+
+    async def _robot_changed(
+        self, tenant: str, name: str, before: RobotPresence | None, after: RobotPresence | None
+    ) -> None:
+        if after is None:
+            await self._lose(tenant, name, f"robot lost: robot {name} was removed")
+            await self._cancel_waiting_for(tenant, name)
+            return
+        if not after.status.online:
+            await self._lose(tenant, name, f"robot lost: robot {name} is {after.status.value}")
+            return
+        if before is not None and before.session and before.session != after.session:
+            await self._lose(tenant, name, f"robot lost: robot {name}'s agent restarted", keep_session=after.session)
+        await self.allocate(tenant, name)
+
+    async def _lose(
+        self, tenant: str, robot: str, why: str, *, keep_session: str | None = None, only: str | None = None
+    ) -> None:
+        """End or re-queue the active jobs of a robot that is gone (all but those of `keep_session`)."""
+        now = utcnow()
+        ended: list[JobRecord] = []
+        requeued: list[JobRecord] = []
+        async with self.runtime.events.transaction(defer=True) as tx:
+            for job in await self.repo.active_on(tx.connection, tenant, robot):
+                if (keep_session and job.session == keep_session) or (only and job.id != only):
+                    continue
+                state = states.lose(job.state, job.on_robot_lost)
+                if state is JobState.PENDING:
+                    after = replace(
+                        job,
+                        state=state,
+                        robot=None,
+                        host=None,
+                        session=None,
+                        started_at=None,
+                        start_acked_at=None,
+                        reason=f"re-queued after {why}",
+                    )
+                else:
+                    error = why if state is JobState.FAULTED else None
+                    after = replace(job, state=state, reason=why, error=error, ended_at=now)
+                if await self.repo.move(tx.connection, job, after):
+                    self._emit(tx, job, after, actor=None)
+                    (requeued if state is JobState.PENDING else ended).append(after)
+        for job in ended:
+            self.log.warning("job.robot_lost", job_id=job.id, robot=robot, state=job.state.value, reason=why)
+            self._spawn(self._end_log(job))
+        for job in requeued:
+            self.log.warning("job.requeued", job_id=job.id, robot=robot, reason=why)
+            self._spawn(self._allocate_target(tenant, job.target))
+
+    async def _cancel_waiting_for(self, tenant: str, robot: str) -> None:
+        """A removed robot's Pending jobs would wait forever: end them."""
+        cancelled: list[JobRecord] = []
+        async with self.runtime.events.transaction(defer=True) as tx:
+            for job in await self.repo.pending_for_robot(tx.connection, tenant, robot):
+                state = states.check(job.state, JobState.STOPPED)
+                after = replace(job, state=state, reason=f"robot {robot} was removed", ended_at=utcnow())
+                if await self.repo.move(tx.connection, job, after):
+                    self._emit(tx, job, after, actor=None)
+                    cancelled.append(after)
+        for job in cancelled:
+            self._spawn(self._end_log(job))
+
+    async def _after_end(self, job: JobRecord) -> None:
+        if job.robot:
+            await self.allocate(job.tenant, job.robot)
+        await self._end_log(job)
+
+    async def _end_log(self, job: JobRecord) -> None:
+        """Close the job's log with a last line, so that whoever follows it knows it is complete."""
+        record = LogRecord(
+            job_id=job.id,
+            attempt=job.attempt,
+            seq=0,
+            time=utcnow(),
+            stream=LogStream.END,
+            level=LogLevel.ERROR if job.state is JobState.FAULTED else LogLevel.INFO,
+            message=f"job {job.state.value}: {job.reason}" if job.reason else f"job {job.state.value}",
+            fields={"state": job.state.value},
+        )
+        subject = subjects.job_log(job.tenant, job.robot or subjects.NO_ROBOT, job.id)
+        await self.runtime.js.publish(
+            subject, codec.dump(record), headers={Header.MSG_ID: f"{job.id}.{job.attempt}.end"}
+        )
+
+    # --- the sweep: what no event triggered ---
+
+    async def sweep(self) -> None:
+        """Resend unconfirmed starts, end the jobs of robots that are gone, and start jobs that wait
+        for a free robot. Every replica sweeps; the conditional updates make it harmless."""
+        now = utcnow()
+        async with self.engine.connect() as connection:
+            unconfirmed = await self.repo.unacknowledged(connection, now - timedelta(seconds=START_RESEND_AFTER_S))
+            active = await self.repo.all_active(connection)
+            waiting = await self.repo.pending_targets(connection)
+        for job in unconfirmed:
+            robot = self.directory.get(job.tenant, job.robot or "")
+            if robot is not None and robot.status.online and robot.session == job.session:
+                self._spawn(self._send_start(job))
+        for job in active:
+            robot = self.directory.get(job.tenant, job.robot or "")
+            if robot is None or not robot.status.online:
+                state = robot.status.value if robot is not None else "removed"
+                why = f"robot lost: robot {job.robot} is {state}"
+            elif job.session and robot.session != job.session:
+                why = f"robot lost: robot {job.robot}'s agent restarted"
+            else:
+                continue
+            await self._lose(job.tenant, job.robot or "", why, only=job.id)
+        for tenant in {tenant for tenant, _target in waiting}:
+            targets = [target for t, target in waiting if t == tenant]
+            robots = [robot for robot in self.directory.robots(tenant) if any(t.admits(robot) for t in targets)]
+            async with self.engine.connect() as connection:
+                busy = await self.repo.busy(connection, tenant)
+            for robot in robots:
+                if allocation.takes_jobs(robot) and robot.name not in busy:
+                    await self.allocate(tenant, robot.name)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.sweep()
+            except Exception as exc:
+                self.log.warning("jobs.sweep_failed", error=repr(exc))
+
+    # --- helpers ---
+
+    async def _check_target(self, tenant: str, target: Target) -> None:
+        if target.robot is not None:
+            robot = self.directory.get(tenant, target.robot) or await self.directory.fetch(tenant, target.robot)
+            if robot is None:
+                raise NotFound(f"no robot named {target.robot!r}")
+            if robot.type is RobotType.ATTENDED:
+                raise Conflict(
+                    f"robot {target.robot} is attended: a person starts its work at the machine; "
+                    "aim the job at an unattended robot or group"
+                )
+            return
+        robots = allocation.members(target, self.directory.robots(tenant))
+        if not robots:
+            raise NotFound(f"no robot is in group {target.group!r}")
+        if all(robot.type is RobotType.ATTENDED for robot in robots):
+            raise Conflict(f"group {target.group} has only attended robots; only unattended robots take jobs")
+
+    async def _resolve(self, ctx: RequestContext, process: str, version: str | None) -> PackageRef:
+        if version is not None:
+            known = self._packages.get((ctx.tenant, process, version))
+            if known is not None:
+                return known
+        package = await ctx.on_behalf(self.runtime.client).request(PackageResolve(process=process, version=version))
+        self._packages[(ctx.tenant, package.process, package.version)] = package
+        return package
+
+    async def _find(self, connection: Any, tenant: str, prefix: str) -> JobRecord:
+        found = await self.repo.by_prefix(connection, tenant, prefix)
+        if not found:
+            raise NotFound(f"no job {prefix}")
+        if len(found) > 1:
+            raise BadRequest(f"{prefix!r} is the start of more than one job id; give more of it")
+        return found[0]
+
+    async def _move(self, tenant: str, prefix: str, decide: Any, *, actor: str | None) -> JobRecord:
+        """Apply `decide(job) -> job` to the job `prefix` names, retrying if another change got there first."""
+        for _ in range(MOVE_ATTEMPTS):
+            async with self.runtime.events.transaction(defer=True) as tx:
+                job = await self._find(tx.connection, tenant, prefix)
+                after: JobRecord = decide(job)
+                if await self.repo.move(tx.connection, job, after):
+                    self._emit(tx, job, after, actor=actor)
+                    break
+        else:
+            raise Conflict(f"job {prefix} keeps changing; try again")
+        if after.state.final:
+            self._spawn(self._end_log(after))
+        return after
+
+    async def _info(self, record: JobRecord) -> JobInfo:
+        if record.state is not JobState.PENDING:
+            return record.info()
+        async with self.engine.connect() as connection:
+            reasons = await self._pending_reasons(connection, record.tenant, [record])
+        return record.info(reasons.get(record.id))
+
+    async def _pending_reasons(self, connection: Any, tenant: str, records: list[JobRecord]) -> dict[str, str]:
+        pending = [record for record in records if record.state is JobState.PENDING]
+        if not pending:
+            return {}
+        robots = self.directory.robots(tenant)
+        busy = await self.repo.busy(connection, tenant)
+        queue = await self.repo.queue(connection, tenant)
+        reasons = {}
+        for record in pending:
+            why = allocation.pending_reason(
+                record.target, robots, busy, allocation.ahead_of(record.queued, queue, robots)
+            )
+            # A re-queued job keeps saying why it went back to Pending.
+            reasons[record.id] = f"{record.reason}; {why}" if record.reason else why
+        return reasons
+
+    def _emit(self, tx: Transaction, before: JobRecord, after: JobRecord, *, actor: str | None) -> None:
+        tx.emit(
+            Event.of(
+                JobStateChangedEvent(
+                    job_id=after.id,
+                    process=after.process,
+                    state=after.state,
+                    previous=before.state,
+                    robot=after.robot or before.robot,
+                    attempt=after.attempt,
+                    reason=after.reason,
+                ),
+                tenant=after.tenant,
+                actor=actor,
+            )
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("jobs.background_failed", error=repr(task.exception()))
+
+
+def _stopped_by(job: JobRecord, state: JobState, actor: str | None, *, hard: bool) -> JobRecord:
+    who = actor or "someone"
+    if state is JobState.STOPPED:  # a Pending job, cancelled
+        return replace(job, state=state, reason=f"cancelled by {who} before it started", ended_at=utcnow())
+    kind = "hard stop" if hard else "soft stop"
+    return replace(job, state=state, reason=f"{kind} asked by {who}")
+
+
+def _report_reason(job: JobRecord, state: JobState, report: JobReport) -> str:
+    if state is JobState.FAULTED and report.error and report.error.strip():
+        # The error says more than "exited with code 1": its last line names the exception.
+        reason = report.error.strip().splitlines()[-1][:200]
+    elif state is JobState.SUCCESSFUL:
+        reason = "completed"
+    elif report.reason:
+        reason = report.reason
+    elif state is JobState.FAULTED:
+        reason = "the script failed"
+    elif state is JobState.TERMINATING:
+        reason = "the robot is hard-stopping it"
+    else:
+        reason = "stopped"
+    if job.state is JobState.TERMINATING and report.outcome is not Outcome.STOPPED:
+        reason = f"hard-stopped; the script had ended {report.outcome.value} meanwhile"
+    return reason

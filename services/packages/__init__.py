@@ -1,0 +1,1 @@
+"""The packages service: processes and their immutable, hashed versions."""

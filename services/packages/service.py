@@ -1,0 +1,139 @@
+"""The packages service: processes (automation scripts) and their immutable, hashed versions.
+
+An archive is uploaded to the HERDER_PACKAGES object store first, content-addressed as
+`<tenant>/<sha256>`; publishing then records the version, after checking that the stored
+archive has the size and the sha256 the request names. The database is the system of record
+of which versions exist; the object store only holds bytes.
+"""
+
+from __future__ import annotations
+
+import nats.errors
+from nats.js.errors import ObjectNotFoundError
+from nats.js.object_store import ObjectStore
+
+from herder.protocol import subjects
+from herder.protocol.auth import Permission
+from herder.protocol.errors import Unavailable
+from herder.protocol.messages import Event, new_id, utcnow
+from herder.protocol.packages import (
+    PackagePublish,
+    PackageRef,
+    PackageResolve,
+    ProcessList,
+    ProcessListRequest,
+    VersionInfo,
+    VersionList,
+    VersionListRequest,
+    VersionPublishedEvent,
+    object_name,
+)
+from herder.services.common.bus import ensure_object_store
+from herder.services.common.runtime import RequestContext, Service, endpoint
+from herder.services.packages.core import (
+    VersionRecord,
+    already_published,
+    check_archive,
+    missing_archive,
+    newest_first,
+    no_process,
+    pick,
+    summarise,
+)
+from herder.services.packages.repository import VersionRepository
+
+
+class PackagesService(Service):
+    """Processes and their versions."""
+
+    name = "packages"
+
+    async def setup(self) -> None:
+        self.repo = VersionRepository()
+        self.store: ObjectStore = await ensure_object_store(
+            self.runtime.js, subjects.PACKAGES_BUCKET, self.runtime.jetstream
+        )
+
+    @endpoint(permission=Permission.PACKAGES_PUBLISH)
+    async def publish(self, request: PackagePublish, ctx: RequestContext) -> VersionInfo:
+        """Record a version whose archive is already in the object store; versions never change."""
+        async with self.engine.connect() as connection:
+            existing = await self.repo.get(connection, ctx.tenant, request.process, request.version)
+        if existing is not None:
+            raise already_published(request.process, request.version)
+        stored_size, stored_digest = await self._stored(ctx.tenant, request.sha256)
+        check_archive(
+            tenant=ctx.tenant,
+            sha256=request.sha256,
+            size=request.size,
+            stored_size=stored_size,
+            stored_digest=stored_digest,
+        )
+        record = VersionRecord(
+            id=new_id(),
+            tenant=ctx.tenant,
+            process=request.process,
+            version=request.version,
+            sha256=request.sha256,
+            size=request.size,
+            entry=request.entry,
+            description=request.description,
+            published_at=utcnow(),
+            published_by=ctx.actor,
+        )
+        # A publish racing this one for the same version fails here, on the unique constraint.
+        async with self.runtime.events.transaction() as tx:
+            await self.repo.insert(tx.connection, record)
+            tx.emit(
+                Event.of(
+                    VersionPublishedEvent(
+                        process=record.process, version=record.version, sha256=record.sha256, size=record.size
+                    ),
+                    tenant=ctx.tenant,
+                    actor=ctx.actor,
+                )
+            )
+        ctx.log.info(
+            "package.published",
+            process=record.process,
+            version=record.version,
+            sha256=record.sha256,
+            size=record.size,
+            entry=record.entry.describe(),
+        )
+        return record.info()
+
+    @endpoint(permission=Permission.PACKAGES_READ)
+    async def list_processes(self, request: ProcessListRequest, ctx: RequestContext) -> ProcessList:
+        """The tenant's processes, by name, each with its newest version."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.for_tenant(connection, ctx.tenant)
+        return ProcessList(processes=summarise(records))
+
+    @endpoint(permission=Permission.PACKAGES_READ)
+    async def versions(self, request: VersionListRequest, ctx: RequestContext) -> VersionList:
+        """The versions of one process, newest first."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.for_process(connection, ctx.tenant, request.process)
+        if not records:
+            raise no_process(request.process)
+        return VersionList(process=request.process, versions=[record.info() for record in newest_first(records)])
+
+    @endpoint(permission=Permission.PACKAGES_READ)
+    async def resolve(self, request: PackageResolve, ctx: RequestContext) -> PackageRef:
+        """The package of a process at a version, or at its newest version."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.for_process(connection, ctx.tenant, request.process)
+        return pick(records, request.process, request.version).ref()
+
+    async def _stored(self, tenant: str, sha256: str) -> tuple[int | None, str | None]:
+        """The size and digest of an archive in the object store, or `BadRequest` when it is not there."""
+        try:
+            info = await self.store.get_info(object_name(tenant, sha256))
+        except ObjectNotFoundError:
+            raise missing_archive(tenant, sha256) from None
+        except nats.errors.TimeoutError:
+            raise Unavailable(
+                f"the {subjects.PACKAGES_BUCKET} object store did not answer; JetStream may be down or overloaded"
+            ) from None
+        return info.size, info.digest

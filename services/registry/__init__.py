@@ -1,0 +1,1 @@
+"""The registry service: robots, the hosts they run on, and their presence."""

@@ -1,0 +1,395 @@
+"""The registry service: registers robots, issues their tokens, and derives their presence from heartbeats.
+
+The database is the system of record. Two projections follow it: each robot's token goes to the
+HERDER_TOKENS bucket (as auth does for API tokens), and each robot's identity and status to the
+HERDER_ROBOTS bucket, which the jobs service mirrors to decide where jobs can run. Heartbeats
+arrive on `hd.<tenant>.tel.<robot>.heartbeat` (queue group `registry`, so replicas share them); a
+sweep marks robots Unresponsive when their heartbeats stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+
+from herder.protocol import codec, subjects
+from herder.protocol.auth import Permission, PrincipalKind
+from herder.protocol.codec import BEARER, Header
+from herder.protocol.errors import Conflict, Forbidden, HerderError, NotFound, Unauthenticated
+from herder.protocol.messages import Event, utcnow
+from herder.protocol.registry import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    Heartbeat,
+    RobotAdd,
+    RobotAdded,
+    RobotAddedEvent,
+    RobotConnect,
+    RobotConnected,
+    RobotGoodbye,
+    RobotInfo,
+    RobotList,
+    RobotListRequest,
+    RobotPresence,
+    RobotRemove,
+    RobotRemoved,
+    RobotRemovedEvent,
+    RobotShow,
+    RobotStatus,
+    RobotStatusChangedEvent,
+)
+from herder.services.common.bus import ensure_bucket
+from herder.services.common.events import Transaction
+from herder.services.common.runtime import RequestContext, Service, endpoint
+from herder.services.common.tokens import new_secret, token_hash
+from herder.services.registry import presence
+from herder.services.registry.repository import RobotRecord, RobotRepository
+
+# A change to a robot's row, made inside a transaction that holds the row.
+_Apply = Callable[[Transaction, RobotRecord], Awaitable[RobotRecord]]
+
+# The sweep wakes at the next heartbeat deadline, and at least this often to see new robots.
+SWEEP_MAX_S = 0.25
+RECONCILE_INTERVAL_S = 60.0
+
+
+class RegistryService(Service):
+    """Robots, the hosts they run on, and their presence."""
+
+    name = "registry"
+
+    async def setup(self) -> None:
+        self.repo = RobotRepository()
+        self.robots_kv: KeyValue = await ensure_bucket(self.runtime.js, subjects.ROBOTS_BUCKET, self.runtime.jetstream)
+        self.tokens_kv: KeyValue = self.runtime.tokens.bucket
+        await self.reconcile()
+        self._heartbeats: Subscription = await self.runtime.nc.subscribe(
+            subjects.heartbeat_listen(), queue=self.name, cb=self._on_heartbeat
+        )
+        self._tasks = [
+            asyncio.create_task(self._sweep_forever(), name="registry.sweep"),
+            asyncio.create_task(self._reconcile_forever(), name="registry.reconcile"),
+        ]
+
+    async def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._heartbeats.unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- people and programs ---
+
+    @endpoint(permission=Permission.ROBOTS_MANAGE)
+    async def robot_add(self, request: RobotAdd, ctx: RequestContext) -> RobotAdded:
+        """Register a robot; its token is in this reply and nowhere else."""
+        secret = new_secret()
+        now = utcnow()
+        record = RobotRecord(
+            tenant=ctx.tenant,
+            name=request.name,
+            type=request.type,
+            host=request.host,
+            groups=tuple(sorted(set(request.groups))),
+            token_hash=token_hash(secret),
+            status=RobotStatus.DISCONNECTED,
+            status_since=now,
+            heartbeat_interval_s=DEFAULT_HEARTBEAT_INTERVAL_S,
+            created_at=now,
+            created_by=ctx.actor,
+        )
+        async with self.runtime.events.transaction() as tx:
+            await self.repo.insert(tx.connection, record)
+            tx.emit(
+                Event.of(
+                    RobotAddedEvent(robot=record.name, type=record.type, host=record.host, groups=list(record.groups)),
+                    tenant=ctx.tenant,
+                    actor=ctx.actor,
+                )
+            )
+        await self._project_token(record)
+        await self._project(record)
+        ctx.log.info("robot.added", robot=record.name, type=record.type.value, host=record.host)
+        return RobotAdded(robot=record.info(), token=secret)
+
+    @endpoint(permission=Permission.ROBOTS_READ)
+    async def robot_list(self, request: RobotListRequest, ctx: RequestContext) -> RobotList:
+        """The tenant's robots, by name."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.for_tenant(connection, ctx.tenant)
+        return RobotList(
+            robots=[
+                record.info()
+                for record in records
+                if (request.group is None or request.group in record.groups)
+                and (request.host is None or request.host == record.host)
+            ]
+        )
+
+    @endpoint(permission=Permission.ROBOTS_READ)
+    async def robot_show(self, request: RobotShow, ctx: RequestContext) -> RobotInfo:
+        """One robot."""
+        async with self.engine.connect() as connection:
+            record = await self.repo.get(connection, ctx.tenant, request.name)
+        if record is None:
+            raise NotFound(f"no robot named {request.name!r}")
+        return record.info()
+
+    @endpoint(permission=Permission.ROBOTS_MANAGE)
+    async def robot_remove(self, request: RobotRemove, ctx: RequestContext) -> RobotRemoved:
+        """Remove a robot that runs no job; its token stops working at once."""
+        async with self.runtime.events.transaction() as tx:
+            record = await self.repo.get(tx.connection, ctx.tenant, request.name, lock=True)
+            if record is None:
+                raise NotFound(f"no robot named {request.name!r}")
+            if record.status.online and record.current_job:
+                raise Conflict(
+                    f"robot {record.name!r} is running job {record.current_job}; stop it "
+                    f"('herder job stop {record.current_job[:12]}') and try again"
+                )
+            await self.repo.delete(tx.connection, ctx.tenant, request.name)
+            tx.emit(
+                Event.of(
+                    RobotRemovedEvent(robot=record.name, type=record.type, host=record.host),
+                    tenant=ctx.tenant,
+                    actor=ctx.actor,
+                )
+            )
+        await self.tokens_kv.delete(record.token_hash)
+        await self.robots_kv.delete(record.key)
+        ctx.log.info("robot.removed", robot=record.name)
+        return RobotRemoved(robot=record.info())
+
+    # --- robot agents ---
+
+    @endpoint(permission=Permission.ROBOT_AGENT)
+    async def robot_connect(self, request: RobotConnect, ctx: RequestContext) -> RobotConnected:
+        """A robot agent starts a session; it takes over from any earlier session of the same robot."""
+        robot = ctx.robot_name()
+        now = utcnow()
+
+        async def connect(tx: Transaction, record: RobotRecord) -> RobotRecord:
+            change = presence.on_connect(record.seen, request.session, request.current_job)
+            updated = replace(
+                record,
+                session=request.session,
+                last_heartbeat=now,
+                deadline=presence.deadline(now, request.heartbeat_interval_s),
+                heartbeat_interval_s=request.heartbeat_interval_s,
+                current_job=request.current_job,
+                agent_version=request.agent_version or None,
+                seq=record.seq + 1,  # the session changed: readers of the bucket must see it
+            )
+            if change is not None:
+                updated = self._changed(tx, updated, record.status, change, now)
+            return await self.repo.save(tx.connection, updated)
+
+        record = await self._update(ctx.tenant, robot, connect)
+        ctx.log.info("robot.connected", robot=robot, session=request.session, interval_s=request.heartbeat_interval_s)
+        return RobotConnected(
+            robot=record.info(), command_subject=subjects.command(record.tenant, record.host, record.name)
+        )
+
+    @endpoint(permission=Permission.ROBOT_AGENT)
+    async def robot_goodbye(self, request: RobotGoodbye, ctx: RequestContext) -> RobotInfo:
+        """A robot agent shuts down cleanly: the robot is Disconnected."""
+        robot = ctx.robot_name()
+        now = utcnow()
+
+        async def goodbye(tx: Transaction, record: RobotRecord) -> RobotRecord:
+            change = presence.on_goodbye(record.seen, request.session)
+            if change is None:
+                return record
+            updated = replace(record, current_job=None, deadline=None, seq=record.seq + 1)
+            return await self.repo.save(tx.connection, self._changed(tx, updated, record.status, change, now))
+
+        record = await self._update(ctx.tenant, robot, goodbye)
+        ctx.log.info("robot.disconnected", robot=robot, session=request.session)
+        return record.info()
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            tenant, robot, _kind = subjects.parse_telemetry(msg.subject)
+            await self._check_robot_token(msg.headers or {}, tenant, robot)
+            beat = codec.load(Heartbeat, msg.data, codec.content_type_of(msg.headers))
+            await self.heartbeat(tenant, robot, beat)
+        except HerderError as exc:
+            self.log.warning("heartbeat.refused", subject=msg.subject, code=exc.code.value, reason=exc.message)
+        except Exception:
+            self.log.exception("heartbeat.failed", subject=msg.subject)
+
+    async def _check_robot_token(self, headers: dict[str, str], tenant: str, robot: str) -> None:
+        authorization = headers.get(Header.AUTHORIZATION, "")
+        if not authorization.startswith(BEARER):
+            raise Unauthenticated("a heartbeat must carry its robot's token")
+        secret = authorization[len(BEARER) :].strip()
+        principal = self.runtime.tokens.lookup(secret) or await self.runtime.tokens.fetch(secret)
+        if principal is None:
+            raise Unauthenticated("the heartbeat's token is unknown or revoked")
+        if principal.kind is not PrincipalKind.ROBOT or principal.name != robot or principal.tenant != tenant:
+            raise Forbidden(f"the heartbeat's token is not robot {robot!r}'s of tenant {tenant!r}")
+
+    async def heartbeat(self, tenant: str, robot: str, beat: Heartbeat) -> None:
+        """Record a heartbeat, and the status it implies."""
+        now = utcnow()
+
+        async def record_beat(tx: Transaction, record: RobotRecord) -> RobotRecord:
+            if not presence.accepts(record.seen, beat.session):
+                return record  # a replaced agent: its heartbeats no longer count
+            deadline = presence.deadline(now, beat.interval_s)
+            change = presence.on_heartbeat(record.seen, beat.session, beat.current_job)
+            updated = replace(
+                record,
+                last_heartbeat=now,
+                deadline=deadline,
+                current_job=beat.current_job,
+                heartbeat_interval_s=beat.interval_s,
+            )
+            if change is None:
+                return await self.repo.touch(tx.connection, updated, heartbeat=now, deadline=deadline)
+            updated = self._changed(tx, replace(updated, seq=record.seq + 1), record.status, change, now)
+            return await self.repo.save(tx.connection, updated)
+
+        with contextlib.suppress(NotFound):  # a robot removed while its agent still runs
+            await self._update(tenant, robot, record_beat)
+
+    # --- presence ---
+
+    async def sweep(self, now: datetime | None = None) -> int:
+        """Mark online robots that missed their heartbeats Unresponsive; return how many."""
+        now = now or utcnow()
+        async with self.engine.connect() as connection:
+            overdue = await self.repo.overdue(connection, now)
+        marked = 0
+        for tenant, robot in overdue:
+
+            async def lose(tx: Transaction, record: RobotRecord) -> RobotRecord:
+                change = presence.on_sweep(record.seen, now)
+                if change is None:
+                    return record  # a heartbeat came in meanwhile, or another replica got here first
+                updated = replace(record, deadline=None, seq=record.seq + 1)
+                return await self.repo.save(tx.connection, self._changed(tx, updated, record.status, change, now))
+
+            with contextlib.suppress(NotFound):
+                after = await self._update(tenant, robot, lose)
+                marked += after.status is RobotStatus.UNRESPONSIVE
+        return marked
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            delay = SWEEP_MAX_S
+            try:
+                async with self.engine.connect() as connection:
+                    next_deadline = await self.repo.next_deadline(connection)
+                now = utcnow()
+                if next_deadline is not None and next_deadline <= now:
+                    await self.sweep(now)
+                    continue
+                if next_deadline is not None:
+                    delay = min(SWEEP_MAX_S, (next_deadline - now).total_seconds())
+            except Exception as exc:
+                self.log.warning("registry.sweep_failed", error=repr(exc))
+            await asyncio.sleep(max(delay, 0.005))
+
+    def _changed(
+        self, tx: Transaction, record: RobotRecord, previous: RobotStatus, change: presence.Change, now: datetime
+    ) -> RobotRecord:
+        """`record` in its new status, with the event that says so staged in `tx`."""
+        if change.status is not previous:
+            tx.emit(
+                Event.of(
+                    RobotStatusChangedEvent(
+                        robot=record.name,
+                        type=record.type,
+                        host=record.host,
+                        status=change.status,
+                        previous=previous,
+                        current_job=record.current_job,
+                        reason=change.reason,
+                    ),
+                    tenant=record.tenant,
+                    actor=record.name,
+                )
+            )
+            self.log.info("robot.status_changed", robot=record.name, status=change.status.value, reason=change.reason)
+        return replace(
+            record, status=change.status, status_since=now if change.status is not previous else record.status_since
+        )
+
+    async def _update(self, tenant: str, robot: str, apply: _Apply) -> RobotRecord:
+        """Lock a robot's row, apply a change, commit, and project the result if its `seq` moved."""
+        async with self.runtime.events.transaction(defer=True) as tx:
+            record = await self.repo.get(tx.connection, tenant, robot, lock=True)
+            if record is None:
+                raise NotFound(f"no robot named {robot!r}")
+            updated = await apply(tx, record)
+        if updated.seq != record.seq:
+            await self._project(updated)
+        return updated
+
+    # --- projections ---
+
+    async def _project(self, record: RobotRecord) -> None:
+        """Write a robot's presence to the bucket, then again if a newer change overtook this write."""
+        await self.robots_kv.put(record.key, codec.dump(record.presence()))
+        async with self.engine.connect() as connection:
+            current = await self.repo.get(connection, record.tenant, record.name)
+        if current is None:
+            await self.robots_kv.delete(record.key)
+        elif current.seq != record.seq:
+            await self.robots_kv.put(current.key, codec.dump(current.presence()))
+
+    async def _project_token(self, record: RobotRecord) -> None:
+        await self.tokens_kv.put(record.token_hash, codec.dump(record.principal()))
+        async with self.engine.connect() as connection:
+            current = await self.repo.get(connection, record.tenant, record.name)
+        if current is None or current.token_hash != record.token_hash:
+            await self.tokens_kv.delete(record.token_hash)  # removed meanwhile
+
+    async def reconcile(self) -> None:
+        """Make both buckets hold exactly what the database says about robots."""
+        async with self.engine.connect() as connection:
+            records = await self.repo.all(connection)
+        tokens = {key: p for key, p in self.runtime.tokens.snapshot().items() if p.kind is PrincipalKind.ROBOT}
+        live_tokens = {record.token_hash: record for record in records}
+        for key, record in live_tokens.items():
+            if tokens.get(key) != record.principal():
+                await self._project_token(record)
+        for key in tokens.keys() - live_tokens.keys():
+            await self.tokens_kv.delete(key)
+        projected = await self._projected()
+        wanted = {record.key: record for record in records}
+        for key, record in wanted.items():
+            if projected.get(key) != record.presence():
+                await self.robots_kv.put(key, codec.dump(record.presence()))
+        for key in projected.keys() - wanted.keys():
+            await self.robots_kv.delete(key)
+
+    async def _projected(self) -> dict[str, RobotPresence | None]:
+        try:
+            keys = await self.robots_kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        found: dict[str, RobotPresence | None] = {}
+        for key in keys:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                entry = await self.robots_kv.get(key)
+                found[key] = codec.load(RobotPresence, entry.value) if entry.value else None
+        return found
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                self.log.warning("registry.reconcile_failed", error=repr(exc))
