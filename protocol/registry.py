@@ -63,7 +63,8 @@ class RobotInfo(Model):
 
 class RobotPresence(Model):
     """A robot as projected into the HERDER_ROBOTS bucket for other services: who it is, where, and
-    whether it is there. `seq` grows with every change, so a reader can drop a stale copy."""
+    whether it is there (online robots show as Available: which job a robot runs is the jobs
+    service's business). `seq` grows with every change, so a reader can drop a stale copy."""
 
     name: str
     tenant: str

@@ -40,6 +40,7 @@ from herder.services.auth.core import (
     plan_bootstrap,
 )
 from herder.services.auth.repository import TokenRepository
+from herder.services.common import database
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.common.tokens import new_secret, token_hash
 
@@ -72,7 +73,7 @@ class AuthService(Service):
     @endpoint(permission=Permission.TOKENS_MANAGE)
     async def token_list(self, request: TokenListRequest, ctx: RequestContext) -> TokenList:
         """The tenant's tokens, without their secrets."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.for_tenant(connection, ctx.tenant, include_revoked=request.include_revoked)
         return TokenList(tokens=[record.info() for record in records])
 
@@ -97,7 +98,7 @@ class AuthService(Service):
         admin tokens exist but the stack holds none of them and may not rotate its own.
         """
         tenant = subjects.DEFAULT_TENANT
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             held = await self.repo.live_by_hash(connection, token_hash(held_secret)) if held_secret else None
             live_admins = await self.repo.count_live_admins(connection, tenant)
             bootstrap = await self.repo.live_by_name(connection, tenant, BOOTSTRAP_TOKEN_NAME)
@@ -165,7 +166,7 @@ class AuthService(Service):
         write closes the race in which this write would land after that delete.
         """
         await self.kv.put(record.token_hash, codec.dump(record.principal()))
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             current = await self.repo.by_id(connection, record.id)
         if current is None or not current.live:
             await self.kv.delete(record.token_hash)
@@ -180,7 +181,7 @@ class AuthService(Service):
             for key, principal in self.runtime.tokens.snapshot().items()
             if principal.kind is PrincipalKind.TOKEN
         }
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             live = {record.token_hash: record for record in await self.repo.all_live(connection)}
         written = removed = 0
         for key, record in live.items():

@@ -8,6 +8,8 @@ a decision depends on what it reads.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,16 @@ from typing import Any
 from sqlalchemy import DateTime, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
 from herder.protocol.messages import DatabaseHealth
+from herder.services.common import sqlite_inline
 from herder.services.common.errors import SetupError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# How long a transaction waits for the process's SQLite connection before giving up.
+SQLITE_POOL_TIMEOUT_S = 30.0
 POSTGRES_POOL_SIZE = 10
 CONNECT_TIMEOUT_S = 10
 
@@ -77,7 +82,17 @@ def create_engine(url: str | URL) -> AsyncEngine:
         path = Path(parsed.database or "")
         if not path.parent.exists():
             raise SetupError(f"the folder of the SQLite database {str(path)!r} does not exist; create it first")
-        engine = create_async_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        # SQLite has one write lock, and every herder transaction takes it (BEGIN IMMEDIATE). Several
+        # connections in one process would queue for it in SQLite's busy handler, which sleeps and
+        # polls (1, 2, 5 … 100 ms); one pooled connection hands the lock over the moment it is free.
+        # Its calls run on the event loop, without aiosqlite's thread (see `sqlite_inline`).
+        engine = create_async_engine(
+            parsed,
+            async_creator=sqlite_inline.creator(str(path), SQLITE_BUSY_TIMEOUT_MS / 1000),
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=SQLITE_POOL_TIMEOUT_S,
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
@@ -107,6 +122,21 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+@asynccontextmanager
+async def read(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for reading, whose transaction ends before the block does.
+
+    `engine.connect()` would end it in a task of its own after the block, on a later turn of the
+    event loop; until then the connection would keep SQLite's lock (herder's transactions take it
+    up front), and another connection of the process could not get it.
+    """
+    async with engine.connect() as connection:
+        try:
+            yield connection
+        finally:
+            await connection.rollback()
+
+
 def describe_failure(engine: AsyncEngine, exc: BaseException) -> str:
     """One line saying why the database at `engine` could not be used."""
     reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
@@ -118,7 +148,7 @@ async def check(engine: AsyncEngine) -> DatabaseHealth:
     """Run `SELECT 1` and report how it went."""
     started = time.perf_counter()
     try:
-        async with engine.connect() as connection:
+        async with read(engine) as connection:
             await connection.execute(text("SELECT 1"))
     except Exception as exc:
         return DatabaseHealth(ok=False, dialect=engine.dialect.name, error=describe_failure(engine, exc))

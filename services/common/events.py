@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from herder.protocol import codec
 from herder.protocol.codec import Header
 from herder.protocol.messages import Event, utcnow
+from herder.services.common import database
 from herder.services.common.database import UtcDateTime
 
 RELAY_INTERVAL_S = 5.0
@@ -42,6 +43,8 @@ outbox = Table(
     Column("payload", LargeBinary(), nullable=False),
     Column("created_at", UtcDateTime(), nullable=False, index=True),
 )
+
+_INSERT = insert(outbox)
 
 log = structlog.get_logger("herder.events")
 
@@ -94,7 +97,7 @@ class EventPublisher:
             staged = [(event, codec.dump(event)) for event in tx.events]
             if staged:
                 await connection.execute(
-                    insert(outbox),
+                    _INSERT,
                     [
                         {"id": e.id, "subject": e.subject, "type": e.type, "payload": payload, "created_at": e.time}
                         for e, payload in staged
@@ -181,7 +184,7 @@ class EventPublisher:
         if self._engine is None:
             return 0
         cutoff = utcnow() - timedelta(seconds=grace_s)
-        async with self._engine.connect() as connection:
+        async with database.read(self._engine) as connection:
             rows = (
                 await connection.execute(
                     select(outbox.c.id, outbox.c.subject, outbox.c.payload, outbox.c.type)

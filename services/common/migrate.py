@@ -12,6 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from herder.services.common import database
 from herder.services.common.database import describe_failure
 from herder.services.common.errors import SetupError
 
@@ -56,7 +57,7 @@ async def upgrade(engine: AsyncEngine) -> list[str]:
 
 async def current(engine: AsyncEngine) -> set[str]:
     """The revisions the database is at (empty when it was never migrated)."""
-    async with engine.connect() as connection:
+    async with database.read(engine) as connection:
         return await connection.run_sync(_current)
 
 

@@ -66,14 +66,31 @@ def idle_candidates(
     return sorted(idle, key=lambda robot: (last_given.get(robot.name, 0.0), robot.name))
 
 
-def ahead_of(job: Queued, queue: Sequence[Queued], robots: Sequence[RobotPresence]) -> int:
-    """How many Pending jobs come before `job` for a robot that could run it."""
-    mine = {robot.name for robot in members(job.target, robots)}
-    return sum(
-        1
-        for other in queue
-        if other.order < job.order and any(other.target.admits(robot) for robot in robots if robot.name in mine)
-    )
+def positions(queue: Sequence[Queued], robots: Sequence[RobotPresence]) -> dict[str, int]:
+    """For every job of a queue, how many jobs before it could take one of the robots it could run on."""
+    names = _robots_of_targets({job.target for job in queue}, robots)
+    counts: dict[Target, int] = {}
+    found = {}
+    for job in sorted(queue, key=lambda queued: queued.order):
+        found[job.id] = ahead(job.target, counts, robots, names)
+        counts[job.target] = counts.get(job.target, 0) + 1
+    return found
+
+
+def ahead(
+    target: Target,
+    earlier: Mapping[Target, int],
+    robots: Sequence[RobotPresence],
+    names: Mapping[Target, frozenset[str]] | None = None,
+) -> int:
+    """How many of the `earlier` jobs (counted by target) compete for a robot `target` could use."""
+    names = names or _robots_of_targets({target, *earlier}, robots)
+    mine = names[target]
+    return sum(count for other, count in earlier.items() if names[other] & mine)
+
+
+def _robots_of_targets(targets: Iterable[Target], robots: Sequence[RobotPresence]) -> dict[Target, frozenset[str]]:
+    return {target: frozenset(robot.name for robot in members(target, robots)) for target in targets}
 
 
 def pending_reason(

@@ -23,6 +23,8 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
+    func,
     insert,
     or_,
     select,
@@ -207,17 +209,46 @@ def _row(record: JobRecord) -> dict[str, Any]:
     }
 
 
+# The statements of the busiest paths (starting, reporting, allocating) are built once: building
+# one and its cache key anew costs more than SQLite takes to run it.
+_INSERT = insert(jobs)
+_GET = select(jobs).where(jobs.c.tenant == bindparam("tenant"), jobs.c.id == bindparam("job_id"))
+_HOLDS = (
+    select(jobs.c.id)
+    .where(jobs.c.tenant == bindparam("tenant"), jobs.c.robot == bindparam("robot"), jobs.c.state.in_(_ACTIVE))
+    .limit(1)
+)
+_BUSY = select(jobs.c.robot, jobs.c.id).where(jobs.c.tenant == bindparam("tenant"), jobs.c.state.in_(_ACTIVE))
+_NEXT = (
+    select(jobs)
+    .where(
+        jobs.c.tenant == bindparam("tenant"),
+        jobs.c.state == JobState.PENDING.value,
+        or_(jobs.c.target_robot == bindparam("robot"), jobs.c.target_group.in_(bindparam("groups", expanding=True))),
+    )
+    .order_by(jobs.c.rank, jobs.c.created_at, jobs.c.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+# The SET clause comes from the values given; the WHERE clause holds the job as it was decided from.
+_MOVE = update(jobs).where(
+    jobs.c.id == bindparam("was_id"),
+    jobs.c.state == bindparam("was_state"),
+    jobs.c.attempt == bindparam("was_attempt"),
+)
+_UNCHANGING = frozenset({"id", "tenant", "created_at"})
+
+
 class JobRepository:
     """Reads and writes `jobs_jobs` on a connection the caller holds."""
 
     async def insert(self, connection: AsyncConnection, record: JobRecord) -> None:
         """Store a new job."""
-        await connection.execute(insert(jobs).values(**_row(record)))
+        await connection.execute(_INSERT, _row(record))
 
     async def get(self, connection: AsyncConnection, tenant: str, job_id: str) -> JobRecord | None:
         """The job with this id."""
-        query = select(jobs).where(jobs.c.tenant == tenant, jobs.c.id == job_id)
-        row = (await connection.execute(query)).mappings().first()
+        row = (await connection.execute(_GET, {"tenant": tenant, "job_id": job_id})).mappings().first()
         return _record(row) if row else None
 
     async def by_prefix(self, connection: AsyncConnection, tenant: str, prefix: str) -> list[JobRecord]:
@@ -266,15 +297,30 @@ class JobRepository:
             for row in await connection.execute(query)
         ]
 
+    async def earlier(self, connection: AsyncConnection, job: Queued, tenant: str) -> dict[Target, int]:
+        """How many Pending jobs come before `job`, by target."""
+        query = (
+            select(jobs.c.target_robot, jobs.c.target_group, func.count())
+            .where(
+                jobs.c.tenant == tenant,
+                jobs.c.state == JobState.PENDING.value,
+                or_(
+                    jobs.c.rank < job.rank,
+                    and_(jobs.c.rank == job.rank, jobs.c.created_at < job.created_at),
+                    and_(jobs.c.rank == job.rank, jobs.c.created_at == job.created_at, jobs.c.id < job.id),
+                ),
+            )
+            .group_by(jobs.c.target_robot, jobs.c.target_group)
+        )
+        return {Target(robot=row[0], group=row[1]): int(row[2]) for row in await connection.execute(query)}
+
     async def busy(self, connection: AsyncConnection, tenant: str) -> dict[str, str]:
         """robot -> the job it holds, for the tenant's robots that hold one."""
-        query = select(jobs.c.robot, jobs.c.id).where(jobs.c.tenant == tenant, jobs.c.state.in_(_ACTIVE))
-        return {row.robot: row.id for row in await connection.execute(query)}
+        return {row.robot: row.id for row in await connection.execute(_BUSY, {"tenant": tenant})}
 
     async def holds(self, connection: AsyncConnection, tenant: str, robot: str) -> str | None:
         """The id of the active job `robot` holds, if any."""
-        query = select(jobs.c.id).where(jobs.c.tenant == tenant, jobs.c.robot == robot, jobs.c.state.in_(_ACTIVE))
-        found: str | None = (await connection.execute(query.limit(1))).scalar()
+        found: str | None = (await connection.execute(_HOLDS, {"tenant": tenant, "robot": robot})).scalar()
         return found
 
     async def next_for(
@@ -282,17 +328,8 @@ class JobRepository:
     ) -> JobRecord | None:
         """The Pending job `robot` should take next, locked against other replicas (PostgreSQL
         skips rows another transaction holds rather than waiting for them)."""
-        eligible = [jobs.c.target_robot == robot]
-        if groups:
-            eligible.append(jobs.c.target_group.in_(list(groups)))
-        query = (
-            select(jobs)
-            .where(jobs.c.tenant == tenant, jobs.c.state == JobState.PENDING.value, or_(*eligible))
-            .order_by(jobs.c.rank, jobs.c.created_at, jobs.c.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        row = (await connection.execute(query)).mappings().first()
+        params = {"tenant": tenant, "robot": robot, "groups": list(groups)}
+        row = (await connection.execute(_NEXT, params)).mappings().first()
         return _record(row) if row else None
 
     async def active_on(self, connection: AsyncConnection, tenant: str, robot: str) -> list[JobRecord]:
@@ -323,25 +360,24 @@ class JobRepository:
     async def move(self, connection: AsyncConnection, before: JobRecord, after: JobRecord) -> bool:
         """Write `after` if the job is still as `before` found it (same state and attempt); False if
         someone moved it first."""
-        result = await connection.execute(
-            update(jobs)
-            .where(
-                and_(
-                    jobs.c.id == before.id,
-                    jobs.c.state == before.state.value,
-                    jobs.c.attempt == before.attempt,
-                )
-            )
-            .values(**{k: v for k, v in _row(after).items() if k not in ("id", "tenant", "created_at")})
-        )
+        values = {key: value for key, value in _row(after).items() if key not in _UNCHANGING}
+        values.update(was_id=before.id, was_state=before.state.value, was_attempt=before.attempt)
+        result = await connection.execute(_MOVE, values)
         return result.rowcount == 1
 
-    async def acknowledge_start(self, connection: AsyncConnection, job_id: str, attempt: int, at: datetime) -> None:
-        """Record that the robot confirmed it got the start of this attempt."""
+    async def acknowledge_starts(self, connection: AsyncConnection, acks: Sequence[tuple[str, int, datetime]]) -> None:
+        """Record that robots confirmed they got these starts: (job id, attempt, when)."""
+        if not acks:
+            return
         await connection.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.attempt == attempt, jobs.c.start_acked_at.is_(None))
-            .values(start_acked_at=at)
+            .where(
+                jobs.c.id == bindparam("job_id"),
+                jobs.c.attempt == bindparam("job_attempt"),
+                jobs.c.start_acked_at.is_(None),
+            )
+            .values(start_acked_at=bindparam("acked_at")),
+            [{"job_id": job_id, "job_attempt": attempt, "acked_at": at} for job_id, attempt, at in acks],
         )
 
     async def unacknowledged(self, connection: AsyncConnection, started_before: datetime) -> list[JobRecord]:

@@ -19,9 +19,10 @@ import json
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from nats.aio.msg import Msg
 from sqlalchemy.exc import IntegrityError
 
 from herder.protocol import codec, subjects
@@ -51,20 +52,24 @@ from herder.protocol.jobs import (
     StopCommand,
 )
 from herder.protocol.messages import Event, new_id, utcnow
-from herder.protocol.packages import PackageRef, PackageResolve
 from herder.protocol.registry import RobotPresence, RobotType
+from herder.services.common import database
 from herder.services.common.bus import ensure_bucket, ensure_log_stream
 from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.jobs import allocation, commands, states
 from herder.services.jobs.allocation import Target
+from herder.services.jobs.commands import CommandSender
 from herder.services.jobs.directory import RobotDirectory
+from herder.services.jobs.packages import PackageVersions
 from herder.services.jobs.repository import JobRecord, JobRepository, started
 
 SWEEP_INTERVAL_S = 1.0
 # A start the robot has not confirmed after this long is sent again.
 START_RESEND_AFTER_S = 5.0
 MOVE_ATTEMPTS = 3
+# Start confirmations are written in batches, at most this long after they arrive.
+ACK_BATCH_S = 0.25
 
 
 class JobsService(Service):
@@ -74,15 +79,19 @@ class JobsService(Service):
 
     async def setup(self) -> None:
         self.repo = JobRepository()
+        self.commands = CommandSender(self.runtime.nc)
+        await self.commands.start()
         js = self.runtime.js
         await ensure_log_stream(js, self.runtime.jetstream)
         robots_kv = await ensure_bucket(js, subjects.ROBOTS_BUCKET, self.runtime.jetstream)
         self.directory = RobotDirectory(robots_kv, on_change=self._robot_changed)
         await self.directory.start()
-        # Versions are immutable: once resolved, a (tenant, process, version) never changes.
-        self._packages: dict[tuple[str, str, str], PackageRef] = {}
+        self.packages = PackageVersions(self.runtime.nc)
+        await self.packages.start()
         self._last_given: dict[tuple[str, str], float] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._acks: list[tuple[str, int, datetime]] = []
+        self._ack_writer: asyncio.Task[None] | None = None
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="jobs.sweep")
 
     async def teardown(self) -> None:
@@ -94,6 +103,14 @@ class JobsService(Service):
             await asyncio.wait(set(self._background), timeout=commands.ACK_TIMEOUT_S)
         for task in self._background:
             task.cancel()
+        await self.commands.stop()
+        await self.packages.stop()
+        if self._ack_writer is not None:
+            self._ack_writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ack_writer
+        if self._acks:
+            await self._write_acks(delay_s=0)
 
     # --- people and programs ---
 
@@ -104,7 +121,7 @@ class JobsService(Service):
         await self._check_target(ctx.tenant, target)
         if len(json.dumps(request.input)) > MAX_INPUT_BYTES:
             raise BadRequest(f"the input is larger than {MAX_INPUT_BYTES // 1024} KiB; pass big data by reference")
-        package = await self._resolve(ctx, request.process, request.version)
+        package = await self.packages.resolve(ctx.on_behalf(self.runtime.client), request.process, request.version)
         record = JobRecord(
             id=new_id(),
             tenant=ctx.tenant,
@@ -124,6 +141,7 @@ class JobsService(Service):
             on_robot_lost=request.on_robot_lost,
             created_by=ctx.actor,
         )
+        given: list[JobRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
             await self.repo.insert(tx.connection, record)
             busy = await self.repo.busy(tx.connection, ctx.tenant)
@@ -141,18 +159,29 @@ class JobsService(Service):
                     actor=ctx.actor,
                 )
             )
+            # A free robot takes its next job in the same transaction: usually this one.
+            robots = self.directory.robots(ctx.tenant)
+            for robot in allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant)):
+                job = await self._take_next(tx, robot)
+                if job is not None:
+                    given.append(job)
+                    if job.id == record.id:
+                        break
+        await self._dispatch(given)
         ctx.log.info("job.created", job_id=record.id, process=record.process, version=record.version)
-        robots = self.directory.robots(ctx.tenant)
-        for robot in allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant)):
-            given = await self.allocate(ctx.tenant, robot.name)
-            if given is not None and given.id == record.id:
-                return given.info()
+        for job in given:
+            if job.id == record.id:
+                return job.info()
+            busy[job.robot or ""] = job.id
+        if not allocation.idle_candidates(target, robots, busy, {}):
+            # No robot is free: why it waits follows from what this transaction read.
+            return record.info((await self._pending_reasons(None, ctx.tenant, [record], busy))[record.id])
         return await self._info(record)
 
     @endpoint(permission=Permission.JOBS_READ)
     async def list_jobs(self, request: JobListRequest, ctx: RequestContext) -> JobList:
         """Jobs, newest first; a Pending job says why it waits."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.listing(
                 connection,
                 ctx.tenant,
@@ -167,7 +196,7 @@ class JobsService(Service):
     @endpoint(permission=Permission.JOBS_READ)
     async def show(self, request: JobShow, ctx: RequestContext) -> JobInfo:
         """One job; a Pending one says why it waits."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             record = await self._find(connection, ctx.tenant, request.id)
         return await self._info(record)
 
@@ -239,9 +268,14 @@ class JobsService(Service):
             if not await self.repo.move(tx.connection, job, after):
                 raise Conflict(f"job {job.id[:12]} changed while the report was read; send it again")
             self._emit(tx, job, after, actor=robot)
+            # The robot is free: it takes its next job in the same transaction.
+            presence = self.directory.get(ctx.tenant, robot) if after.state.final else None
+            following = await self._take_next(tx, presence) if presence is not None else None
         ctx.log.info("job.reported", job_id=job.id, robot=robot, outcome=request.outcome.value, state=state.value)
+        if following is not None:
+            await self._dispatch([following])
         if after.state.final:
-            self._spawn(self._after_end(after))
+            self._spawn(self._end_log(after))
         return after.info()
 
     # --- allocation ---
@@ -251,33 +285,50 @@ class JobsService(Service):
         robot = self.directory.get(tenant, robot_name)
         if robot is None or not allocation.takes_jobs(robot) or not robot.session:
             return None
+        async with self.runtime.events.transaction(defer=True) as tx:
+            job = await self._take_next(tx, robot)
+        if job is not None:
+            await self._dispatch([job])
+        return job
+
+    async def _take_next(self, tx: Transaction, robot: RobotPresence) -> JobRecord | None:
+        """Within `tx`, give `robot` its next job if it holds none; the caller sends the start once
+        `tx` commits. A savepoint keeps a lost race (another replica gave the robot a job a moment
+        ago) from undoing the rest of `tx`."""
+        if not allocation.takes_jobs(robot) or not robot.session:
+            return None
         try:
-            async with self.runtime.events.transaction(defer=True) as tx:
-                if await self.repo.holds(tx.connection, tenant, robot.name):
+            async with tx.connection.begin_nested():
+                if await self.repo.holds(tx.connection, robot.tenant, robot.name):
                     return None
-                job = await self.repo.next_for(tx.connection, tenant, robot.name, robot.groups)
+                job = await self.repo.next_for(tx.connection, robot.tenant, robot.name, robot.groups)
                 if job is None:
                     return None
-                after = started(
-                    job,
-                    robot=robot.name,
-                    host=robot.host,
-                    session=robot.session,
-                    at=utcnow(),
-                    reason="",
-                )
+                after = started(job, robot=robot.name, host=robot.host, session=robot.session, at=utcnow(), reason="")
                 states.check(job.state, after.state)
                 if not await self.repo.move(tx.connection, job, after):
                     return None
-                self._emit(tx, job, after, actor=None)
         except IntegrityError:
-            return None  # another replica gave this robot a job a moment ago
-        self._last_given[(tenant, robot.name)] = time.monotonic()
-        self._spawn(self._send_start(after))
+            return None
+        self._emit(tx, job, after, actor=None)
+        self._last_given[(robot.tenant, robot.name)] = time.monotonic()
         return after
 
+    async def _dispatch(self, jobs: list[JobRecord]) -> None:
+        """Put the starts of jobs just given to robots on the wire (their transaction has committed),
+        and follow their acknowledgements in the background."""
+        for job in jobs:
+            if not job.robot or not job.host:
+                continue
+            try:
+                posted = await self.commands.post(job.tenant, job.host, job.robot, _start_command(job))
+            except Exception as exc:  # the sweep sends it again
+                self.log.warning("job.start_unsent", job_id=job.id, error=repr(exc))
+                continue
+            self._spawn(self._send_start(job, posted))
+
     async def _allocate_target(self, tenant: str, target: Target) -> None:
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             busy = await self.repo.busy(connection, tenant)
         for robot in allocation.idle_candidates(target, self.directory.robots(tenant), busy, self._given(tenant)):
             await self.allocate(tenant, robot.name)
@@ -285,31 +336,43 @@ class JobsService(Service):
     def _given(self, tenant: str) -> dict[str, float]:
         return {robot: at for (t, robot), at in self._last_given.items() if t == tenant}
 
-    async def _send_start(self, job: JobRecord) -> None:
-        command = StartCommand(
-            job_id=job.id,
-            attempt=job.attempt,
-            session=job.session or "",
-            package=job.package,
-            input=job.input,
-            timeout_s=job.timeout_s,
-            kill_grace_s=job.kill_grace_s,
-        )
-        ack = await self._command(job, command)
+    async def _send_start(self, job: JobRecord, posted: asyncio.Future[Msg] | None = None) -> None:
+        """Make sure the robot got the start of `job` (`posted`: it was sent already)."""
+        ack = await self._command(job, _start_command(job), posted=posted)
         if ack is None:
             return  # the robot is not listening: the sweep sends it again, or its loss ends the job
         if ack.accepted:
-            async with self.engine.begin() as connection:
-                await self.repo.acknowledge_start(connection, job.id, job.attempt, utcnow())
+            self._acknowledged(job)
             return
         self.log.warning("job.start_refused", job_id=job.id, robot=job.robot, detail=ack.detail)
         why = f"robot {job.robot} refused the start ({ack.detail})"
         await self._lose(job.tenant, job.robot or "", why, only=job.id)
 
-    async def _command(self, job: JobRecord, command: StartCommand | StopCommand | KillCommand) -> CommandAck | None:
+    def _acknowledged(self, job: JobRecord) -> None:
+        """Note a confirmed start; confirmations are written together, a moment later, in one transaction."""
+        self._acks.append((job.id, job.attempt, utcnow()))
+        if self._ack_writer is None or self._ack_writer.done():
+            self._ack_writer = asyncio.create_task(self._write_acks(), name="jobs.acks")
+
+    async def _write_acks(self, delay_s: float = ACK_BATCH_S) -> None:
+        await asyncio.sleep(delay_s)
+        acks, self._acks = self._acks, []
+        try:
+            async with self.engine.begin() as connection:
+                await self.repo.acknowledge_starts(connection, acks)
+        except Exception as exc:  # the sweep sends unconfirmed starts again; the robot acknowledges again
+            self.log.warning("jobs.acks_unsaved", count=len(acks), error=repr(exc))
+
+    async def _command(
+        self,
+        job: JobRecord,
+        command: StartCommand | StopCommand | KillCommand,
+        *,
+        posted: asyncio.Future[Msg] | None = None,
+    ) -> CommandAck | None:
         if not job.robot or not job.host:
             return None
-        return await commands.send(self.runtime.nc, job.tenant, job.host, job.robot, command)
+        return await self.commands.deliver(job.tenant, job.host, job.robot, command, posted=posted)
 
     # --- robots coming and going ---
 
@@ -323,6 +386,8 @@ class JobsService(Service):
         if not after.status.online:
             await self._lose(tenant, name, f"robot lost: robot {name} is {after.status.value}")
             return
+        if before is not None and before.status.online and before.session == after.session:
+            return  # still the same agent, still online
         if before is not None and before.session and before.session != after.session:
             await self._lose(tenant, name, f"robot lost: robot {name}'s agent restarted", keep_session=after.session)
         await self.allocate(tenant, name)
@@ -376,11 +441,6 @@ class JobsService(Service):
         for job in cancelled:
             self._spawn(self._end_log(job))
 
-    async def _after_end(self, job: JobRecord) -> None:
-        if job.robot:
-            await self.allocate(job.tenant, job.robot)
-        await self._end_log(job)
-
     async def _end_log(self, job: JobRecord) -> None:
         """Close the job's log with a last line, so that whoever follows it knows it is complete."""
         record = LogRecord(
@@ -404,7 +464,7 @@ class JobsService(Service):
         """Resend unconfirmed starts, end the jobs of robots that are gone, and start jobs that wait
         for a free robot. Every replica sweeps; the conditional updates make it harmless."""
         now = utcnow()
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             unconfirmed = await self.repo.unacknowledged(connection, now - timedelta(seconds=START_RESEND_AFTER_S))
             active = await self.repo.all_active(connection)
             waiting = await self.repo.pending_targets(connection)
@@ -425,7 +485,7 @@ class JobsService(Service):
         for tenant in {tenant for tenant, _target in waiting}:
             targets = [target for t, target in waiting if t == tenant]
             robots = [robot for robot in self.directory.robots(tenant) if any(t.admits(robot) for t in targets)]
-            async with self.engine.connect() as connection:
+            async with database.read(self.engine) as connection:
                 busy = await self.repo.busy(connection, tenant)
             for robot in robots:
                 if allocation.takes_jobs(robot) and robot.name not in busy:
@@ -458,15 +518,6 @@ class JobsService(Service):
         if all(robot.type is RobotType.ATTENDED for robot in robots):
             raise Conflict(f"group {target.group} has only attended robots; only unattended robots take jobs")
 
-    async def _resolve(self, ctx: RequestContext, process: str, version: str | None) -> PackageRef:
-        if version is not None:
-            known = self._packages.get((ctx.tenant, process, version))
-            if known is not None:
-                return known
-        package = await ctx.on_behalf(self.runtime.client).request(PackageResolve(process=process, version=version))
-        self._packages[(ctx.tenant, package.process, package.version)] = package
-        return package
-
     async def _find(self, connection: Any, tenant: str, prefix: str) -> JobRecord:
         found = await self.repo.by_prefix(connection, tenant, prefix)
         if not found:
@@ -493,22 +544,31 @@ class JobsService(Service):
     async def _info(self, record: JobRecord) -> JobInfo:
         if record.state is not JobState.PENDING:
             return record.info()
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             reasons = await self._pending_reasons(connection, record.tenant, [record])
         return record.info(reasons.get(record.id))
 
-    async def _pending_reasons(self, connection: Any, tenant: str, records: list[JobRecord]) -> dict[str, str]:
+    async def _pending_reasons(
+        self, connection: Any, tenant: str, records: list[JobRecord], busy: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """Why each Pending job of `records` waits. `busy` (robot -> its job) is read unless given."""
         pending = [record for record in records if record.state is JobState.PENDING]
         if not pending:
             return {}
         robots = self.directory.robots(tenant)
-        busy = await self.repo.busy(connection, tenant)
-        queue = await self.repo.queue(connection, tenant)
+        if busy is None:
+            busy = await self.repo.busy(connection, tenant)
+        # A job's place in the queue matters only when a robot it could run on is free.
+        placed = [record for record in pending if allocation.idle_candidates(record.target, robots, busy, {})]
+        places: dict[str, int] = {}
+        if len(placed) == 1:  # one job: count what is before it, rather than read the whole queue
+            earlier = await self.repo.earlier(connection, placed[0].queued, tenant)
+            places = {placed[0].id: allocation.ahead(placed[0].target, earlier, robots)}
+        elif placed:
+            places = allocation.positions(await self.repo.queue(connection, tenant), robots)
         reasons = {}
         for record in pending:
-            why = allocation.pending_reason(
-                record.target, robots, busy, allocation.ahead_of(record.queued, queue, robots)
-            )
+            why = allocation.pending_reason(record.target, robots, busy, places.get(record.id, 0))
             # A re-queued job keeps saying why it went back to Pending.
             reasons[record.id] = f"{record.reason}; {why}" if record.reason else why
         return reasons
@@ -566,3 +626,15 @@ def _report_reason(job: JobRecord, state: JobState, report: JobReport) -> str:
     if job.state is JobState.TERMINATING and report.outcome is not Outcome.STOPPED:
         reason = f"hard-stopped; the script had ended {report.outcome.value} meanwhile"
     return reason
+
+
+def _start_command(job: JobRecord) -> StartCommand:
+    return StartCommand(
+        job_id=job.id,
+        attempt=job.attempt,
+        session=job.session or "",
+        package=job.package,
+        input=job.input,
+        timeout_s=job.timeout_s,
+        kill_grace_s=job.kill_grace_s,
+    )

@@ -28,6 +28,7 @@ from herder.protocol.packages import (
     VersionPublishedEvent,
     object_name,
 )
+from herder.services.common import database
 from herder.services.common.bus import ensure_object_store
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.packages.core import (
@@ -57,7 +58,7 @@ class PackagesService(Service):
     @endpoint(permission=Permission.PACKAGES_PUBLISH)
     async def publish(self, request: PackagePublish, ctx: RequestContext) -> VersionInfo:
         """Record a version whose archive is already in the object store; versions never change."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             existing = await self.repo.get(connection, ctx.tenant, request.process, request.version)
         if existing is not None:
             raise already_published(request.process, request.version)
@@ -106,14 +107,14 @@ class PackagesService(Service):
     @endpoint(permission=Permission.PACKAGES_READ)
     async def list_processes(self, request: ProcessListRequest, ctx: RequestContext) -> ProcessList:
         """The tenant's processes, by name, each with its newest version."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.for_tenant(connection, ctx.tenant)
         return ProcessList(processes=summarise(records))
 
     @endpoint(permission=Permission.PACKAGES_READ)
     async def versions(self, request: VersionListRequest, ctx: RequestContext) -> VersionList:
         """The versions of one process, newest first."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.for_process(connection, ctx.tenant, request.process)
         if not records:
             raise no_process(request.process)
@@ -122,7 +123,7 @@ class PackagesService(Service):
     @endpoint(permission=Permission.PACKAGES_READ)
     async def resolve(self, request: PackageResolve, ctx: RequestContext) -> PackageRef:
         """The package of a process at a version, or at its newest version."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.for_process(connection, ctx.tenant, request.process)
         return pick(records, request.process, request.version).ref()
 

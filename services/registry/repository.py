@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     insert,
     select,
@@ -112,14 +113,15 @@ class RobotRecord:
         )
 
     def presence(self) -> RobotPresence:
-        """The robot as projected into the HERDER_ROBOTS bucket."""
+        """The robot as projected into the HERDER_ROBOTS bucket: Busy shows as Available there (both
+        are online; whether a robot is busy is the jobs service's own knowledge)."""
         return RobotPresence(
             name=self.name,
             tenant=self.tenant,
             type=self.type,
             host=self.host,
             groups=list(self.groups),
-            status=self.status,
+            status=RobotStatus.AVAILABLE if self.status is RobotStatus.BUSY else self.status,
             session=self.session,
             seq=self.seq,
         )
@@ -170,6 +172,13 @@ def _row(record: RobotRecord) -> dict[str, Any]:
     }
 
 
+# Heartbeats read and write one robot's row many times a second: those statements are built once.
+_KEY = (robots.c.tenant == bindparam("key_tenant"), robots.c.name == bindparam("key_name"))
+_GET = select(robots).where(*_KEY)
+_GET_LOCKED = _GET.with_for_update()
+_SAVE = update(robots).where(*_KEY)
+
+
 class RobotRepository:
     """Reads and writes `registry_robots` on a connection the caller holds."""
 
@@ -187,10 +196,8 @@ class RobotRepository:
         self, connection: AsyncConnection, tenant: str, name: str, *, lock: bool = False
     ) -> RobotRecord | None:
         """The robot of this name; `lock` holds its row until the transaction ends (PostgreSQL)."""
-        query = select(robots).where(robots.c.tenant == tenant, robots.c.name == name)
-        if lock:
-            query = query.with_for_update()
-        row = (await connection.execute(query)).mappings().first()
+        query = _GET_LOCKED if lock else _GET
+        row = (await connection.execute(query, {"key_tenant": tenant, "key_name": name})).mappings().first()
         return _record(row) if row else None
 
     async def for_tenant(self, connection: AsyncConnection, tenant: str) -> list[RobotRecord]:
@@ -220,22 +227,9 @@ class RobotRepository:
 
     async def save(self, connection: AsyncConnection, record: RobotRecord) -> RobotRecord:
         """Write a changed robot back."""
-        values = _row(record)
-        await connection.execute(
-            update(robots).where(robots.c.tenant == record.tenant, robots.c.name == record.name).values(**values)
-        )
+        values = {key: value for key, value in _row(record).items() if key not in ("tenant", "name")}
+        await connection.execute(_SAVE, {**values, "key_tenant": record.tenant, "key_name": record.name})
         return record
-
-    async def touch(
-        self, connection: AsyncConnection, record: RobotRecord, *, heartbeat: datetime, deadline: datetime
-    ) -> RobotRecord:
-        """Record a heartbeat that changes nothing else: the cheap, frequent case."""
-        await connection.execute(
-            update(robots)
-            .where(robots.c.tenant == record.tenant, robots.c.name == record.name)
-            .values(last_heartbeat=heartbeat, deadline=deadline, current_job=record.current_job)
-        )
-        return replace(record, last_heartbeat=heartbeat, deadline=deadline)
 
     async def delete(self, connection: AsyncConnection, tenant: str, name: str) -> None:
         """Remove a robot's row."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -45,6 +45,7 @@ from herder.protocol.registry import (
     RobotStatus,
     RobotStatusChangedEvent,
 )
+from herder.services.common import database
 from herder.services.common.bus import ensure_bucket
 from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
@@ -53,7 +54,7 @@ from herder.services.registry import presence
 from herder.services.registry.repository import RobotRecord, RobotRepository
 
 # A change to a robot's row, made inside a transaction that holds the row.
-_Apply = Callable[[Transaction, RobotRecord], Awaitable[RobotRecord]]
+_Apply = Callable[[Transaction, RobotRecord], RobotRecord]
 
 # The sweep wakes at the next heartbeat deadline, and at least this often to see new robots.
 SWEEP_MAX_S = 0.25
@@ -124,7 +125,7 @@ class RegistryService(Service):
     @endpoint(permission=Permission.ROBOTS_READ)
     async def robot_list(self, request: RobotListRequest, ctx: RequestContext) -> RobotList:
         """The tenant's robots, by name."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.for_tenant(connection, ctx.tenant)
         return RobotList(
             robots=[
@@ -138,7 +139,7 @@ class RegistryService(Service):
     @endpoint(permission=Permission.ROBOTS_READ)
     async def robot_show(self, request: RobotShow, ctx: RequestContext) -> RobotInfo:
         """One robot."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             record = await self.repo.get(connection, ctx.tenant, request.name)
         if record is None:
             raise NotFound(f"no robot named {request.name!r}")
@@ -177,7 +178,7 @@ class RegistryService(Service):
         robot = ctx.robot_name()
         now = utcnow()
 
-        async def connect(tx: Transaction, record: RobotRecord) -> RobotRecord:
+        def connect(tx: Transaction, record: RobotRecord) -> RobotRecord:
             change = presence.on_connect(record.seen, request.session, request.current_job)
             updated = replace(
                 record,
@@ -187,11 +188,8 @@ class RegistryService(Service):
                 heartbeat_interval_s=request.heartbeat_interval_s,
                 current_job=request.current_job,
                 agent_version=request.agent_version or None,
-                seq=record.seq + 1,  # the session changed: readers of the bucket must see it
             )
-            if change is not None:
-                updated = self._changed(tx, updated, record.status, change, now)
-            return await self.repo.save(tx.connection, updated)
+            return updated if change is None else self._changed(tx, updated, record.status, change, now)
 
         record = await self._update(ctx.tenant, robot, connect)
         ctx.log.info("robot.connected", robot=robot, session=request.session, interval_s=request.heartbeat_interval_s)
@@ -205,12 +203,11 @@ class RegistryService(Service):
         robot = ctx.robot_name()
         now = utcnow()
 
-        async def goodbye(tx: Transaction, record: RobotRecord) -> RobotRecord:
+        def goodbye(tx: Transaction, record: RobotRecord) -> RobotRecord:
             change = presence.on_goodbye(record.seen, request.session)
             if change is None:
                 return record
-            updated = replace(record, current_job=None, deadline=None, seq=record.seq + 1)
-            return await self.repo.save(tx.connection, self._changed(tx, updated, record.status, change, now))
+            return self._changed(tx, replace(record, current_job=None, deadline=None), record.status, change, now)
 
         record = await self._update(ctx.tenant, robot, goodbye)
         ctx.log.info("robot.disconnected", robot=robot, session=request.session)
@@ -242,22 +239,18 @@ class RegistryService(Service):
         """Record a heartbeat, and the status it implies."""
         now = utcnow()
 
-        async def record_beat(tx: Transaction, record: RobotRecord) -> RobotRecord:
+        def record_beat(tx: Transaction, record: RobotRecord) -> RobotRecord:
             if not presence.accepts(record.seen, beat.session):
                 return record  # a replaced agent: its heartbeats no longer count
-            deadline = presence.deadline(now, beat.interval_s)
             change = presence.on_heartbeat(record.seen, beat.session, beat.current_job)
             updated = replace(
                 record,
                 last_heartbeat=now,
-                deadline=deadline,
+                deadline=presence.deadline(now, beat.interval_s),
                 current_job=beat.current_job,
                 heartbeat_interval_s=beat.interval_s,
             )
-            if change is None:
-                return await self.repo.touch(tx.connection, updated, heartbeat=now, deadline=deadline)
-            updated = self._changed(tx, replace(updated, seq=record.seq + 1), record.status, change, now)
-            return await self.repo.save(tx.connection, updated)
+            return updated if change is None else self._changed(tx, updated, record.status, change, now)
 
         with contextlib.suppress(NotFound):  # a robot removed while its agent still runs
             await self._update(tenant, robot, record_beat)
@@ -267,17 +260,16 @@ class RegistryService(Service):
     async def sweep(self, now: datetime | None = None) -> int:
         """Mark online robots that missed their heartbeats Unresponsive; return how many."""
         now = now or utcnow()
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             overdue = await self.repo.overdue(connection, now)
         marked = 0
         for tenant, robot in overdue:
 
-            async def lose(tx: Transaction, record: RobotRecord) -> RobotRecord:
+            def lose(tx: Transaction, record: RobotRecord) -> RobotRecord:
                 change = presence.on_sweep(record.seen, now)
                 if change is None:
                     return record  # a heartbeat came in meanwhile, or another replica got here first
-                updated = replace(record, deadline=None, seq=record.seq + 1)
-                return await self.repo.save(tx.connection, self._changed(tx, updated, record.status, change, now))
+                return self._changed(tx, replace(record, deadline=None), record.status, change, now)
 
             with contextlib.suppress(NotFound):
                 after = await self._update(tenant, robot, lose)
@@ -288,7 +280,7 @@ class RegistryService(Service):
         while True:
             delay = SWEEP_MAX_S
             try:
-                async with self.engine.connect() as connection:
+                async with database.read(self.engine) as connection:
                     next_deadline = await self.repo.next_deadline(connection)
                 now = utcnow()
                 if next_deadline is not None and next_deadline <= now:
@@ -326,12 +318,21 @@ class RegistryService(Service):
         )
 
     async def _update(self, tenant: str, robot: str, apply: _Apply) -> RobotRecord:
-        """Lock a robot's row, apply a change, commit, and project the result if its `seq` moved."""
+        """Lock a robot's row, apply a change, write it, and project the robot's presence if that changed.
+
+        Busy and Available look alike in the projection (both are online), so a robot starting or
+        ending a job costs its readers nothing; going on or offline, or a new session, moves `seq`.
+        """
         async with self.runtime.events.transaction(defer=True) as tx:
             record = await self.repo.get(tx.connection, tenant, robot, lock=True)
             if record is None:
                 raise NotFound(f"no robot named {robot!r}")
-            updated = await apply(tx, record)
+            updated = apply(tx, record)
+            if updated == record:
+                return record
+            if updated.presence() != record.presence():
+                updated = replace(updated, seq=record.seq + 1)
+            await self.repo.save(tx.connection, updated)
         if updated.seq != record.seq:
             await self._project(updated)
         return updated
@@ -341,7 +342,7 @@ class RegistryService(Service):
     async def _project(self, record: RobotRecord) -> None:
         """Write a robot's presence to the bucket, then again if a newer change overtook this write."""
         await self.robots_kv.put(record.key, codec.dump(record.presence()))
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             current = await self.repo.get(connection, record.tenant, record.name)
         if current is None:
             await self.robots_kv.delete(record.key)
@@ -350,14 +351,14 @@ class RegistryService(Service):
 
     async def _project_token(self, record: RobotRecord) -> None:
         await self.tokens_kv.put(record.token_hash, codec.dump(record.principal()))
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             current = await self.repo.get(connection, record.tenant, record.name)
         if current is None or current.token_hash != record.token_hash:
             await self.tokens_kv.delete(record.token_hash)  # removed meanwhile
 
     async def reconcile(self) -> None:
         """Make both buckets hold exactly what the database says about robots."""
-        async with self.engine.connect() as connection:
+        async with database.read(self.engine) as connection:
             records = await self.repo.all(connection)
         tokens = {key: p for key, p in self.runtime.tokens.snapshot().items() if p.kind is PrincipalKind.ROBOT}
         live_tokens = {record.token_hash: record for record in records}

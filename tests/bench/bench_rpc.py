@@ -26,17 +26,16 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from benchlib import environment, percentile
 
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Principal, PrincipalKind, Role
@@ -45,7 +44,7 @@ from herder.services.common import logs
 from herder.services.common.bus import JetStreamSettings, connect, ensure_bucket, ensure_event_stream, sync
 from herder.services.common.client import Client
 from herder.services.common.events import EventPublisher
-from herder.services.common.natsserver import EmbeddedNats, server_binary
+from herder.services.common.natsserver import EmbeddedNats
 from herder.services.common.runtime import RequestContext, Runtime, Service, ServiceRunner, endpoint
 from herder.services.common.tokens import TokenResolver, new_secret, token_hash
 
@@ -159,12 +158,6 @@ class Comparison:
     p99_ratio: float
     throughput_ratio: float
     target_met: bool
-
-
-def percentile(ordered: list[int], fraction: float) -> int:
-    """Nearest-rank percentile of sorted values."""
-    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered)) - 1))
-    return ordered[index]
 
 
 def figures(latencies_ns: list[int], elapsed_s: float, caller_cpu_s: float, responder_cpu_s: float) -> Figures:
@@ -331,24 +324,6 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Comparison]:
     finally:
         await nc.drain()
     return results
-
-
-def environment() -> dict[str, Any]:
-    try:
-        server = subprocess.run(
-            [str(server_binary()), "--version"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout.strip()
-    except Exception:
-        server = "unknown"
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "nats_py": metadata.version("nats-py"),
-        "pydantic": metadata.version("pydantic"),
-        "msgpack": metadata.version("msgpack"),
-        "nats_server": server,
-    }
 
 
 def render(results: dict[str, Comparison], args: argparse.Namespace, env: dict[str, Any], payload: int) -> str:

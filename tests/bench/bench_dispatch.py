@@ -1,0 +1,539 @@
+"""Job dispatch: how fast a start request reaches a robot, and how many jobs a fleet gets through.
+
+Run it with `make bench` or `.venv/bin/python tests/bench/bench_dispatch.py [--db sqlite|postgres|both] [--json]`.
+
+One isolated nats-server is started (herder's `EmbeddedNats`, temporary store) and, for each
+database, three processes share it:
+
+* a child runs herder's services (auth, registry, packages, jobs) in one `ServiceHost`, on a fresh
+  SQLite file or a fresh PostgreSQL database (from HERDER_TEST_POSTGRES);
+* ROBOTS children each run one real robot agent (`RobotAgent`), as `herder robot run` does on a
+  robot's machine; every job is a real child process of its agent, the no-op command `true` (or
+  `--entry python`: a Python function that returns at once, through herder's entry wrapper and SDK);
+* this process is the caller, with herder's `Client` and an admin token.
+
+It measures two things:
+
+1. dispatch latency: from the moment the caller sends a start request for a job aimed at an idle
+   robot, to the moment that robot's agent receives the start command (its clock, stamped before
+   it decodes the command; both processes read the same system clock). The caller keeps every
+   robot busy: as soon as a robot's job ends, it sends that robot the next one. JOBS jobs after
+   WARMUP untimed ones; p50, p99, mean and max.
+2. throughput: JOBS no-op jobs created at once (CONCURRENCY callers) for a group holding all the
+   robots, from the first start request until the last job is Successful; jobs per second, and
+   the p50 and p99 of each job's time from its start request to its end.
+
+Targets (dispatch on SQLite): p50 under 5 ms, p99 under 25 ms. The script reports whether they are
+met and exits 0 either way on a completed run: it measures, it does not test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchlib import environment, percentile
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from herder.protocol import codec, subjects
+from herder.protocol.jobs import Command, JobStart, JobStateChangedEvent, StartCommand
+from herder.protocol.messages import Event
+from herder.protocol.packages import PackagePublish, object_name
+from herder.protocol.registry import RobotAdd, RobotListRequest, RobotStatus, RobotType
+from herder.robot.agent import RobotAgent
+from herder.services.common import logs
+from herder.services.common.bus import connect, sync
+from herder.services.common.client import Client
+from herder.services.common.natsserver import EmbeddedNats
+from herder.services.packages.archive import pack, sha256_hex
+from herder.services.packages.manifest import load_manifest
+
+TARGET_P50_MS = 5.0
+TARGET_P99_MS = 25.0
+DEFAULT_JOBS = 1000
+DEFAULT_ROBOTS = 10
+DEFAULT_WARMUP = 50
+DEFAULT_CONCURRENCY = 16
+GROUP = "bench"
+PROCESS = "noop"
+STAMPS_SUBJECT = "bench.robots.stamps"
+READY = "bench-ready"
+CHILD_START_TIMEOUT_S = 60.0
+JOB_TIMEOUT_S = 120.0
+SERVICES_FLAG = "--serve-services"  # hidden: runs herder's services, in a child process
+ROBOTS_FLAG = "--serve-robot"  # hidden: runs one robot agent, in a child process
+SCRIPT = Path(__file__).resolve()
+POSTGRES_URL = os.environ.get("HERDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+# --- child: herder's services ---
+
+
+async def serve_services(nats_url: str, db_url: str, data_dir: str) -> None:
+    """Run every herder service until stdin closes; the first line printed holds the admin token."""
+    from herder.services.auth.service import AuthService
+    from herder.services.catalog import NAMES
+    from herder.services.common.host import HostConfig, ServiceHost, resolve_services
+
+    host = ServiceHost(
+        HostConfig(nats_url=nats_url, db_url=db_url, services=resolve_services(NAMES), data_dir=Path(data_dir))
+    )
+    await host.start()
+    try:
+        auth = host.services["auth"]
+        assert isinstance(auth, AuthService)
+        admin = await auth.bootstrap_admin(None, may_rotate=False)
+        print(f"{READY} {admin}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await host.stop()
+
+
+# --- child: the robots ---
+
+
+class StampingAgent(RobotAgent):
+    """A robot agent that notes when each start command reached it, before anything else happens."""
+
+    stamps: dict[str, int]
+
+    async def _on_command(self, msg: Msg) -> None:
+        received = time.time_ns()
+        with contextlib.suppress(Exception):
+            command = codec.load(Command, msg.data).command
+            if isinstance(command, StartCommand):
+                self.stamps.setdefault(command.job_id, received)
+        await super()._on_command(msg)
+
+
+async def serve_robot(nats_url: str, work_dir: str) -> None:
+    """Run the robot named on stdin's first line (JSON: [name, token]) until stdin closes."""
+    loop = asyncio.get_running_loop()
+    name, token = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
+    stamps: dict[str, int] = {}
+    nc = await connect(nats_url, name=f"bench-robot-{name}")
+    agent = StampingAgent(nc, robot=name, token=token, work_dir=Path(work_dir) / name)
+    agent.stamps = stamps
+
+    async def report(msg: Msg) -> None:
+        await msg.respond(json.dumps(stamps).encode())
+
+    await nc.subscribe(f"{STAMPS_SUBJECT}.{name}", cb=report)
+    await agent.start()
+    await sync(nc)
+    print(READY, flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+    await agent.stop(grace_s=2.0)
+    await nc.close()
+
+
+# --- the caller ---
+
+
+@dataclass
+class Dispatch:
+    """Dispatch latency: start request sent → start command received by the robot."""
+
+    in_flight: int  # jobs running at once while measuring
+    jobs: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    target_met: bool
+    # The start request's own round trip, as the caller sees it: the job is created (and given to
+    # its robot) when the reply arrives.
+    reply_p50_ms: float
+    reply_p99_ms: float
+
+
+@dataclass
+class Throughput:
+    """Jobs created at once, until the last one is Successful."""
+
+    jobs: int
+    seconds: float
+    jobs_per_s: float
+    job_p50_ms: float
+    job_p99_ms: float
+    failed: int
+
+
+@dataclass
+class Result:
+    """Both measurements on one database."""
+
+    database: str
+    dispatch: dict[str, Dispatch]  # by load: one job at a time, every robot busy
+    throughput: Throughput
+
+
+class Child:
+    """One of the benchmark's child processes."""
+
+    def __init__(self, process: asyncio.subprocess.Process, name: str) -> None:
+        self.process = process
+        self.name = name
+
+    @classmethod
+    async def start(cls, name: str, *args: str, first_input: str | None = None) -> tuple[Child, str]:
+        """Start this script with `args`, write `first_input` to its stdin, and wait for its ready line."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT), *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        child = cls(process, name)
+        assert process.stdin is not None and process.stdout is not None
+        if first_input is not None:
+            process.stdin.write(first_input.encode() + b"\n")
+            await process.stdin.drain()
+        try:
+            while True:
+                line = (await asyncio.wait_for(process.stdout.readline(), CHILD_START_TIMEOUT_S)).decode().strip()
+                if not line:
+                    raise RuntimeError(f"the {name} process exited at start (code {await process.wait()})")
+                if line.startswith(READY):
+                    return child, line.removeprefix(READY).strip()
+        except BaseException:
+            await child.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Close its stdin (its signal to stop) and wait for it."""
+        if self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 30.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+class Watcher:
+    """Follows job state events: which jobs have ended, and how."""
+
+    def __init__(self) -> None:
+        self.ended: dict[str, tuple[str, int]] = {}  # job id -> (final state, time ended, ns)
+        self._waiters: dict[str, asyncio.Future[str]] = {}
+        self.all_ended = asyncio.Event()
+        self.expected: set[str] | None = None
+
+    async def on_event(self, msg: Msg) -> None:
+        event = codec.load(Event, msg.data)
+        change = JobStateChangedEvent.model_validate(event.data)
+        if not change.state.final:
+            return
+        self.ended[change.job_id] = (change.state.value, time.time_ns())
+        waiter = self._waiters.pop(change.job_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(change.state.value)
+        if self.expected is not None and self.expected <= self.ended.keys():
+            self.all_ended.set()
+
+    def ending(self, job_id: str) -> asyncio.Future[str]:
+        """A future of the job's final state."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if job_id in self.ended:
+            future.set_result(self.ended[job_id][0])
+        else:
+            self._waiters[job_id] = future
+        return future
+
+
+def noop_package(root: Path, entry: str) -> Path:
+    """The process every benchmark job runs: it does nothing, in a real child process."""
+    folder = root / "noop"
+    folder.mkdir()
+    if entry == "python":
+        (folder / "noop.py").write_text("def main():\n    pass\n")
+        manifest = '[entry]\npython = "noop:main"\n'
+    else:
+        manifest = '[entry]\ncommand = ["true"]\n'
+    (folder / "herder.toml").write_text(f'name = "{PROCESS}"\nversion = "1.0.0"\n\n{manifest}')
+    return folder
+
+
+async def prepare(nc: NATS, client: Client, root: Path, robots: int, entry: str) -> dict[str, str]:
+    """Register the robots and publish the no-op process; return robot name -> token."""
+    tokens = {}
+    for index in range(robots):
+        name = f"bench-{index:02d}"
+        added = await client.request(RobotAdd(name=name, type=RobotType.UNATTENDED, host="bench", groups=[GROUP]))
+        tokens[name] = added.token
+    folder = noop_package(root, entry)
+    manifest = load_manifest(folder)
+    archive = pack(folder)
+    sha256 = sha256_hex(archive)
+    store = await nc.jetstream().object_store(subjects.PACKAGES_BUCKET)
+    await store.put(object_name(subjects.DEFAULT_TENANT, sha256), archive)
+    await client.request(
+        PackagePublish(process=PROCESS, version="1.0.0", sha256=sha256, size=len(archive), entry=manifest.entry)
+    )
+    return tokens
+
+
+async def wait_available(client: Client, robots: int) -> None:
+    deadline = time.monotonic() + CHILD_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        listed = (await client.request(RobotListRequest(group=GROUP))).robots
+        if sum(robot.status is RobotStatus.AVAILABLE for robot in listed) == robots:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the robots did not all become Available")
+
+
+async def measure_dispatch(
+    client: Client, watcher: Watcher, robots: list[str], jobs: int, warmup: int, in_flight: int
+) -> tuple[dict[str, int], list[int]]:
+    """Start jobs on the robots in turn, each on an idle robot, `in_flight` at a time at most (the
+    next one as soon as one ends); return job id -> the time its start request was sent, and the
+    round trips of the timed start requests (ns)."""
+    idle: asyncio.Queue[str] = asyncio.Queue()
+    for robot in robots[:in_flight]:
+        idle.put_nowait(robot)
+    waiting = list(robots[in_flight:])
+    sent: dict[str, int] = {}
+    replies: list[int] = []
+
+    async def free_when_done(robot: str, job_id: str) -> None:
+        state = await asyncio.wait_for(watcher.ending(job_id), JOB_TIMEOUT_S)
+        if state != "Successful":
+            raise RuntimeError(f"benchmark job {job_id} ended {state}")
+        # The robot that has waited longest goes next, so that all of them take turns.
+        waiting.append(robot)
+        idle.put_nowait(waiting.pop(0))
+
+    followers = []
+    for number in range(warmup + jobs):
+        robot = await idle.get()
+        started = time.time_ns()
+        job = await client.request(JobStart(process=PROCESS, robot=robot))
+        if number >= warmup:
+            sent[job.id] = started
+            replies.append(time.time_ns() - started)
+        followers.append(asyncio.ensure_future(free_when_done(robot, job.id)))
+    await asyncio.gather(*followers)
+    return sent, sorted(replies)
+
+
+async def measure_throughput(client: Client, watcher: Watcher, jobs: int, concurrency: int) -> Throughput:
+    sent: dict[str, int] = {}
+    remaining = jobs
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.time_ns()
+            job = await client.request(JobStart(process=PROCESS, group=GROUP))
+            sent[job.id] = started
+
+    began = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    watcher.expected = set(sent)
+    if watcher.expected <= watcher.ended.keys():
+        watcher.all_ended.set()
+    await asyncio.wait_for(watcher.all_ended.wait(), JOB_TIMEOUT_S + jobs)
+    seconds = time.perf_counter() - began
+    durations = sorted(watcher.ended[job_id][1] - sent[job_id] for job_id in sent)
+    failed = sum(watcher.ended[job_id][0] != "Successful" for job_id in sent)
+    return Throughput(
+        jobs=jobs,
+        seconds=round(seconds, 3),
+        jobs_per_s=round(jobs / seconds, 1),
+        job_p50_ms=round(percentile(durations, 0.5) / 1e6, 1),
+        job_p99_ms=round(percentile(durations, 0.99) / 1e6, 1),
+        failed=failed,
+    )
+
+
+async def run_database(database: str, db_url: str, nats_url: str, root: Path, args: argparse.Namespace) -> Result:
+    services, token = await Child.start("services", SERVICES_FLAG, nats_url, db_url, str(root / "services"))
+    robot_children: list[Child] = []
+    nc = await connect(nats_url, name="bench-caller")
+    try:
+        client = Client(nc, token=token, timeout=30.0)
+        tokens = await prepare(nc, client, root, args.robots, args.entry)
+        watcher = Watcher()
+        await nc.subscribe(subjects.event(subjects.DEFAULT_TENANT, "jobs", "job_state_changed"), cb=watcher.on_event)
+        await sync(nc)
+        for name, robot_token in tokens.items():
+            child, _ = await Child.start(
+                f"robot {name}",
+                ROBOTS_FLAG,
+                nats_url,
+                str(root / "robots"),
+                first_input=json.dumps([name, robot_token]),
+            )
+            robot_children.append(child)
+        await wait_available(client, args.robots)
+
+        dispatch = {}
+        for load, in_flight in (("one at a time", 1), ("every robot busy", args.robots)):
+            sent, replies = await measure_dispatch(client, watcher, sorted(tokens), args.jobs, args.warmup, in_flight)
+            stamps: dict[str, int] = {}
+            for name in tokens:
+                stamps.update(json.loads((await nc.request(f"{STAMPS_SUBJECT}.{name}", b"", timeout=10)).data))
+            latencies = sorted(stamps[job_id] - started for job_id, started in sent.items())
+            p50, p99 = percentile(latencies, 0.5) / 1e6, percentile(latencies, 0.99) / 1e6
+            dispatch[load] = Dispatch(
+                in_flight=in_flight,
+                jobs=len(latencies),
+                p50_ms=round(p50, 2),
+                p99_ms=round(p99, 2),
+                mean_ms=round(sum(latencies) / len(latencies) / 1e6, 2),
+                max_ms=round(latencies[-1] / 1e6, 2),
+                target_met=p50 < TARGET_P50_MS and p99 < TARGET_P99_MS,
+                reply_p50_ms=round(percentile(replies, 0.5) / 1e6, 2),
+                reply_p99_ms=round(percentile(replies, 0.99) / 1e6, 2),
+            )
+        throughput = await measure_throughput(client, watcher, args.jobs, args.concurrency)
+        return Result(database=database, dispatch=dispatch, throughput=throughput)
+    finally:
+        await nc.close()
+        await asyncio.gather(*(child.stop() for child in robot_children))
+        await services.stop()
+
+
+@contextlib.contextmanager
+def postgres_database() -> Any:
+    """A fresh PostgreSQL database on HERDER_TEST_POSTGRES's server, dropped afterwards."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(POSTGRES_URL).set(drivername="postgresql")
+    name = f"herder_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True, connect_timeout=3) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield server.set(database=name).render_as_string(hide_password=False)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def measure(args: argparse.Namespace, nats_url: str, root: Path) -> list[Result]:
+    results = []
+    for database in ("sqlite", "postgres") if args.db == "both" else (args.db,):
+        folder = root / database
+        folder.mkdir()
+        if database == "sqlite":
+            results.append(await run_database(database, f"sqlite:///{folder / 'herder.db'}", nats_url, folder, args))
+            continue
+        try:
+            with postgres_database() as url:
+                results.append(await run_database(database, url, nats_url, folder, args))
+        except ImportError:
+            raise
+        except Exception as exc:
+            if args.db == "postgres":
+                raise
+            print(f"PostgreSQL skipped: {exc}", file=sys.stderr)
+    return results
+
+
+def render(results: list[Result], args: argparse.Namespace, env: dict[str, Any]) -> str:
+    noop = "python function" if args.entry == "python" else "command `true`"
+    lines = [
+        f"Job dispatch and throughput: {args.robots} robots (a process each), {args.jobs} jobs per measurement, "
+        f"no-op {noop} in a child process per job",
+        f"  Python {env['python']}, nats-py {env['nats_py']}, SQLAlchemy {env['sqlalchemy']}, {env['nats_server']}, "
+        f"{env['cpus']} CPUs",
+        "",
+        "  dispatch latency: start request sent -> start command received by the robot",
+        f"  {'database':<9} {'load':<17} {'p50':>9} {'p99':>9} {'mean':>9} {'max':>9} "
+        f"{'reply p50':>10} {'reply p99':>10}",
+    ]
+    for result in results:
+        for load, d in result.dispatch.items():
+            lines.append(
+                f"  {result.database:<9} {load:<17} {d.p50_ms:>6.2f} ms {d.p99_ms:>6.2f} ms {d.mean_ms:>6.2f} ms "
+                f"{d.max_ms:>6.1f} ms {d.reply_p50_ms:>7.2f} ms {d.reply_p99_ms:>7.2f} ms"
+            )
+    lines += [
+        "",
+        f"  throughput: {args.jobs} jobs created at once for a group of all the robots ({args.concurrency} callers)",
+        f"  {'database':<9} {'jobs/s':>8} {'seconds':>8} {'job p50':>9} {'job p99':>9} {'failed':>7}",
+    ]
+    for result in results:
+        t = result.throughput
+        lines.append(
+            f"  {result.database:<9} {t.jobs_per_s:>8.1f} {t.seconds:>8.1f} {t.job_p50_ms:>6.0f} ms "
+            f"{t.job_p99_ms:>6.0f} ms {t.failed:>7}"
+        )
+    lines.append("")
+    for result in results:
+        for load, d in result.dispatch.items():
+            verdict = "met" if d.target_met else "NOT met"
+            lines.append(
+                f"  target dispatch p50 < {TARGET_P50_MS:g} ms and p99 < {TARGET_P99_MS:g} ms, "
+                f"{result.database}, {load}: {verdict}"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both", help="(%(default)s)")
+    parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="jobs per measurement (%(default)s)")
+    parser.add_argument("--robots", type=int, default=DEFAULT_ROBOTS, help="robot agents (%(default)s)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed jobs first (%(default)s)")
+    parser.add_argument(
+        "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="callers creating jobs at once (%(default)s)"
+    )
+    parser.add_argument("--entry", choices=("command", "python"), default="command", help="the no-op (%(default)s)")
+    args = parser.parse_args(argv)
+    for option in ("jobs", "robots", "concurrency"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    logs.configure(level="warning")
+    if argv[:1] == [SERVICES_FLAG]:
+        asyncio.run(serve_services(*argv[1:4]))
+        return 0
+    if argv[:1] == [ROBOTS_FLAG]:
+        asyncio.run(serve_robot(*argv[1:3]))
+        return 0
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="herder-bench-") as folder:
+        root = Path(folder)
+        server = EmbeddedNats(root / "nats")
+        nats_url = server.start()
+        try:
+            results = asyncio.run(measure(args, nats_url, root))
+        finally:
+            server.stop()
+    env = environment()
+    if args.json:
+        document = {
+            "benchmark": "job_dispatch",
+            "targets": {"dispatch_p50_ms": TARGET_P50_MS, "dispatch_p99_ms": TARGET_P99_MS},
+            "config": {k: getattr(args, k) for k in ("jobs", "robots", "warmup", "concurrency", "entry")},
+            "environment": env,
+            "results": {result.database: asdict(result) for result in results},
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(render(results, args, env))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
