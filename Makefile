@@ -33,11 +33,12 @@ lint: $(STAMP) ## ruff and mypy
 	@for pkg in protocol services robot coordinator cli; do ln -s ../../$$pkg .mypy-path/herder/$$pkg; done
 	$(BIN)/mypy -p herder.protocol -p herder.services -p herder.robot -p herder.coordinator -p herder.cli
 
-demo: $(STAMP) ## Start an embedded stack in a temporary folder, show `herder status`, stop it
+demo: $(STAMP) ## An embedded stack in a temporary folder, a robot, four jobs (run, stopped, killed)
 	HERDER=$(BIN)/herder deploy/demo.sh
 
 bench: $(STAMP) ## Run the benchmarks and print their figures
 	$(BIN)/python tests/bench/bench_rpc.py
+	$(BIN)/python tests/bench/bench_dispatch.py
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .mypy-path .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -212,11 +212,7 @@ def stop(
     json_out: JsonOption = False,
 ) -> None:
     """Soft-stop a job: its script sees should_stop() and ends itself. A Pending job is cancelled."""
-    job = call(resolve(data_dir, url, token_file), lambda c: c.request(JobStop(id=job_id)))
-    if json_out:
-        print_json(job)
-    else:
-        print(f"job {job.id[:SHORT_ID]}: {_state_line(job)}")
+    _ask(resolve(data_dir, url, token_file), JobStop(id=job_id), json_out)
 
 
 @job_app.command("kill")
@@ -228,7 +224,11 @@ def kill(
     json_out: JsonOption = False,
 ) -> None:
     """Hard-stop a job: SIGTERM to its processes, SIGKILL after its grace period. A Pending job is cancelled."""
-    job = call(resolve(data_dir, url, token_file), lambda c: c.request(JobKill(id=job_id)))
+    _ask(resolve(data_dir, url, token_file), JobKill(id=job_id), json_out)
+
+
+def _ask(target: Target, request: JobStop | JobKill, json_out: bool) -> None:
+    job = call(target, lambda c: c.request(request))
     if json_out:
         print_json(job)
     else:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TextIO, TypeVar
+from typing import Annotated, Any, TextIO
 
 import nats.errors
 import typer
 from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
+from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, call, connected, resolve
 from herder.cli.output import print_json, print_table, run, when
 from herder.protocol.errors import NotFound, Unavailable
-from herder.protocol.messages import Model
 from herder.protocol.packages import (
     PackagePublish,
     ProcessListRequest,
@@ -34,21 +32,11 @@ from herder.services.packages.archive import pack, sha256_hex
 from herder.services.packages.core import already_published, object_digest
 from herder.services.packages.manifest import Manifest, check_name, load_manifest
 
-M = TypeVar("M", bound=Model)
-
 # Uploads larger than this show their progress on stderr.
 PROGRESS_MIN_BYTES = 1024 * 1024
 SHORT_SHA_CHARS = 12
 
 package_app = typer.Typer(help="Processes (automation scripts) and their versions.", no_args_is_help=True)
-
-
-def _call(target: Target, send: Callable[[Client], Awaitable[M]]) -> M:
-    async def main() -> M:
-        async with connected(target, "herder-cli") as nc:
-            return await send(Client(nc, token=target.token, tenant=target.tenant))
-
-    return run(main)
 
 
 def human_size(size: int) -> str:
@@ -133,22 +121,36 @@ async def upload(nc: NATS, name: str, archive: bytes, sha256: str, *, label: str
     return True
 
 
-async def _publish(target: Target, manifest: Manifest, archive: bytes, sha256: str) -> VersionInfo:
-    async with connected(target, "herder-cli") as nc:
-        client = Client(nc, token=target.token, tenant=target.tenant)
-        await _refuse_published(client, manifest)
-        label = f"{manifest.name} {manifest.version}"
-        await upload(nc, object_name(target.tenant, sha256), archive, sha256, label=label)
-        return await client.request(
-            PackagePublish(
-                process=manifest.name,
-                version=manifest.version,
-                sha256=sha256,
-                size=len(archive),
-                entry=manifest.entry,
-                description=manifest.description,
-            )
+async def publish_archive(nc: NATS, client: Client, manifest: Manifest, archive: bytes) -> VersionInfo:
+    """Publish a packed process folder as `manifest` says: refuse an existing version before
+    uploading, upload the archive under its sha256, then record the version."""
+    await _refuse_published(client, manifest)
+    sha256 = sha256_hex(archive)
+    label = f"{manifest.name} {manifest.version}"
+    await upload(nc, object_name(client.tenant, sha256), archive, sha256, label=label)
+    return await client.request(
+        PackagePublish(
+            process=manifest.name,
+            version=manifest.version,
+            sha256=sha256,
+            size=len(archive),
+            entry=manifest.entry,
+            description=manifest.description,
         )
+    )
+
+
+async def publish_folder(nc: NATS, client: Client, folder: Path, *, version: str | None = None) -> VersionInfo:
+    """Check, pack and publish a process folder (as `version`, when given, instead of the manifest's)."""
+    manifest = load_manifest(folder)
+    if version is not None:
+        manifest = manifest.with_version(version)
+    return await publish_archive(nc, client, manifest, pack(folder))
+
+
+async def _publish(target: Target, manifest: Manifest, archive: bytes) -> VersionInfo:
+    async with connected(target, "herder-cli") as nc:
+        return await publish_archive(nc, Client(nc, token=target.token, tenant=target.tenant), manifest, archive)
 
 
 @package_app.command("publish")
@@ -179,9 +181,8 @@ def publish(
     if version is not None:
         manifest = manifest.with_version(version)
     target = resolve(data_dir, url, token_file)
-    archive = pack(folder)
-    sha256 = sha256_hex(archive)
-    published = run(lambda: _publish(target, manifest, archive, sha256))
+    archive = pack(folder)  # packed before connecting: a folder that cannot be packed fails at once
+    published = run(lambda: _publish(target, manifest, archive))
     if json_out:
         print_json(published)
         return
@@ -199,7 +200,7 @@ def list_processes(
     json_out: JsonOption = False,
 ) -> None:
     """List the processes, each with its newest version."""
-    listed = _call(resolve(data_dir, url, token_file), lambda c: c.request(ProcessListRequest()))
+    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(ProcessListRequest()))
     if json_out:
         print_json(listed.processes)
         return
@@ -220,7 +221,7 @@ def list_versions(
 ) -> None:
     """List the versions of a process, newest first."""
     check_name(name, what="the process name")
-    listed = _call(resolve(data_dir, url, token_file), lambda c: c.request(VersionListRequest(process=name)))
+    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(VersionListRequest(process=name)))
     if json_out:
         print_json(listed.versions)
         return

@@ -246,13 +246,17 @@ class Command(Model):
 
 
 class CommandAck(Model):
-    """A robot's acknowledgement of a command."""
+    """A robot's acknowledgement of a command. A start refused because the robot is busy names the
+    job it is busy with, so that herder can stop that one if it no longer counts (its robot was
+    thought lost, and the job ended without it)."""
 
     job_id: str
     attempt: int
     session: str
     accepted: bool = True
     detail: str = ""
+    busy_job: str | None = None
+    busy_attempt: int | None = None
 
 
 # --- log lines, on hd.<tenant>.tel.<robot>.log.<job> in the HERDER_LOGS stream ---

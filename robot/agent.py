@@ -224,7 +224,8 @@ class RobotAgent:
         if run is not None:
             if run.key == (command.job_id, command.attempt):
                 return self._ack(command, detail="already running")
-            return self._ack(command, accepted=False, detail=f"busy with job {run.command.job_id}")
+            busy = self._ack(command, accepted=False, detail=f"busy with job {run.command.job_id}")
+            return busy.model_copy(update={"busy_job": run.command.job_id, "busy_attempt": run.command.attempt})
         run = self.current = JobRun(command=command)
         run.task = asyncio.create_task(self._run(run), name=f"robot.job.{command.job_id[:12]}")
         self._beat_now.set()

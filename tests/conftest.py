@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from herder.services.common.bus import connect
 from herder.services.common.client import Client
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.natsserver import EmbeddedNats
+from herder.services.common.runtime import Service
 from tests.support import Postgres, connect_postgres, migrated
 
 
@@ -110,11 +112,14 @@ class Stack:
         return Client(self.nc, token=token, tenant=tenant)
 
 
-@pytest.fixture
-async def stack(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    """herder's auth service on this test's NATS and database, bootstrapped with an admin token."""
+@asynccontextmanager
+async def running_stack(
+    nats_url: str, db_url: str, data_dir: Path, services: tuple[type[Service], ...] = (AuthService,)
+) -> AsyncIterator[Stack]:
+    """`services` (auth among them) on a migrated database, bootstrapped with an admin token, and a
+    client connection holding it; all stopped afterwards."""
     host = ServiceHost(
-        HostConfig(nats_url=nats_url, db_url=db_url, services=(AuthService,), data_dir=tmp_path, migrate=False)
+        HostConfig(nats_url=nats_url, db_url=db_url, services=services, data_dir=data_dir, migrate=False)
     )
     await host.start()
     try:
@@ -129,3 +134,10 @@ async def stack(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Sta
             await client_nc.close()
     finally:
         await host.stop()
+
+
+@pytest.fixture
+async def stack(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    """herder's auth service on this test's NATS and database, bootstrapped with an admin token."""
+    async with running_stack(nats_url, db_url, tmp_path) as started:
+        yield started

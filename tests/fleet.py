@@ -19,20 +19,19 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
+from herder.cli.packages import publish_folder
 from herder.protocol import codec, subjects
 from herder.protocol.jobs import JobInfo, JobShow, JobState, LogRecord
-from herder.protocol.packages import PackagePublish, VersionInfo, object_name
+from herder.protocol.packages import VersionInfo
 from herder.protocol.registry import RobotAdd, RobotInfo, RobotShow, RobotStatus, RobotType
 from herder.services.auth.service import AuthService
-from herder.services.common.bus import connect
 from herder.services.common.client import Client
-from herder.services.common.host import HostConfig, ServiceHost
+from herder.services.common.host import ServiceHost
 from herder.services.common.runtime import Service
 from herder.services.jobs.service import JobsService
-from herder.services.packages.archive import pack, sha256_hex
-from herder.services.packages.manifest import load_manifest
 from herder.services.packages.service import PackagesService
 from herder.services.registry.service import RegistryService
+from tests.conftest import running_stack
 from tests.support import eventually
 
 ALL_SERVICES: tuple[type[Service], ...] = (AuthService, RegistryService, PackagesService, JobsService)
@@ -147,21 +146,7 @@ class Fleet:
 
     async def publish(self, folder: Path) -> VersionInfo:
         """Pack, upload and publish a process folder, as `herder package publish` does."""
-        manifest = load_manifest(folder)
-        archive = pack(folder)
-        sha256 = sha256_hex(archive)
-        store = await self.nc.jetstream().object_store(subjects.PACKAGES_BUCKET)
-        await store.put(object_name(self.tenant, sha256), archive)
-        return await self.client.request(
-            PackagePublish(
-                process=manifest.name,
-                version=manifest.version,
-                sha256=sha256,
-                size=len(archive),
-                entry=manifest.entry,
-                description=manifest.description,
-            )
-        )
+        return await publish_folder(self.nc, self.client, folder)
 
     async def job(self, job_id: str) -> JobInfo:
         """A job as it is now."""
@@ -218,30 +203,21 @@ class Fleet:
 async def running_fleet(
     nats_url: str, db_url: str, root: Path, services: tuple[type[Service], ...] = ALL_SERVICES
 ) -> AsyncIterator[Fleet]:
-    """Start the services on the test's NATS and database with an admin client; stop it all after."""
-    host = ServiceHost(HostConfig(nats_url=nats_url, db_url=db_url, services=services, data_dir=root, migrate=False))
-    await host.start()
-    try:
-        auth = host.services["auth"]
-        assert isinstance(auth, AuthService)
-        admin = await auth.bootstrap_admin(None, may_rotate=False)
-        assert admin is not None
-        nc = await connect(nats_url, name="test-fleet")
+    """Start the services on the test's NATS and database with an admin client; stop it all after,
+    robots first."""
+    async with running_stack(nats_url, db_url, root, services) as stack:
         fleet = Fleet(
-            host=host,
-            nc=nc,
-            client=Client(nc, token=admin, timeout=10.0),
+            host=stack.host,
+            nc=stack.nc,
+            client=Client(stack.nc, token=stack.admin_token, timeout=10.0),
             nats_url=nats_url,
             root=root,
-            admin_token=admin,
+            admin_token=stack.admin_token,
         )
         try:
             yield fleet
         finally:
             fleet.stop_robots()
-            await nc.close()
-    finally:
-        await host.stop()
 
 
 def python_process(root: Path, name: str, body: str, *, version: str = "1.0.0") -> Path:

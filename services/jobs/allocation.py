@@ -90,7 +90,9 @@ def ahead(
 
 
 def _robots_of_targets(targets: Iterable[Target], robots: Sequence[RobotPresence]) -> dict[Target, frozenset[str]]:
-    return {target: frozenset(robot.name for robot in members(target, robots)) for target in targets}
+    # Jobs compete only for robots that take jobs: attended ones never do.
+    unattended = [robot for robot in robots if robot.type is RobotType.UNATTENDED]
+    return {target: frozenset(robot.name for robot in members(target, unattended)) for target in targets}
 
 
 def pending_reason(
@@ -107,15 +109,17 @@ def pending_reason(
         return f"group {target.group} has no robots"
     unattended = [robot for robot in named if robot.type is RobotType.UNATTENDED]
     if not unattended:
-        return f"{target.describe()} has no unattended robot; only unattended robots take jobs"
+        if target.robot is not None:
+            return f"robot {target.robot} is attended; only unattended robots take jobs"
+        return f"group {target.group} has no unattended robot; only unattended robots take jobs"
     online = [robot for robot in unattended if robot.status.online]
     if not online:
         if target.robot is not None:
             status = unattended[0].status
             how = "has missed its heartbeats" if status is RobotStatus.UNRESPONSIVE else "is not connected"
-            return f"robot {target.robot} is offline ({status.value}: it {how}); the job starts when it connects"
+            return f"robot {target.robot} is offline ({status.value}: it {how}); the job starts when it is back"
         counts = _count_statuses(unattended)
-        return f"no robot of group {target.group} is online ({counts}); the job starts when one connects"
+        return f"no unattended robot of group {target.group} is online ({counts}); the job starts when one is back"
     idle = [robot for robot in online if robot.name not in busy]
     if not idle:
         if target.robot is not None:
@@ -124,8 +128,9 @@ def pending_reason(
         also = f"; {offline} more offline" if offline else ""
         jobs = ", ".join(f"{robot.name} with job {busy[robot.name][:12]}" for robot in online[:3])
         more = f" and {len(online) - 3} more" if len(online) > 3 else ""
-        return f"every online robot of group {target.group} is busy ({jobs}{more}){also}"
-    if ahead:
+        return f"every online unattended robot of group {target.group} is busy ({jobs}{more}){also}"
+    # As many jobs ahead as free robots take them all; one fewer leaves a robot for this one.
+    if ahead >= len(idle):
         jobs = "job" if ahead == 1 else "jobs"
         return f"waiting behind {ahead} older or higher-priority {jobs} for {target.describe()}"
     return f"starting on {target.describe()}"

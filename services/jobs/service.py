@@ -30,6 +30,7 @@ from herder.protocol.auth import Permission
 from herder.protocol.codec import Header
 from herder.protocol.errors import BadRequest, Conflict, NotFound
 from herder.protocol.jobs import (
+    DEFAULT_KILL_GRACE_S,
     MAX_INPUT_BYTES,
     CommandAck,
     JobCreatedEvent,
@@ -203,33 +204,27 @@ class JobsService(Service):
     @endpoint(permission=Permission.JOBS_STOP)
     async def stop(self, request: JobStop, ctx: RequestContext) -> JobInfo:
         """Soft stop: the script sees `should_stop()`; a Pending job is cancelled."""
-        after = await self._move(
-            ctx.tenant,
-            request.id,
-            lambda job: _stopped_by(job, states.stop(job.state), ctx.actor, hard=False),
-            actor=ctx.actor,
-        )
-        if after.state is JobState.STOPPING:
-            stop = StopCommand(job_id=after.id, attempt=after.attempt, session=after.session or "")
-            self._spawn(self._command(after, stop))
-        ctx.log.info("job.stop_asked", job_id=after.id, state=after.state.value)
-        return after.info()
+        return await self._stop(ctx, request.id, hard=False)
 
     @endpoint(permission=Permission.JOBS_STOP)
     async def kill(self, request: JobKill, ctx: RequestContext) -> JobInfo:
         """Hard stop: terminate, then kill after the job's grace period; a Pending job is cancelled."""
+        return await self._stop(ctx, request.id, hard=True)
+
+    async def _stop(self, ctx: RequestContext, prefix: str, *, hard: bool) -> JobInfo:
+        decide = states.kill if hard else states.stop
         after = await self._move(
-            ctx.tenant,
-            request.id,
-            lambda job: _stopped_by(job, states.kill(job.state), ctx.actor, hard=True),
-            actor=ctx.actor,
+            ctx.tenant, prefix, lambda job: _stopped_by(job, decide(job.state), ctx.actor, hard=hard), actor=ctx.actor
         )
-        if after.state is JobState.TERMINATING:
-            kill = KillCommand(
-                job_id=after.id, attempt=after.attempt, session=after.session or "", grace_s=after.kill_grace_s
-            )
-            self._spawn(self._command(after, kill))
-        ctx.log.info("job.kill_asked", job_id=after.id, state=after.state.value)
+        command: StopCommand | KillCommand | None = None
+        session = after.session or ""
+        if after.state is JobState.STOPPING:
+            command = StopCommand(job_id=after.id, attempt=after.attempt, session=session)
+        elif after.state is JobState.TERMINATING:
+            command = KillCommand(job_id=after.id, attempt=after.attempt, session=session, grace_s=after.kill_grace_s)
+        if command is not None:
+            self._spawn(self._command(after, command))
+        ctx.log.info("job.kill_asked" if hard else "job.stop_asked", job_id=after.id, state=after.state.value)
         return after.info()
 
     # --- robots ---
@@ -345,8 +340,36 @@ class JobsService(Service):
             self._acknowledged(job)
             return
         self.log.warning("job.start_refused", job_id=job.id, robot=job.robot, detail=ack.detail)
-        why = f"robot {job.robot} refused the start ({ack.detail})"
-        await self._lose(job.tenant, job.robot or "", why, only=job.id)
+        await self._refused(job, ack)
+
+    async def _refused(self, job: JobRecord, ack: CommandAck) -> None:
+        """A robot refused a start: the job never ran, so it waits for a robot again. When the robot
+        is busy with a job that has ended here (it was thought lost, and came back still running it),
+        that job is stopped, so the robot is free for the next."""
+        async with self.runtime.events.transaction(defer=True) as tx:
+            current = await self.repo.get(tx.connection, job.tenant, job.id)
+            if current is None or current.state is not JobState.RUNNING or current.attempt != job.attempt:
+                return
+            after = replace(
+                current,
+                state=states.check(current.state, JobState.PENDING),
+                robot=None,
+                host=None,
+                session=None,
+                started_at=None,
+                start_acked_at=None,
+                reason=f"robot {job.robot} could not start it ({ack.detail})",
+            )
+            if await self.repo.move(tx.connection, current, after):
+                self._emit(tx, current, after, actor=None)
+            orphan = await self.repo.get(tx.connection, job.tenant, ack.busy_job) if ack.busy_job else None
+        if ack.busy_job is None or ack.busy_attempt is None:
+            return
+        if orphan is None or orphan.state.final or orphan.attempt != ack.busy_attempt or orphan.robot != job.robot:
+            self.log.warning("job.orphan_stopped", job_id=ack.busy_job, robot=job.robot, attempt=ack.busy_attempt)
+            grace_s = orphan.kill_grace_s if orphan is not None else DEFAULT_KILL_GRACE_S
+            kill = KillCommand(job_id=ack.busy_job, attempt=ack.busy_attempt, session=ack.session, grace_s=grace_s)
+            self._spawn(self.commands.deliver(job.tenant, job.host or "", job.robot or "", kill))
 
     def _acknowledged(self, job: JobRecord) -> None:
         """Note a confirmed start; confirmations are written together, a moment later, in one transaction."""

@@ -7,7 +7,8 @@ Pure: no I/O. Every illegal transition is refused with `Conflict`, naming the jo
     Running     → Successful | Faulted | Stopped    the robot reported the end
     Running     → Stopping      a soft stop was asked
     Running     → Terminating   a hard stop was asked, or the job's timeout passed
-    Running     → Pending       re-queued: its robot was lost and the job asks to run again
+    Running     → Pending       re-queued: its robot was lost and the job asks to run again, or
+                                the robot could not start it (still busy with another)
     Stopping    → Successful | Faulted | Stopped    the robot reported the end
     Stopping    → Terminating   a hard stop was asked after the soft one
     Terminating → Stopped       the robot reported the end (whatever the script did meanwhile)

@@ -207,7 +207,9 @@ class RegistryService(Service):
             change = presence.on_goodbye(record.seen, request.session)
             if change is None:
                 return record
-            return self._changed(tx, replace(record, current_job=None, deadline=None), record.status, change, now)
+            # The session ends with the goodbye: a heartbeat of it still on its way no longer counts.
+            ended = replace(record, current_job=None, deadline=None, session=None)
+            return self._changed(tx, ended, record.status, change, now)
 
         record = await self._update(ctx.tenant, robot, goodbye)
         ctx.log.info("robot.disconnected", robot=robot, session=request.session)

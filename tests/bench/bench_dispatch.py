@@ -47,18 +47,16 @@ from benchlib import environment, percentile
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from herder.cli.packages import publish_folder
 from herder.protocol import codec, subjects
 from herder.protocol.jobs import Command, JobStart, JobStateChangedEvent, StartCommand
 from herder.protocol.messages import Event
-from herder.protocol.packages import PackagePublish, object_name
 from herder.protocol.registry import RobotAdd, RobotListRequest, RobotStatus, RobotType
 from herder.robot.agent import RobotAgent
 from herder.services.common import logs
 from herder.services.common.bus import connect, sync
 from herder.services.common.client import Client
 from herder.services.common.natsserver import EmbeddedNats
-from herder.services.packages.archive import pack, sha256_hex
-from herder.services.packages.manifest import load_manifest
 
 TARGET_P50_MS = 5.0
 TARGET_P99_MS = 25.0
@@ -272,15 +270,7 @@ async def prepare(nc: NATS, client: Client, root: Path, robots: int, entry: str)
         name = f"bench-{index:02d}"
         added = await client.request(RobotAdd(name=name, type=RobotType.UNATTENDED, host="bench", groups=[GROUP]))
         tokens[name] = added.token
-    folder = noop_package(root, entry)
-    manifest = load_manifest(folder)
-    archive = pack(folder)
-    sha256 = sha256_hex(archive)
-    store = await nc.jetstream().object_store(subjects.PACKAGES_BUCKET)
-    await store.put(object_name(subjects.DEFAULT_TENANT, sha256), archive)
-    await client.request(
-        PackagePublish(process=PROCESS, version="1.0.0", sha256=sha256, size=len(archive), entry=manifest.entry)
-    )
+    await publish_folder(nc, client, noop_package(root, entry))
     return tokens
 
 

@@ -46,3 +46,35 @@ def test_the_benchmark_refuses_nonsense_options() -> None:
     )
     assert done.returncode == 2
     assert "--rounds must be at least 1" in done.stderr
+
+
+DISPATCH = BENCH.parent / "bench_dispatch.py"
+
+
+def test_the_dispatch_benchmark_completes_and_reports_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, str(DISPATCH), "--json", "--db=sqlite", "--jobs=12", "--robots=2", "--warmup=2"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    sqlite = report["results"]["sqlite"]
+    assert set(sqlite["dispatch"]) == {"one at a time", "every robot busy"}
+    for figures in sqlite["dispatch"].values():
+        assert figures["jobs"] == 12
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+    assert sqlite["dispatch"]["every robot busy"]["in_flight"] == 2
+    throughput = sqlite["throughput"]
+    assert (throughput["jobs"], throughput["failed"]) == (12, 0)
+    assert throughput["jobs_per_s"] > 0
+
+
+def test_the_dispatch_benchmark_refuses_nonsense_options() -> None:
+    done = subprocess.run(
+        [sys.executable, str(DISPATCH), "--robots=0"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert "--robots must be at least 1" in done.stderr

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -264,7 +266,7 @@ async def test_a_job_for_an_offline_robot_waits_and_starts_when_it_connects(flee
     await fleet.publish(python_process(fleet.root, "hello", HELLO))
     job = await fleet.client.request(JobStart(process="hello", robot="r1"))
     assert job.state is JobState.PENDING
-    assert "robot r1 is offline" in job.reason and "starts when it connects" in job.reason
+    assert "robot r1 is offline" in job.reason and "starts when it is back" in job.reason
     listed = (await fleet.client.request(JobListRequest(states=[JobState.PENDING]))).jobs
     assert [j.reason for j in listed] == [job.reason]
 
@@ -310,6 +312,31 @@ async def test_a_job_that_asks_to_be_requeued_runs_again_with_a_new_attempt(flee
     done = await fleet.wait_job(job.id, JobState.SUCCESSFUL)
     assert (done.robot, done.attempt) == ("r2", 2)
     assert ran(marker) == [job.id, job.id]
+
+
+async def test_a_robot_back_with_a_lost_job_still_running_is_cleaned_up_before_its_next_job(fleet: Fleet) -> None:
+    """A robot frozen longer than three heartbeats loses its job; when it comes back still running
+    that job's script, the script is hard-stopped and the robot takes its next job."""
+    robot = await fleet.run_robot("r1")
+    await fleet.publish(python_process(fleet.root, "loop", LOOP))
+    await fleet.publish(python_process(fleet.root, "record", RECORD))
+    lost = await fleet.client.request(JobStart(process="loop", robot="r1", input={"marker": str(fleet.root / "m1")}))
+    await eventually(lambda: ran(fleet.root / "m1"), timeout=20)
+    os.kill(robot.process.pid, signal.SIGSTOP)  # the agent freezes; its script runs on
+    try:
+        faulted = await fleet.wait_job(lost.id, JobState.FAULTED, timeout=10)
+        assert faulted.reason.startswith("robot lost")
+        following = await fleet.client.request(
+            JobStart(process="record", robot="r1", input={"marker": str(fleet.root / "m2")})
+        )
+        assert following.state is JobState.PENDING
+    finally:
+        os.kill(robot.process.pid, signal.SIGCONT)
+    done = await fleet.wait_job(following.id, JobState.SUCCESSFUL, timeout=40)
+    assert done.robot == "r1" and ran(fleet.root / "m2") == [following.id]
+    # The lost job's script did not run on: the robot stopped it when told its job had ended.
+    assert await eventually(lambda: _logged(fleet, lost.id, "hard-stopped"), timeout=10)
+    assert (await fleet.job(lost.id)).state is JobState.FAULTED  # its late report was refused
 
 
 async def test_two_robots_of_a_group_share_twenty_jobs_and_none_runs_twice(fleet: Fleet) -> None:

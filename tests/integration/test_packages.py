@@ -22,13 +22,11 @@ from herder.protocol.packages import (
     object_name,
 )
 from herder.services.auth.service import AuthService
-from herder.services.common.bus import connect
 from herder.services.common.client import Client
-from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.packages.archive import pack, sha256_hex, unpack
 from herder.services.packages.manifest import load_manifest
 from herder.services.packages.service import PackagesService
-from tests.conftest import Stack
+from tests.conftest import Stack, running_stack
 from tests.support import eventually
 
 TENANT = subjects.DEFAULT_TENANT
@@ -39,28 +37,8 @@ async def stack(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Sta
     """The auth and packages services on this test's NATS and database, with an admin token.
 
     (It shadows the shared `stack` fixture here only, adding the packages service.)"""
-    host = ServiceHost(
-        HostConfig(
-            nats_url=nats_url,
-            db_url=db_url,
-            services=(AuthService, PackagesService),
-            data_dir=tmp_path,
-            migrate=False,
-        )
-    )
-    await host.start()
-    try:
-        auth = host.services["auth"]
-        assert isinstance(auth, AuthService)
-        admin = await auth.bootstrap_admin(None, may_rotate=False)
-        assert admin is not None
-        client_nc = await connect(nats_url, name="test-client")
-        try:
-            yield Stack(host=host, admin_token=admin, nc=client_nc, client=Client(client_nc, token=admin))
-        finally:
-            await client_nc.close()
-    finally:
-        await host.stop()
+    async with running_stack(nats_url, db_url, tmp_path, services=(AuthService, PackagesService)) as started:
+        yield started
 
 
 def process_folder(root: Path, name: str = "hello", version: str = "1.0.0", greeting: str = "hello") -> Path:
