@@ -38,7 +38,10 @@ def main() -> None:
     """Entry point of the `herder` script."""
     refuse_tokens_in_arguments(sys.argv[1:])
     with report_errors():
-        app()
+        # Not standalone: usage errors reach report_errors, which says them in one line.
+        status = app(standalone_mode=False)
+    if isinstance(status, int) and status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

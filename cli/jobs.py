@@ -174,7 +174,8 @@ def show(
     json_out: JsonOption = False,
 ) -> None:
     """Show one job: where it runs, its state and why, its input and output."""
-    job = call(resolve(data_dir, url, token_file), lambda c: c.request(JobShow(id=job_id)))
+    request = JobShow(id=job_id)  # a malformed id is refused before connecting
+    job = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
     if json_out:
         print_json(job)
         return
@@ -245,19 +246,19 @@ def logs(
     json_out: Annotated[bool, typer.Option("--json", help="Print each line as a JSON object.")] = False,
 ) -> None:
     """Print a job's log lines: its script's stdout, stderr and SDK records, and what the robot did."""
-    run(lambda: _logs(resolve(data_dir, url, token_file), job_id, follow, json_out))
+    request = JobShow(id=job_id)  # a malformed id is refused before connecting
+    run(lambda: _logs(resolve(data_dir, url, token_file), request, follow, json_out))
 
 
-async def _logs(target: Target, job_id: str, follow: bool, json_out: bool) -> None:
+async def _logs(target: Target, request: JobShow, follow: bool, json_out: bool) -> None:
     async with connected(target, "herder-cli") as nc:
         client = Client(nc, token=target.token, tenant=target.tenant)
         if follow:
             follower = Follower(nc, client, target.tenant, out=sys.stdout, json_lines=json_out, show_states=False)
             await follower.listen_states()
-            job = await client.request(JobShow(id=job_id))
-            await follower.follow(job)
+            await follower.follow(await client.request(request))
             return
-        job = await client.request(JobShow(id=job_id))
+        job = await client.request(request)
         await _print_stored(nc, target.tenant, job.id, json_out)
 
 
@@ -269,9 +270,16 @@ async def _print_stored(nc: NATS, tenant: str, job_id: str, json_out: bool) -> N
         print(f"job {job_id[:SHORT_ID]} has no log lines (yet)", file=sys.stderr)
         return
     done = asyncio.Event()
+    failed: list[OSError] = []
 
     async def show(msg: Msg) -> None:
-        print(_format_record(msg, json_out), flush=False)
+        # An error here would be swallowed by the subscription: keep it for after (a reader that
+        # went away, `| head`, must end the command, not leave it waiting).
+        try:
+            print(_format_record(msg, json_out), flush=False)
+        except OSError as exc:
+            failed.append(exc)
+            done.set()
         if msg.metadata.num_pending == 0:
             done.set()
 
@@ -285,8 +293,10 @@ async def _print_stored(nc: NATS, tenant: str, job_id: str, json_out: bool) -> N
     try:
         await done.wait()
     finally:
-        sys.stdout.flush()
         await subscription.unsubscribe()
+    if failed:
+        raise failed[0]
+    sys.stdout.flush()
 
 
 def _format_record(msg: Msg, json_out: bool) -> str:
@@ -347,7 +357,8 @@ class Follower:
         self.json_lines = json_lines
         self.show_states = show_states
         self.job_id: str | None = None
-        self._early: list[Event] = []
+        # Changes that arrive before the job's id is known (the reply to its start may come after).
+        self._early: list[JobStateChangedEvent] = []
         self._ended = asyncio.Event()
         self._log_complete = asyncio.Event()
         self._subscriptions: list[Any] = []
@@ -368,8 +379,11 @@ class Follower:
         except (BadRequest, ValueError):
             return
         if self.job_id is None:
-            self._early.append(event)
-            return
+            self._early.append(change)
+        else:
+            self._changed(change)
+
+    def _changed(self, change: JobStateChangedEvent) -> None:
         if change.job_id != self.job_id:
             return
         if self.show_states:
@@ -381,8 +395,8 @@ class Follower:
     async def follow(self, job: JobInfo) -> JobInfo:
         """Print the job's states and log lines until it has ended; return it as it ended."""
         self.job_id = job.id
-        for event in self._early:
-            await self._on_event_replay(event)
+        for change in self._early:
+            self._changed(change)
         self._early.clear()
         js = self.nc.jetstream()
         self._subscriptions.append(
@@ -408,11 +422,6 @@ class Follower:
             for subscription in self._subscriptions:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
-
-    async def _on_event_replay(self, event: Event) -> None:
-        change = JobStateChangedEvent.model_validate(event.data)
-        if change.job_id == self.job_id and change.state.final:
-            self._ended.set()
 
     async def _on_log(self, msg: Msg) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -46,9 +47,10 @@ def refuse_tokens_in_arguments(args: list[str]) -> None:
         if arg == "--":
             return
         if arg == "--token" or arg.startswith("--token="):
+            variable = "HERDER_ROBOT_TOKEN" if args[:2] == ["robot", "run"] else "HERDER_TOKEN"
             _say(
                 "tokens are not taken on the command line, where shell history and 'ps' would keep them; "
-                "put the token in a file and pass --token-file FILE, or set HERDER_TOKEN"
+                f"put the token in a file and pass --token-file FILE, or set {variable}"
             )
             raise SystemExit(EXIT_USAGE)
 
@@ -64,17 +66,33 @@ def report_errors() -> Iterator[None]:
     try:
         yield
     except HerderError as exc:
-        _say(f"{exc.message}{_HINTS.get(exc.code, '')} [{exc.code.value}]")
+        hint = "" if "--token-file" in exc.message else _HINTS.get(exc.code, "")  # the message may say it already
+        _say(f"{exc.message}{hint} [{exc.code.value}]")
         raise SystemExit(EXIT_ERROR) from None
     except SetupError as exc:
         _say(exc.message)
         raise SystemExit(EXIT_ERROR) from None
     except ValidationError as exc:  # a request built from command-line arguments
-        _say(f"{codec.invalid(exc.title, exc).message} [bad_request]")
+        problems = codec.invalid(exc.title, exc).details["errors"]
+        _say("; ".join(f"{problem['field']}: {problem['problem']}" for problem in problems[:3]) + " [bad_request]")
+        raise SystemExit(EXIT_ERROR) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except BrokenPipeError:
+        # Whoever read the output has gone (`| head`): stop quietly, and let nothing flush to the pipe.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except Exception as exc:
+        if _is_usage_error(exc):  # a missing argument, an unknown option, a value out of range
+            context = getattr(exc, "ctx", None)
+            command = getattr(context, "command_path", None) or "herder"
+            _say(f"{exc.format_message()} (see '{command} --help')")  # type: ignore[attr-defined]
+            raise SystemExit(getattr(exc, "exit_code", EXIT_USAGE)) from None
         if os.environ.get("HERDER_DEBUG"):
             traceback.print_exc()
         _say(
@@ -82,6 +100,11 @@ def report_errors() -> Iterator[None]:
             "and please report it)"
         )
         raise SystemExit(EXIT_INTERNAL) from None
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    # typer's usage errors (click's, in older typer releases) carry a message and an exit code.
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
 def _say(message: str) -> None:

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import platformdirs
 import typer
@@ -27,6 +27,7 @@ from herder.cli.context import (
     resolve,
 )
 from herder.cli.output import ago, fail, print_json, print_table, run, when
+from herder.protocol.errors import Unauthenticated
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     MAX_HEARTBEAT_INTERVAL_S,
@@ -39,7 +40,6 @@ from herder.protocol.registry import (
     RobotType,
 )
 from herder.services.common import logs
-from herder.services.common.errors import SetupError
 
 ENV_ROBOT_TOKEN = "HERDER_ROBOT_TOKEN"
 
@@ -73,11 +73,19 @@ def add(
 ) -> None:
     """Register a robot. Its token is shown once, now (or saved with --save-token); herder keeps only a hash."""
     request = RobotAdd(name=name, type=robot_type, host=host, groups=groups or [])
-    if save_token is not None and save_token.exists():
-        fail(f"{save_token} exists already; choose a new file for the robot's token")
-    added = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
-    if save_token is not None:
-        _write_secret(save_token, added.token)
+    # The token file is made before the robot is registered: a path that cannot be written must not
+    # leave a robot whose token nobody has.
+    secret_file = _create_secret_file(save_token) if save_token is not None else None
+    try:
+        added = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
+    except BaseException:
+        if secret_file is not None and save_token is not None:
+            secret_file.close()
+            save_token.unlink(missing_ok=True)
+        raise
+    if secret_file is not None:
+        with secret_file:
+            secret_file.write(added.token + "\n")
     if json_out:
         print_json(added.robot if save_token else added)
         return
@@ -91,13 +99,15 @@ def add(
         print(added.token)
 
 
-def _write_secret(path: Path, secret: str) -> None:
+def _create_secret_file(path: Path) -> TextIO:
+    """A new file, readable by its owner alone, to hold a token."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fail(f"{path} exists already; choose a new file for the robot's token")
     except OSError as exc:
-        fail(f"cannot write the robot's token to {path}: {exc.strerror or exc}")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
+        fail(f"cannot write the robot's token to {path}: {exc.strerror or exc}; the robot was not added")
+    return os.fdopen(fd, "w")
 
 
 def _rows(robots: list[RobotInfo]) -> list[tuple[object, ...]]:
@@ -251,8 +261,11 @@ async def _run(target: Target, name: str, secret: str, work_dir: Path, heartbeat
         )
         try:
             info = await agent.start()
-        except SetupError:
-            raise
+        except Unauthenticated:
+            raise Unauthenticated(
+                f"robot {name}'s token was refused (unknown, or the robot was removed); give the token "
+                f"'herder robot add' printed for it with --token-file FILE or {ENV_ROBOT_TOKEN}"
+            ) from None
         print(
             f"robot {info.name} ({info.type.value}, host {info.host}) is connected to {target.where}; Ctrl-C stops it.",
             file=sys.stderr,

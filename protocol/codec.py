@@ -88,12 +88,17 @@ def invalid(what: str, exc: ValidationError) -> BadRequest:
     """A `BadRequest` listing what failed validation, without echoing the input."""
     # Never echo the input back: it may hold a secret.
     problems = [
-        {"field": ".".join(str(part) for part in err["loc"]) or "(body)", "problem": err["msg"]}
+        {"field": ".".join(str(part) for part in err["loc"]) or "(body)", "problem": _plain(err["msg"])}
         for err in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
     shown = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return BadRequest(f"invalid {what}: {shown}{more}", details={"errors": problems[:20]})
+
+
+def _plain(problem: str) -> str:
+    # pydantic puts "Value error, " before the words of a validator; the words say enough.
+    return problem.removeprefix("Value error, ")
 
 
 def error_reply(error: HerderError, content_type: str, correlation_id: str | None) -> tuple[bytes, dict[str, str]]:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from herder.protocol.messages import EventData, Model, Request
+from herder.protocol.messages import EventData, Model, Request, matching
 from herder.protocol.packages import PackageRef, ProcessName, Version
 from herder.protocol.registry import Name
 
@@ -30,7 +30,11 @@ SERVICE = "jobs"
 
 JobId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 # What people type: a job id or an unambiguous prefix of one (at least 4 hex digits).
-JobIdOrPrefix = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{4,32}$", to_lower=True)]
+JobIdOrPrefix = Annotated[
+    str,
+    StringConstraints(to_lower=True),
+    matching(r"[0-9a-f]{4,32}", "must be a job id, or its first 4 or more characters (hex digits 0-9, a-f)"),
+]
 
 DEFAULT_KILL_GRACE_S = 10.0
 MAX_INPUT_BYTES = 256 * 1024

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from herder.protocol import subjects
 from herder.protocol.version import SCHEMA_VERSION
@@ -19,6 +21,20 @@ class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     schema_version: ClassVar[int] = SCHEMA_VERSION
+
+
+def matching(pattern: str, rule: str) -> AfterValidator:
+    """A validator for text that must match `pattern`, failing with `rule` in words ("must be …"),
+    not with the pattern: people and other programs read these errors."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise ValueError(rule)
+        return value
+
+    checker: Callable[[str], str] = check
+    return AfterValidator(checker)
 
 
 ReplyT = TypeVar("ReplyT", bound=Model)

@@ -13,13 +13,21 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, StringConstraints
 
-from herder.protocol.messages import EventData, Model, Request
+from herder.protocol.messages import EventData, Model, Request, matching
 
 SERVICE = "packages"
 MANIFEST = "herder.toml"
 
-ProcessName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
-Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")]
+PROCESS_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+VERSION_PATTERN = r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}"
+ProcessName = Annotated[
+    str,
+    matching(PROCESS_NAME_PATTERN, "must be 1 to 64 letters, digits, '-' or '_', starting with a letter or digit"),
+]
+Version = Annotated[
+    str,
+    matching(VERSION_PATTERN, "must be 1 to 64 letters, digits, '.', '+', '-' or '_', starting with a letter or digit"),
+]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 

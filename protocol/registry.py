@@ -8,12 +8,18 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, StringConstraints
 
-from herder.protocol.messages import EventData, Model, Request
+from herder.protocol.messages import EventData, Model, Request, matching
 
 SERVICE = "registry"
 
 # Robot, host and group names stand as one token of a subject, a key of a bucket and a file name.
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")]
+Name = Annotated[
+    str,
+    matching(
+        r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}",
+        "must be 1 to 63 letters, digits, '-' or '_', starting with a letter or digit (no dots or spaces)",
+    ),
+]
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
 MIN_HEARTBEAT_INTERVAL_S = 0.1
@@ -148,6 +154,7 @@ class RobotConnect(Request[RobotConnected]):
     service = SERVICE
     verb = "robot_connect"
 
+    robot: Name  # the robot the agent was told to run: its token must be this robot's
     session: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     heartbeat_interval_s: float = Field(
         DEFAULT_HEARTBEAT_INTERVAL_S, ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S

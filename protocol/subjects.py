@@ -69,6 +69,12 @@ def command(tenant: str, host: str, agent: str) -> str:
     return _join((tenant, "tenant"), ("cmd", "kind"), (host, "host"), (agent, "agent"))
 
 
+def command_listen(tenant: str, agent: str) -> str:
+    """Every command to `agent`, whichever host it is addressed to: what a robot agent subscribes to
+    before it knows its host (a robot's name is unique in its tenant)."""
+    return ".".join([PREFIX, check_token(tenant, "tenant"), "cmd", ANY, check_token(agent, "agent")])
+
+
 def event(tenant: str, domain: str, name: str) -> str:
     """`hd.<tenant>.evt.<domain>.<event>`: one state-change event."""
     return _join((tenant, "tenant"), ("evt", "kind"), (domain, "domain"), (name, "event"))

@@ -125,12 +125,25 @@ class RobotAgent:
     async def start(self) -> RobotInfo:
         """Start a session with the registry, listen for commands, and start heartbeating."""
         await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
-        connected = await self._client.request(
-            RobotConnect(session=self.session, heartbeat_interval_s=self.heartbeat_interval_s, agent_version=VERSION)
+        # Listen before connecting: the moment the registry says the robot is there, a job may be sent.
+        self._subscription = await self.nc.subscribe(
+            subjects.command_listen(self.tenant, self.robot), cb=self._on_command
         )
-        self.info = connected.robot
-        self._subscription = await self.nc.subscribe(connected.command_subject, cb=self._on_command)
         await bus.sync(self.nc)
+        try:
+            connected = await self._client.request(
+                RobotConnect(
+                    robot=self.robot,
+                    session=self.session,
+                    heartbeat_interval_s=self.heartbeat_interval_s,
+                    agent_version=VERSION,
+                )
+            )
+        except BaseException:
+            await self._subscription.unsubscribe()
+            self._subscription = None
+            raise
+        self.info = connected.robot
         self._heartbeats = asyncio.create_task(self._heartbeat_forever(), name="robot.heartbeat")
         self._reporter = asyncio.create_task(self._report_forever(), name="robot.reports")
         self._log.info(

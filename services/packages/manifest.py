@@ -20,13 +20,11 @@ import difflib
 import re
 import shlex
 import tomllib
-import typing
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from herder.protocol.errors import BadRequest
-from herder.protocol.packages import MANIFEST, EntryKind, EntryPoint, ProcessName, Version
+from herder.protocol.packages import MANIFEST, PROCESS_NAME_PATTERN, VERSION_PATTERN, EntryKind, EntryPoint
 
 MAX_DESCRIPTION_CHARS = 1000  # as PackagePublish takes it
 MAX_TARGET_CHARS = 1024  # as EntryPoint takes it
@@ -36,17 +34,8 @@ ENTRY_KEYS = tuple(kind.value for kind in EntryKind)
 HELP_POINTER = "see 'herder package publish --help'"
 
 
-def _pattern_of(annotated: Any) -> re.Pattern[str]:
-    """The regular expression of a constrained string type of `protocol.packages`: one rule, one place."""
-    for constraint in typing.get_args(annotated)[1:]:
-        pattern = getattr(constraint, "pattern", None)
-        if isinstance(pattern, str):
-            return re.compile(pattern)
-    raise TypeError(f"{annotated!r} carries no pattern")
-
-
-_NAME = _pattern_of(ProcessName)
-_VERSION = _pattern_of(Version)
+_NAME = re.compile(PROCESS_NAME_PATTERN)
+_VERSION = re.compile(VERSION_PATTERN)
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VERSION_CHARS = re.compile(r"[A-Za-z0-9.+_-]{1,64}")
 

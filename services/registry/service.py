@@ -176,6 +176,8 @@ class RegistryService(Service):
     async def robot_connect(self, request: RobotConnect, ctx: RequestContext) -> RobotConnected:
         """A robot agent starts a session; it takes over from any earlier session of the same robot."""
         robot = ctx.robot_name()
+        if request.robot != robot:
+            raise Forbidden(f"this token is robot {robot}'s, not {request.robot}'s; run each robot with its own token")
         now = utcnow()
 
         def connect(tx: Transaction, record: RobotRecord) -> RobotRecord:

@@ -55,7 +55,7 @@ class FakeAgent:
         self.client = Client(fleet.nc, token=token)
 
     async def connect(self, interval_s: float = INTERVAL_S) -> None:
-        await self.client.request(RobotConnect(session=self.session, heartbeat_interval_s=interval_s))
+        await self.client.request(RobotConnect(robot=self.robot, session=self.session, heartbeat_interval_s=interval_s))
 
     async def beat(self, job: str | None = None, *, token: str | None = None) -> None:
         beat = Heartbeat(session=self.session, interval_s=INTERVAL_S, current_job=job, sent_at=utcnow())
@@ -107,7 +107,7 @@ async def test_add_list_show_and_remove(fleet: Fleet) -> None:
         await fleet.client.request(RobotRemove(name="r1"))
     # The removed robot's token is refused at once.
     with pytest.raises(Unauthenticated):
-        await Client(fleet.nc, token=added.token).request(RobotConnect(session="s1"))
+        await Client(fleet.nc, token=added.token).request(RobotConnect(robot="r1", session="s1"))
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,10 @@ async def test_robot_tokens_are_hashed_and_only_open_the_robots_own_doors(fleet:
         await robot.request(RobotListRequest())
     # An admin token is not a robot: it cannot pose as one.
     with pytest.raises(Forbidden, match="only a robot's own token"):
-        await fleet.client.request(RobotConnect(session="s1"))
+        await fleet.client.request(RobotConnect(robot="r1", session="s1"))
+    # Nor does one robot's token connect another.
+    with pytest.raises(Forbidden, match="this token is robot r1's, not r2's"):
+        await robot.request(RobotConnect(robot="r2", session="s1"))
     # Nobody makes a robot-role API token through auth, not even by sending the JSON by hand.
     reply = await fleet.nc.request(
         subjects.service(fleet.tenant, "auth", "token_create"),
