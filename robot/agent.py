@@ -64,6 +64,8 @@ REPORT_RETRY_S = 1.0
 REPORT_RETRY_MAX_S = 15.0
 LOG_PUBLISH_STALL_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
+# How long after a job the robot waits for its next one before it heartbeats that it is idle.
+IDLE_BEAT_DELAY_S = 0.25
 
 log = structlog.get_logger("herder.robot")
 
@@ -201,6 +203,13 @@ class RobotAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
 
+    async def _beat_if_still_idle(self) -> None:
+        """Tell the registry the robot is idle, unless its next job comes first (a robot working through
+        a queue goes from one job to the next without being Available in between)."""
+        await asyncio.sleep(IDLE_BEAT_DELAY_S)
+        if self.current is None:
+            self._beat_now.set()
+
     # --- commands ---
 
     async def _on_command(self, msg: Msg) -> None:
@@ -294,7 +303,7 @@ class RobotAgent:
         await logs.close()
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
         self.current = None
-        self._beat_now.set()
+        self._spawn(self._beat_if_still_idle())
         self._reports.put_nowait(
             JobReport(
                 job_id=command.job_id,

@@ -213,11 +213,6 @@ def _row(record: JobRecord) -> dict[str, Any]:
 # one and its cache key anew costs more than SQLite takes to run it.
 _INSERT = insert(jobs)
 _GET = select(jobs).where(jobs.c.tenant == bindparam("tenant"), jobs.c.id == bindparam("job_id"))
-_HOLDS = (
-    select(jobs.c.id)
-    .where(jobs.c.tenant == bindparam("tenant"), jobs.c.robot == bindparam("robot"), jobs.c.state.in_(_ACTIVE))
-    .limit(1)
-)
 _BUSY = select(jobs.c.robot, jobs.c.id).where(jobs.c.tenant == bindparam("tenant"), jobs.c.state.in_(_ACTIVE))
 _NEXT = (
     select(jobs)
@@ -317,11 +312,6 @@ class JobRepository:
     async def busy(self, connection: AsyncConnection, tenant: str) -> dict[str, str]:
         """robot -> the job it holds, for the tenant's robots that hold one."""
         return {row.robot: row.id for row in await connection.execute(_BUSY, {"tenant": tenant})}
-
-    async def holds(self, connection: AsyncConnection, tenant: str, robot: str) -> str | None:
-        """The id of the active job `robot` holds, if any."""
-        found: str | None = (await connection.execute(_HOLDS, {"tenant": tenant, "robot": robot})).scalar()
-        return found
 
     async def next_for(
         self, connection: AsyncConnection, tenant: str, robot: str, groups: Sequence[str]

@@ -288,23 +288,29 @@ class JobsService(Service):
 
     async def _take_next(self, tx: Transaction, robot: RobotPresence) -> JobRecord | None:
         """Within `tx`, give `robot` its next job if it holds none; the caller sends the start once
-        `tx` commits. A savepoint keeps a lost race (another replica gave the robot a job a moment
-        ago) from undoing the rest of `tx`."""
+        `tx` commits.
+
+        A robot that holds a job already fails the move on the schema's one-active-job-per-robot
+        index, whether this replica or another gave it that job; the failed move is undone alone and
+        the rest of `tx` stands (on PostgreSQL, whose failed statements spoil the whole transaction,
+        thanks to a savepoint; SQLite undoes just the statement)."""
         if not allocation.takes_jobs(robot) or not robot.session:
             return None
-        try:
-            async with tx.connection.begin_nested():
-                if await self.repo.holds(tx.connection, robot.tenant, robot.name):
-                    return None
-                job = await self.repo.next_for(tx.connection, robot.tenant, robot.name, robot.groups)
-                if job is None:
-                    return None
-                after = started(job, robot=robot.name, host=robot.host, session=robot.session, at=utcnow(), reason="")
-                states.check(job.state, after.state)
-                if not await self.repo.move(tx.connection, job, after):
-                    return None
-        except IntegrityError:
+        job = await self.repo.next_for(tx.connection, robot.tenant, robot.name, robot.groups)
+        if job is None:
             return None
+        after = started(job, robot=robot.name, host=robot.host, session=robot.session, at=utcnow(), reason="")
+        states.check(job.state, after.state)
+        try:
+            if tx.connection.dialect.name == "postgresql":
+                async with tx.connection.begin_nested():
+                    moved = await self.repo.move(tx.connection, job, after)
+            else:
+                moved = await self.repo.move(tx.connection, job, after)
+        except IntegrityError:
+            return None  # the robot is busy
+        if not moved:
+            return None  # another replica took this job a moment ago
         self._emit(tx, job, after, actor=None)
         self._last_given[(robot.tenant, robot.name)] = time.monotonic()
         return after
