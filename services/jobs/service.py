@@ -160,15 +160,22 @@ class JobsService(Service):
                     actor=ctx.actor,
                 )
             )
-            # A free robot takes its next job in the same transaction: usually this one.
+            # A free robot takes its next job in the same transaction: usually this one. One robot at
+            # most: a transaction that held one robot's place while reaching for another's could
+            # deadlock with one doing the same the other way round (PostgreSQL).
             robots = self.directory.robots(ctx.tenant)
-            for robot in allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant)):
-                job = await self._take_next(tx, robot)
-                if job is not None:
-                    given.append(job)
-                    if job.id == record.id:
-                        break
+            candidates = allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant))
+            if candidates:
+                job = await self._take_next(tx, candidates[0])
+                given += [job] if job is not None else []
         await self._dispatch(given)
+        # The first free robot took an older job (or was taken meanwhile): try the others, each in a
+        # transaction of its own.
+        for robot in candidates[1:]:
+            if any(job.id == record.id for job in given):
+                break
+            job = await self.allocate(ctx.tenant, robot.name)
+            given += [job] if job is not None else []
         ctx.log.info("job.created", job_id=record.id, process=record.process, version=record.version)
         for job in given:
             if job.id == record.id:
