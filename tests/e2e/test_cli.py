@@ -6,111 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import HERDER, Up, assert_one_line_error, herder, processes_under
 from tests.support import wait_until
 
 pytestmark = pytest.mark.e2e
-
-HERDER = str(Path(sys.executable).parent / "herder")
-
-
-def herder(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [HERDER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-
-
-def _is_log_event(line: str) -> bool:
-    try:
-        return "event" in json.loads(line)
-    except ValueError:
-        return False
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str, logs: bool = False) -> str:
-    """A failure a user sees: non-zero exit, one line on stderr naming the cause, no traceback.
-
-    With `logs`, a service process may have written structured log events (JSON) before it.
-    """
-    assert result.returncode != 0, result
-    lines = result.stderr.strip().splitlines()
-    if logs:
-        lines = [line for line in lines if not _is_log_event(line)]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("herder: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions `text` (the stack's data folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
-
-
-@dataclass
-class Up:
-    """A `herder up` running as a subprocess."""
-
-    process: subprocess.Popen[bytes]
-    data_dir: Path
-    log: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"HERDER_DATA_DIR": str(self.data_dir)}
-
-    def nats_pid(self) -> int:
-        ports = list((self.data_dir / "nats" / "ports").glob("*.ports"))
-        assert len(ports) == 1, ports
-        return int(ports[0].stem.rsplit("_", 1)[1])
-
-
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    data_dir = tmp_path / "stack"
-    log = tmp_path / "up.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [HERDER, "up", "--data-dir", str(data_dir), "--port", "0", "--log-format", "json"],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    stack = Up(process=process, data_dir=data_dir, log=log)
-
-    def ready() -> bool:
-        assert process.poll() is None, log.read_text()
-        context = data_dir / "context.json"
-        return context.exists() and json.loads(context.read_text()).get("pid") == process.pid
-
-    try:
-        wait_until(ready, timeout=30)
-        yield stack
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
@@ -171,7 +74,7 @@ def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
     up.process.send_signal(signal.SIGTERM)
     assert up.process.wait(20) == 0
     wait_until(lambda: not Path(f"/proc/{nats_pid}").exists(), timeout=10)
-    assert processes_mentioning(str(up.data_dir)) == []
+    assert processes_under(up.data_dir) == []
     assert "pid" not in json.loads(context.read_text())
 
     assert_one_line_error(herder("status", env=up.env), "herder is not running", "herder up")
@@ -202,7 +105,7 @@ def test_a_bad_database_url_fails_in_one_line_and_leaves_no_server(tmp_path: Pat
     data_dir = tmp_path / "bad-db"
     result = herder("up", "--data-dir", str(data_dir), "--port", "0", "--db", "mysql://root@localhost/x")
     assert_one_line_error(result, "'mysql' databases are not supported")
-    assert processes_mentioning(str(data_dir)) == []
+    assert processes_under(data_dir) == []
 
 
 def test_service_run_with_unreachable_nats_or_unknown_service(tmp_path: Path) -> None:

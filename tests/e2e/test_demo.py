@@ -5,37 +5,21 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import HERDER, processes_under
 from tests.support import wait_until
 
 pytestmark = pytest.mark.e2e
 
-HERDER = str(Path(sys.executable).parent / "herder")
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "deploy" / "demo.sh"
 # Variables of the user's shell that would point the demo's commands elsewhere or lend them a token.
 _FOREIGN = ("HERDER_DATA_DIR", "HERDER_URL", "HERDER_TOKEN", "HERDER_ROBOT_TOKEN", "HERDER_DB")
 _BOLD = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def processes_under(root: Path) -> list[int]:
-    """Processes whose command line mentions `root`, or that run in a folder under it (job scripts)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if str(root) in cmdline or cwd == str(root) or cwd.startswith(f"{root}/"):
-            found.append(int(entry.name))
-    return found
 
 
 def _section(out: str, command: str, nth: int = 0) -> list[str]:

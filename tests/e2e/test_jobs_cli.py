@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.harness import HERDER, assert_one_line_error, processes_under
 from tests.support import wait_until
 
 pytestmark = pytest.mark.e2e
 
-HERDER = str(Path(sys.executable).parent / "herder")
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # A CLI call costs a few tenths of a second: polling faster than this only loads the machine.
 POLL_S = 0.3
@@ -38,38 +38,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """A failure a user sees: non-zero exit, one line on stderr naming the cause, no traceback."""
-    assert result.returncode != 0, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("herder: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 def parsed(result: subprocess.CompletedProcess[str]) -> Any:
     """The JSON a successful `--json` command printed on stdout."""
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def processes_under(root: Path) -> list[int]:
-    """Processes whose command line mentions `root`, or that run in a folder under it (job scripts)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if str(root) in cmdline or cwd == str(root) or cwd.startswith(f"{root}/"):
-            found.append(int(entry.name))
-    return found
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 20) -> int:

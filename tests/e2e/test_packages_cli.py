@@ -5,81 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import wait_until
+from tests.e2e.harness import Up, assert_one_line_error, herder
 
 pytestmark = pytest.mark.e2e
-
-HERDER = str(Path(sys.executable).parent / "herder")
-
-
-def herder(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [HERDER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """A failure a user sees: non-zero exit, one line on stderr naming the cause, no traceback."""
-    assert result.returncode != 0, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("herder: "), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@dataclass
-class Up:
-    """A `herder up` running as a subprocess."""
-
-    process: subprocess.Popen[bytes]
-    data_dir: Path
-    log: Path
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"HERDER_DATA_DIR": str(self.data_dir)}
-
-
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    data_dir = tmp_path / "stack"
-    log = tmp_path / "up.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [HERDER, "up", "--data-dir", str(data_dir), "--port", "0", "--log-format", "json"],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    stack = Up(process=process, data_dir=data_dir, log=log)
-
-    def ready() -> bool:
-        assert process.poll() is None, log.read_text()
-        context = data_dir / "context.json"
-        return context.exists() and json.loads(context.read_text()).get("pid") == process.pid
-
-    try:
-        wait_until(ready, timeout=60)
-        yield stack
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def process_folder(root: Path, *, version: str = "1.0.0", manifest: str | None = None) -> Path:
