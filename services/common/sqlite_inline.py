@@ -124,9 +124,7 @@ class InlineConnection:
 
     async def close(self) -> None:
         """Close the connection (again is fine)."""
-        if self._connection is not None:
-            self._connection = None
-            self._conn.close()
+        self.stop()
 
     def stop(self) -> None:
         """Close at once: what SQLAlchemy calls to terminate a connection."""

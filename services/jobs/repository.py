@@ -394,3 +394,17 @@ def started(record: JobRecord, *, robot: str, host: str, session: str, at: datet
         ended_at=None,
         reason=reason,
     )
+
+
+def requeued(record: JobRecord, *, reason: str) -> JobRecord:
+    """`record` back in Pending, holding no robot (its attempt stays: the next start counts on from it)."""
+    return replace(
+        record,
+        state=JobState.PENDING,
+        robot=None,
+        host=None,
+        session=None,
+        started_at=None,
+        start_acked_at=None,
+        reason=reason,
+    )

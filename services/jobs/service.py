@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -63,7 +63,7 @@ from herder.services.jobs.allocation import Target
 from herder.services.jobs.commands import CommandSender
 from herder.services.jobs.directory import RobotDirectory
 from herder.services.jobs.packages import PackageVersions
-from herder.services.jobs.repository import JobRecord, JobRepository, started
+from herder.services.jobs.repository import JobRecord, JobRepository, requeued, started
 
 SWEEP_INTERVAL_S = 1.0
 # A start the robot has not confirmed after this long is sent again.
@@ -335,11 +335,17 @@ class JobsService(Service):
                 continue
             self._spawn(self._send_start(job, posted))
 
-    async def _allocate_target(self, tenant: str, target: Target) -> None:
+    async def _allocate_for(self, tenant: str, targets: Iterable[Target]) -> None:
+        """Give every free robot that one of `targets` names its next job, each in a transaction of its own."""
         async with database.read(self.engine) as connection:
             busy = await self.repo.busy(connection, tenant)
-        for robot in allocation.idle_candidates(target, self.directory.robots(tenant), busy, self._given(tenant)):
-            await self.allocate(tenant, robot.name)
+        robots, given = self.directory.robots(tenant), self._given(tenant)
+        tried: set[str] = set()
+        for target in targets:
+            for robot in allocation.idle_candidates(target, robots, busy, given):
+                if robot.name not in tried:
+                    tried.add(robot.name)
+                    await self.allocate(tenant, robot.name)
 
     def _given(self, tenant: str) -> dict[str, float]:
         return {robot: at for (t, robot), at in self._last_given.items() if t == tenant}
@@ -363,16 +369,8 @@ class JobsService(Service):
             current = await self.repo.get(tx.connection, job.tenant, job.id)
             if current is None or current.state is not JobState.RUNNING or current.attempt != job.attempt:
                 return
-            after = replace(
-                current,
-                state=states.check(current.state, JobState.PENDING),
-                robot=None,
-                host=None,
-                session=None,
-                started_at=None,
-                start_acked_at=None,
-                reason=f"robot {job.robot} could not start it ({ack.detail})",
-            )
+            states.check(current.state, JobState.PENDING)
+            after = requeued(current, reason=f"robot {job.robot} could not start it ({ack.detail})")
             if await self.repo.move(tx.connection, current, after):
                 self._emit(tx, current, after, actor=None)
             orphan = await self.repo.get(tx.connection, job.tenant, ack.busy_job) if ack.busy_job else None
@@ -434,35 +432,26 @@ class JobsService(Service):
         """End or re-queue the active jobs of a robot that is gone (all but those of `keep_session`)."""
         now = utcnow()
         ended: list[JobRecord] = []
-        requeued: list[JobRecord] = []
+        waiting: list[JobRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
             for job in await self.repo.active_on(tx.connection, tenant, robot):
                 if (keep_session and job.session == keep_session) or (only and job.id != only):
                     continue
                 state = states.lose(job.state, job.on_robot_lost)
                 if state is JobState.PENDING:
-                    after = replace(
-                        job,
-                        state=state,
-                        robot=None,
-                        host=None,
-                        session=None,
-                        started_at=None,
-                        start_acked_at=None,
-                        reason=f"re-queued after {why}",
-                    )
+                    after = requeued(job, reason=f"re-queued after {why}")
                 else:
                     error = why if state is JobState.FAULTED else None
                     after = replace(job, state=state, reason=why, error=error, ended_at=now)
                 if await self.repo.move(tx.connection, job, after):
                     self._emit(tx, job, after, actor=None)
-                    (requeued if state is JobState.PENDING else ended).append(after)
+                    (waiting if state is JobState.PENDING else ended).append(after)
         for job in ended:
             self.log.warning("job.robot_lost", job_id=job.id, robot=robot, state=job.state.value, reason=why)
             self._spawn(self._end_log(job))
-        for job in requeued:
+        for job in waiting:
             self.log.warning("job.requeued", job_id=job.id, robot=robot, reason=why)
-            self._spawn(self._allocate_target(tenant, job.target))
+            self._spawn(self._allocate_for(tenant, [job.target]))
 
     async def _cancel_waiting_for(self, tenant: str, robot: str) -> None:
         """A removed robot's Pending jobs would wait forever: end them."""
@@ -519,13 +508,7 @@ class JobsService(Service):
                 continue
             await self._lose(job.tenant, job.robot or "", why, only=job.id)
         for tenant in {tenant for tenant, _target in waiting}:
-            targets = [target for t, target in waiting if t == tenant]
-            robots = [robot for robot in self.directory.robots(tenant) if any(t.admits(robot) for t in targets)]
-            async with database.read(self.engine) as connection:
-                busy = await self.repo.busy(connection, tenant)
-            for robot in robots:
-                if allocation.takes_jobs(robot) and robot.name not in busy:
-                    await self.allocate(tenant, robot.name)
+            await self._allocate_for(tenant, [target for t, target in waiting if t == tenant])
 
     async def _sweep_forever(self) -> None:
         while True:

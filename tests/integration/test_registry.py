@@ -20,6 +20,7 @@ from herder.protocol.registry import (
     RobotAdd,
     RobotConnect,
     RobotGoodbye,
+    RobotInfo,
     RobotListRequest,
     RobotPresence,
     RobotRemove,
@@ -224,10 +225,19 @@ async def test_heartbeats_with_the_wrong_token_are_ignored(fleet: Fleet) -> None
     agent = FakeAgent(fleet, "r1", await fleet.add_robot("r1"))
     other = await fleet.add_robot("r2")
     await agent.connect(interval_s=30)
+    connected_at = (await fleet.client.request(RobotShow(name="r1"))).last_heartbeat
+    assert connected_at is not None
     await agent.beat(job="c" * 32, token=other)  # r2's token on r1's subject
     await agent.beat(job="c" * 32, token="hd_unknown")
-    await eventually(lambda: True)
-    assert (await fleet.client.request(RobotShow(name="r1"))).status is RobotStatus.AVAILABLE
+    # A true heartbeat sent after them is handled after them: once it shows, so have they.
+    await agent.beat()
+
+    async def true_beat_seen() -> RobotInfo | None:
+        robot = await fleet.client.request(RobotShow(name="r1"))
+        return robot if robot.last_heartbeat is not None and robot.last_heartbeat > connected_at else None
+
+    robot = await eventually(true_beat_seen, timeout=5)
+    assert (robot.status, robot.current_job) == (RobotStatus.AVAILABLE, None)
     await agent.beat(job="c" * 32)
     await fleet.wait_robot("r1", RobotStatus.BUSY, timeout=5)
 
