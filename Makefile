@@ -30,8 +30,8 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@rm -rf .mypy-path && mkdir -p .mypy-path/herder
-	@for pkg in protocol services robot coordinator cli; do ln -s ../../$$pkg .mypy-path/herder/$$pkg; done
-	$(BIN)/mypy -p herder.protocol -p herder.services -p herder.robot -p herder.coordinator -p herder.cli
+	@for pkg in protocol services robot coordinator cli client packaging; do ln -s ../../$$pkg .mypy-path/herder/$$pkg; done
+	$(BIN)/mypy -p herder.protocol -p herder.services -p herder.robot -p herder.coordinator -p herder.cli -p herder.client -p herder.packaging
 
 demo: $(STAMP) ## An embedded stack in a temporary folder, a robot, four jobs (run, stopped, killed)
 	HERDER=$(BIN)/herder deploy/demo.sh

@@ -16,11 +16,11 @@ import platformdirs
 import typer
 from nats.aio.client import Client as NATS
 
+from herder.client.connection import Unreachable, connect, display_nats_url
+from herder.client.errors import SetupError
+from herder.client.requests import Client
 from herder.protocol.messages import Model
 from herder.protocol.subjects import DEFAULT_TENANT
-from herder.services.common.bus import Unreachable, connect, display_nats_url
-from herder.services.common.client import Client
-from herder.services.common.errors import SetupError
 
 M = TypeVar("M", bound=Model)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 from typing import Annotated, Any, TextIO
@@ -15,6 +14,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, call, connected, resolve
 from herder.cli.output import fail, print_json, print_table, run, when
+from herder.client.follow import JobFollower
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.errors import BadRequest
 from herder.protocol.jobs import (
@@ -31,13 +32,7 @@ from herder.protocol.jobs import (
     OnRobotLost,
     Priority,
 )
-from herder.protocol.messages import Event
-from herder.services.common.client import Client
 
-# How long to wait for a job's last log line once the job has ended (it follows the end closely).
-END_OF_LOG_WAIT_S = 3.0
-# How often a follower asks for the job's state, in case an event was missed.
-POLL_S = 5.0
 SHORT_ID = 12
 
 job_app = typer.Typer(help="Jobs: start, watch, stop and kill processes on unattended robots.", no_args_is_help=True)
@@ -117,11 +112,12 @@ def _parse_input(text: str | None) -> dict[str, Any]:
 async def _start_and_follow(target: Target, request: JobStart, json_out: bool) -> JobInfo:
     async with connected(target, "herder-cli") as nc:
         client = Client(nc, token=target.token, tenant=target.tenant)
-        follower = Follower(nc, client, target.tenant, out=sys.stderr if json_out else sys.stdout)
+        printer = _Printer(sys.stderr if json_out else sys.stdout)
+        follower = JobFollower(nc, client, on_state=printer.state, on_log=printer.log)
         # Listen for state changes before the job exists, so none is missed.
-        await follower.listen_states()
+        await follower.listen()
         job = await client.request(request)
-        follower.show(f"job {job.id} {job.process} {job.version}: {_state_line(job)}")
+        printer.show(f"job {job.id} {job.process} {job.version}: {_state_line(job)}")
         final = await follower.follow(job)
     if json_out:
         print_json(final)
@@ -254,8 +250,9 @@ async def _logs(target: Target, request: JobShow, follow: bool, json_out: bool) 
     async with connected(target, "herder-cli") as nc:
         client = Client(nc, token=target.token, tenant=target.tenant)
         if follow:
-            follower = Follower(nc, client, target.tenant, out=sys.stdout, json_lines=json_out, show_states=False)
-            await follower.listen_states()
+            printer = _Printer(sys.stdout, json_lines=json_out, show_states=False)
+            follower = JobFollower(nc, client, on_log=printer.log)
+            await follower.listen()
             await follower.follow(await client.request(request))
             return
         job = await client.request(request)
@@ -265,7 +262,7 @@ async def _logs(target: Target, request: JobShow, follow: bool, json_out: bool) 
 async def _print_stored(nc: NATS, tenant: str, job_id: str, json_out: bool) -> None:
     js = nc.jetstream()
     subject = subjects.job_log_filter(tenant, job_id)
-    info = await js.stream_info(subjects.LOGS_STREAM, subjects_filter=subject)
+    info = await js.stream_info(subjects.logs_stream(tenant), subjects_filter=subject)
     if not info.state.subjects:
         print(f"job {job_id[:SHORT_ID]} has no log lines (yet)", file=sys.stderr)
         return
@@ -285,7 +282,7 @@ async def _print_stored(nc: NATS, tenant: str, job_id: str, json_out: bool) -> N
 
     subscription = await js.subscribe(
         subject,
-        stream=subjects.LOGS_STREAM,
+        stream=subjects.logs_stream(tenant),
         cb=show,
         ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
@@ -336,102 +333,28 @@ def _describe_state(state: JobState, robot: str | None, reason: str) -> str:
     return f"{state.value} on robot {robot}" if robot and state.active else state.value
 
 
-class Follower:
-    """Follows one job live: its state changes (from events) and its log lines (from the log stream),
-    until the job has ended and its log is complete."""
+class _Printer:
+    """Prints what a `JobFollower` delivers: state changes and log lines, as people or programs read them."""
 
-    def __init__(
-        self,
-        nc: NATS,
-        client: Client,
-        tenant: str,
-        *,
-        out: TextIO,
-        json_lines: bool = False,
-        show_states: bool = True,
-    ) -> None:
-        self.nc = nc
-        self.client = client
-        self.tenant = tenant
+    def __init__(self, out: TextIO, *, json_lines: bool = False, show_states: bool = True) -> None:
         self.out = out
         self.json_lines = json_lines
         self.show_states = show_states
-        self.job_id: str | None = None
-        # Changes that arrive before the job's id is known (the reply to its start may come after).
-        self._early: list[JobStateChangedEvent] = []
-        self._ended = asyncio.Event()
-        self._log_complete = asyncio.Event()
-        self._subscriptions: list[Any] = []
 
     def show(self, line: str) -> None:
         """Print a line of the follower's own."""
         print(line, file=self.out, flush=True)
 
-    async def listen_states(self) -> None:
-        """Start listening for job state changes (before the job is created, to miss none)."""
-        subject = subjects.event(self.tenant, "jobs", "job_state_changed")
-        self._subscriptions.append(await self.nc.subscribe(subject, cb=self._on_event))
-
-    async def _on_event(self, msg: Msg) -> None:
-        try:
-            event = codec.load(Event, msg.data, codec.content_type_of(msg.headers))
-            change = JobStateChangedEvent.model_validate(event.data)
-        except (BadRequest, ValueError):
-            return
-        if self.job_id is None:
-            self._early.append(change)
-        else:
-            self._changed(change)
-
-    def _changed(self, change: JobStateChangedEvent) -> None:
-        if change.job_id != self.job_id:
-            return
+    def state(self, change: JobStateChangedEvent) -> None:
+        """A state change of the job."""
         if self.show_states:
             now = _describe_state(change.state, change.robot, change.reason)
             self.show(f"job {change.job_id[:SHORT_ID]}: {change.previous.value} → {now}")
-        if change.state.final:
-            self._ended.set()
 
-    async def follow(self, job: JobInfo) -> JobInfo:
-        """Print the job's states and log lines until it has ended; return it as it ended."""
-        self.job_id = job.id
-        for change in self._early:
-            self._changed(change)
-        self._early.clear()
-        js = self.nc.jetstream()
-        self._subscriptions.append(
-            await js.subscribe(
-                subjects.job_log_filter(self.tenant, job.id),
-                stream=subjects.LOGS_STREAM,
-                cb=self._on_log,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-        )
-        try:
-            current = job
-            while not current.state.final:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ended.wait(), POLL_S)
-                current = await self.client.request(JobShow(id=job.id))
-            # The job has ended; its last log line (written by the jobs service) closes the log.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._log_complete.wait(), END_OF_LOG_WAIT_S)
-            return current
-        finally:
-            for subscription in self._subscriptions:
-                with contextlib.suppress(Exception):
-                    await subscription.unsubscribe()
-
-    async def _on_log(self, msg: Msg) -> None:
-        try:
-            record = codec.load(LogRecord, msg.data)
-        except BadRequest:
-            return
-        if record.stream is LogStream.END:
-            self._log_complete.set()
-            if self.show_states:
-                return  # the state line says the same
+    def log(self, record: LogRecord) -> None:
+        """A log line of the job."""
+        if record.stream is LogStream.END and self.show_states:
+            return  # the state line says the same
         if self.json_lines:
             self.show(record.model_dump_json())
         else:

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from herder.client.errors import SetupError
 from herder.protocol import codec
 from herder.protocol.errors import ErrorCode, HerderError
-from herder.services.common.errors import SetupError
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """`herder package publish|list|versions`: processes and their versions.
 
-This module loads no SQLAlchemy (the CLI's start-up stays light): it checks manifests, orders
-versions and packs archives with the packages service's pure modules only.
+It checks manifests and packs archives with `herder.packaging`, and uploads them to the tenant's
+object store before asking the packages service to record the version.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 
 from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, call, connected, resolve
 from herder.cli.output import print_json, print_table, run, when
+from herder.client.requests import Client
+from herder.packaging.archive import object_digest, pack, sha256_hex
+from herder.packaging.manifest import Manifest, check_name, load_manifest
 from herder.protocol.errors import NotFound, Unavailable
 from herder.protocol.packages import (
     PackagePublish,
     ProcessListRequest,
     VersionInfo,
     VersionListRequest,
-    object_name,
+    already_published,
 )
-from herder.protocol.subjects import PACKAGES_BUCKET
-from herder.services.common.client import Client
-from herder.services.packages.archive import pack, sha256_hex
-from herder.services.packages.core import already_published, object_digest
-from herder.services.packages.manifest import Manifest, check_name, load_manifest
+from herder.protocol.subjects import packages_bucket
 
 # Uploads larger than this show their progress on stderr.
 PROGRESS_MIN_BYTES = 1024 * 1024
@@ -98,14 +97,16 @@ async def _refuse_published(client: Client, manifest: Manifest) -> None:
         raise already_published(manifest.name, manifest.version)
 
 
-async def upload(nc: NATS, name: str, archive: bytes, sha256: str, *, label: str) -> bool:
-    """Put an archive in the packages object store under `name`; False when it was there already."""
+async def upload(nc: NATS, tenant: str, archive: bytes, sha256: str, *, label: str) -> bool:
+    """Put an archive in the tenant's packages object store, named by its sha256; False when it was
+    there already."""
+    bucket = packages_bucket(tenant)
     try:
-        store = await nc.jetstream().object_store(PACKAGES_BUCKET)
+        store = await nc.jetstream().object_store(bucket)
     except BucketNotFoundError:
         raise Unavailable("the packages service has not run on this stack yet; start it with 'herder up'") from None
     try:
-        stored = await store.get_info(name)
+        stored = await store.get_info(sha256)
         # Content-addressed: the same name with the same digest is the same archive.
         if stored.size == len(archive) and stored.digest == object_digest(sha256):
             return False
@@ -113,10 +114,10 @@ async def upload(nc: NATS, name: str, archive: bytes, sha256: str, *, label: str
         pass
     data = _Progress(archive, label, sys.stderr) if len(archive) > PROGRESS_MIN_BYTES else io.BytesIO(archive)
     try:
-        await store.put(name, data)
+        await store.put(sha256, data)
     except nats.errors.TimeoutError:
         raise Unavailable(
-            f"uploading {label} to the {PACKAGES_BUCKET} object store timed out; JetStream may be overloaded"
+            f"uploading {label} to the {bucket} object store timed out; JetStream may be overloaded"
         ) from None
     return True
 
@@ -127,7 +128,7 @@ async def publish_archive(nc: NATS, client: Client, manifest: Manifest, archive:
     await _refuse_published(client, manifest)
     sha256 = sha256_hex(archive)
     label = f"{manifest.name} {manifest.version}"
-    await upload(nc, object_name(client.tenant, sha256), archive, sha256, label=label)
+    await upload(nc, client.tenant, archive, sha256, label=label)
     return await client.request(
         PackagePublish(
             process=manifest.name,

@@ -27,6 +27,7 @@ from herder.cli.context import (
     resolve,
 )
 from herder.cli.output import ago, fail, print_json, print_table, run, when
+from herder.client import logs
 from herder.protocol.errors import Unauthenticated
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -39,7 +40,6 @@ from herder.protocol.registry import (
     RobotShow,
     RobotType,
 )
-from herder.services.common import logs
 
 ENV_ROBOT_TOKEN = "HERDER_ROBOT_TOKEN"
 

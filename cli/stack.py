@@ -15,11 +15,12 @@ import typer
 
 from herder.cli.context import CONTEXT_FILE, Context, DataDirOption, default_data_dir
 from herder.cli.output import fail, print_json, run
+from herder.client import logs
+from herder.client.connection import display_nats_url
+from herder.client.errors import SetupError
 from herder.protocol.version import VERSION
 from herder.services import catalog
-from herder.services.common import logs
-from herder.services.common.bus import JetStreamSettings, display_nats_url
-from herder.services.common.errors import SetupError
+from herder.services.common.bus import JetStreamSettings
 from herder.services.common.natsserver import EmbeddedNats
 
 # The services' database code (SQLAlchemy, Alembic) is imported by the commands that run

@@ -11,12 +11,12 @@ from nats.aio.client import Client as NATS
 
 from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
 from herder.cli.output import fail, print_json, print_table, run
+from herder.client import discovery
+from herder.client.connection import display_nats_url
+from herder.client.requests import Client
 from herder.protocol.errors import HerderError
 from herder.protocol.messages import HealthCheck, HealthReply
 from herder.protocol.version import SCHEMA_VERSION, VERSION
-from herder.services.common import discovery
-from herder.services.common.bus import display_nats_url
-from herder.services.common.client import Client
 
 
 def status(

@@ -53,7 +53,9 @@ def _value(value: Any) -> str:
 def tap(
     pattern: Annotated[
         str | None,
-        typer.Argument(help="Which events: 'auth.>', 'auth.token_created', or a full subject 'hd.*.evt.>'."),
+        typer.Argument(
+            help="Which events: a domain ('jobs'), 'jobs.job_state_changed', or a full subject 'hd.default.evt.>'."
+        ),
     ] = None,
     since: Annotated[
         str | None,
@@ -68,7 +70,7 @@ def tap(
     """Print state-change events as they are published, one line each, until Ctrl-C."""
     target = resolve(data_dir, url, token_file)
     try:
-        subject = subjects.events_filter(pattern)
+        subject = subjects.events_filter(pattern, tenant=target.tenant)
         start = utcnow() - parse_duration(since) if since else None
     except BadRequest as exc:
         fail(exc.message, 2)
@@ -110,7 +112,7 @@ async def _tap(target: Target, subject: str, start: Any, count: int | None, json
     )
     async with connected(target, "herder-tap") as nc:
         subscription = await nc.jetstream().subscribe(
-            subject, stream=subjects.EVENTS_STREAM, cb=show, ordered_consumer=True, config=config
+            subject, stream=subjects.events_stream(target.tenant), cb=show, ordered_consumer=True, config=config
         )
         print(f"tapping {subject} on {target.where}; Ctrl-C stops", file=sys.stderr, flush=True)
         try:

@@ -1,8 +1,8 @@
 """Messages of the `packages` service: processes (automation scripts) and their immutable versions.
 
 A process is a folder with a manifest, `herder.toml`, naming the process, its version and its
-entry point. Publishing packs the folder into an archive, stores it in the JetStream object store
-(bucket HERDER_PACKAGES, under `<tenant>/<sha256>`), and records the version with that hash.
+entry point. Publishing packs the folder into an archive, stores it in the tenant's JetStream object
+store (bucket `HERDER_PACKAGES_<tenant>`, named by its sha256), and records the version with that hash.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, StringConstraints
 
+from herder.protocol.errors import Conflict
 from herder.protocol.messages import EventData, Model, Request, matching
 
 SERVICE = "packages"
@@ -52,11 +53,6 @@ class EntryPoint(Model):
         return f"{self.kind.value}: {words}"
 
 
-def object_name(tenant: str, sha256: str) -> str:
-    """Where an archive lives in the HERDER_PACKAGES object store: content-addressed per tenant."""
-    return f"{tenant}/{sha256}"
-
-
 class PackageRef(Model):
     """Everything a robot needs to fetch, check and run one package version."""
 
@@ -64,7 +60,7 @@ class PackageRef(Model):
     version: str
     sha256: Sha256
     size: int
-    object: str
+    object: str  # the archive's name in the tenant's object store (its sha256)
     entry: EntryPoint
 
 
@@ -92,7 +88,7 @@ class ProcessInfo(Model):
 
 
 class PackagePublish(Request[VersionInfo]):
-    """Record a version whose archive is already in the object store under `object_name(tenant, sha256)`.
+    """Record a version whose archive is already in the tenant's object store, named by its sha256.
 
     Versions are immutable: publishing one that exists is refused with `conflict`."""
 
@@ -146,6 +142,11 @@ class PackageResolve(Request[PackageRef]):
     version: Version | None = None
 
 
+def already_published(process: str, version: str) -> Conflict:
+    """The error for publishing a version that exists (the CLI checks before uploading; the service again)."""
+    return Conflict(f"{process} {version} is already published; versions are immutable, publish a new version")
+
+
 class VersionPublishedEvent(EventData):
     """A process version was published."""
 
@@ -175,5 +176,5 @@ __all__ = [
     "VersionList",
     "VersionListRequest",
     "VersionPublishedEvent",
-    "object_name",
+    "already_published",
 ]

@@ -22,13 +22,8 @@ ANY = "*"
 COORDINATOR = "_coordinator"
 DEFAULT_TENANT = "default"
 
-EVENTS_STREAM = "HERDER_EVENTS"
-EVENTS_STREAM_SUBJECTS = f"{PREFIX}.*.evt.>"
 TOKENS_BUCKET = "HERDER_TOKENS"
 ROBOTS_BUCKET = "HERDER_ROBOTS"
-PACKAGES_BUCKET = "HERDER_PACKAGES"
-LOGS_STREAM = "HERDER_LOGS"
-LOGS_STREAM_SUBJECTS = f"{PREFIX}.*.tel.*.log.*"
 HEARTBEAT = "heartbeat"
 LOG = "log"
 # Stands for "no robot" where a subject needs one: the log of a job that never reached a robot.
@@ -37,6 +32,46 @@ NO_ROBOT = "_"
 MAX_TOKEN_LENGTH = 128
 # Printable, no whitespace, none of NATS's separators or wildcards.
 _TOKEN = re.compile(rf"[^\s.*>\x00-\x1f\x7f]{{1,{MAX_TOKEN_LENGTH}}}")
+# Tenant names stand in subjects and in the names of JetStream streams and buckets.
+_TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def events_stream(tenant: str) -> str:
+    """The JetStream stream of a tenant's events: `HERDER_EVENTS_<tenant>`, holding `hd.<tenant>.evt.>`.
+
+    Each tenant's events, logs and packages live in JetStream assets of their own, so that the bus
+    fences a tenant by stream, and one tenant's volume never evicts another's history.
+    """
+    return f"HERDER_EVENTS_{check_tenant(tenant)}"
+
+
+def events_stream_subjects(tenant: str) -> str:
+    """What a tenant's event stream holds."""
+    return f"{PREFIX}.{check_tenant(tenant)}.evt.>"
+
+
+def logs_stream(tenant: str) -> str:
+    """The JetStream stream of a tenant's job logs: `HERDER_LOGS_<tenant>`, holding `hd.<tenant>.tel.*.log.*`."""
+    return f"HERDER_LOGS_{check_tenant(tenant)}"
+
+
+def logs_stream_subjects(tenant: str) -> str:
+    """What a tenant's log stream holds."""
+    return f"{PREFIX}.{check_tenant(tenant)}.tel.*.{LOG}.*"
+
+
+def packages_bucket(tenant: str) -> str:
+    """The object store of a tenant's package archives: `HERDER_PACKAGES_<tenant>`, objects named by sha256."""
+    return f"HERDER_PACKAGES_{check_tenant(tenant)}"
+
+
+def check_tenant(tenant: str) -> str:
+    """`tenant` if it is a tenant name (it names subjects and JetStream assets), else `BadRequest`."""
+    if not isinstance(tenant, str) or _TENANT.fullmatch(tenant) is None:
+        raise BadRequest(
+            f"tenant {tenant!r} must be 1 to 32 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+        )
+    return tenant
 
 
 def check_token(value: str, what: str = "subject token") -> str:
@@ -129,8 +164,9 @@ def robot_key(tenant: str, robot: str) -> str:
 def events_filter(pattern: str | None = None, tenant: str = ANY) -> str:
     """A subject filter over the event stream.
 
-    `None` or `>` means every event of `tenant`; `auth.>` or `auth.token_created` is
-    relative to the tenant's events; a pattern starting with `hd.` is taken as written.
+    `None` or `>` means every event of `tenant`; a bare domain (`jobs`) means all of its events;
+    `auth.>` or `auth.token_created` is relative to the tenant's events; a pattern starting with
+    `hd.` is taken as written.
     """
     if tenant != ANY:
         check_token(tenant, "tenant")
@@ -142,6 +178,8 @@ def events_filter(pattern: str | None = None, tenant: str = ANY) -> str:
             raise BadRequest(f"event filter {pattern!r} must match hd.<tenant>.evt.…")
         return pattern
     _check_filter(pattern)
+    if "." not in pattern and pattern != "*":
+        pattern += ".>"
     return f"{PREFIX}.{tenant}.evt.{pattern}"
 
 

@@ -31,6 +31,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from herder.client import connection
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Conflict, HerderError, Unavailable
@@ -57,8 +59,6 @@ from herder.protocol.registry import (
 from herder.protocol.version import VERSION
 from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch
 from herder.robot.runner import JobProcess, LogLine, RunnerError, RunResult, RunSpec
-from herder.services.common import bus
-from herder.services.common.client import Client
 
 REPORT_RETRY_S = 1.0
 REPORT_RETRY_MAX_S = 15.0
@@ -112,7 +112,7 @@ class RobotAgent:
         self.current: JobRun | None = None
         self._token = token
         self._client = Client(nc, token=token, tenant=tenant)
-        self._cache = PackageCache(work_dir / "packages", nc.jetstream())
+        self._cache = PackageCache(work_dir / "packages", nc.jetstream(), tenant)
         self._subscription: Subscription | None = None
         self._beat_now = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,7 +131,7 @@ class RobotAgent:
         self._subscription = await self.nc.subscribe(
             subjects.command_listen(self.tenant, self.robot), cb=self._on_command
         )
-        await bus.sync(self.nc)
+        await connection.sync(self.nc)
         try:
             connected = await self._client.request(
                 RobotConnect(

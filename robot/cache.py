@@ -24,10 +24,10 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
+from herder.packaging.archive import unpack
 from herder.protocol import subjects
 from herder.protocol.errors import BadRequest, ErrorCode, HerderError
 from herder.protocol.packages import PackageRef
-from herder.services.packages.archive import unpack
 
 # A download that makes no progress must not hold a job forever; 256 MiB needs far less.
 DOWNLOAD_TIMEOUT_S = 600.0
@@ -57,9 +57,10 @@ class PackageHashMismatch(PackageFetchError):
 class PackageCache:
     """Packages fetched from the HERDER_PACKAGES object store and kept unpacked under `root`."""
 
-    def __init__(self, root: Path, js: JetStreamContext) -> None:
+    def __init__(self, root: Path, js: JetStreamContext, tenant: str) -> None:
         self.root = root
         self._js = js
+        self._bucket = subjects.packages_bucket(tenant)
         # One download per hash at a time: later callers wait for the first.
         self._fetching: dict[str, asyncio.Future[Path]] = {}
 
@@ -109,14 +110,14 @@ class PackageCache:
 
     async def _download(self, ref: PackageRef, archive: Path) -> None:
         try:
-            store = await self._js.object_store(subjects.PACKAGES_BUCKET)
+            store = await self._js.object_store(self._bucket)
             info = await store.get_info(ref.object)
         except nats.js.errors.BucketNotFoundError:
             raise PackageMissing(
-                f"package {_name(ref)} is not in the object store: there is no bucket {subjects.PACKAGES_BUCKET}"
+                f"package {_name(ref)} is not in the object store: there is no bucket {self._bucket}"
             ) from None
         except nats.js.errors.NotFoundError:
-            raise PackageMissing(f"package {_name(ref)} is not in the object store (object {ref.object})") from None
+            raise PackageMissing(f"package {_name(ref)} is not in the object store {self._bucket} (object {ref.object})") from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise PackageFetchError(f"cannot look up package {_name(ref)}: {_describe(exc)}") from None
         if info.size != ref.size:
@@ -135,7 +136,7 @@ class PackageCache:
                 "nothing was unpacked"
             ) from None
         except nats.js.errors.NotFoundError:
-            raise PackageMissing(f"package {_name(ref)} is not in the object store (object {ref.object})") from None
+            raise PackageMissing(f"package {_name(ref)} is not in the object store {self._bucket} (object {ref.object})") from None
         except TimeoutError:
             raise PackageFetchError(
                 f"package {_name(ref)} was not downloaded within {DOWNLOAD_TIMEOUT_S:g} s"

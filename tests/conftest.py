@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
+from herder.client.connection import connect
+from herder.client.requests import Client
 from herder.services.auth.service import AuthService
-from herder.services.common.bus import connect
-from herder.services.common.client import Client
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.natsserver import EmbeddedNats
 from herder.services.common.runtime import Service

@@ -20,12 +20,12 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 
 from herder.cli.packages import publish_folder
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.jobs import JobInfo, JobShow, JobState, LogRecord
 from herder.protocol.packages import VersionInfo
 from herder.protocol.registry import RobotAdd, RobotInfo, RobotShow, RobotStatus, RobotType
 from herder.services.auth.service import AuthService
-from herder.services.common.client import Client
 from herder.services.common.host import ServiceHost
 from herder.services.common.runtime import Service
 from herder.services.jobs.service import JobsService
@@ -174,10 +174,10 @@ class Fleet:
         js = self.nc.jetstream()
         subject = subjects.job_log_filter(self.tenant, job_id)
         found: list[LogRecord] = []
-        info = await js.stream_info(subjects.LOGS_STREAM, subjects_filter=subject)
+        info = await js.stream_info(subjects.logs_stream(self.tenant), subjects_filter=subject)
         if not info.state.subjects:
             return found
-        subscription = await js.pull_subscribe(subject, stream=subjects.LOGS_STREAM)
+        subscription = await js.pull_subscribe(subject, stream=subjects.logs_stream(self.tenant))
         try:
             wanted = sum(info.state.subjects.values())
             while len(found) < wanted:

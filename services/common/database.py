@@ -20,9 +20,9 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
+from herder.client.errors import SetupError
 from herder.protocol.messages import DatabaseHealth
 from herder.services.common import sqlite_inline
-from herder.services.common.errors import SetupError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # How long a transaction waits for the process's SQLite connection before giving up.

@@ -12,10 +12,11 @@ import structlog
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from herder.client.connection import connect
+from herder.client.errors import SetupError
 from herder.protocol import subjects
 from herder.services.common import database, migrate
-from herder.services.common.bus import JetStreamSettings, connect, ensure_bucket, ensure_event_stream
-from herder.services.common.errors import SetupError
+from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_tenant
 from herder.services.common.events import EventPublisher
 from herder.services.common.runtime import Runtime, Service, ServiceRunner
 from herder.services.common.tokens import TokenResolver
@@ -73,7 +74,8 @@ class ServiceHost:
         names = "+".join(service.name for service in config.services) or "none"
         self.nc = await connect(config.nats_url, name=f"herder-{names}")
         js = self.nc.jetstream()
-        await ensure_event_stream(js, config.jetstream)
+        # Tenants arrive with a later issue; until then every principal belongs to the default tenant.
+        await ensure_tenant(js, subjects.DEFAULT_TENANT, config.jetstream)
         bucket = await ensure_bucket(js, subjects.TOKENS_BUCKET, config.jetstream)
         self._tokens = TokenResolver(bucket)
         await self._tokens.start()

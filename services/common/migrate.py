@@ -12,9 +12,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from herder.client.errors import SetupError
 from herder.services.common import database
 from herder.services.common.database import describe_failure
-from herder.services.common.errors import SetupError
 
 # (package, folder in it) of every branch: Alembic must know them all, or a database
 # that has a revision of a branch it does not know cannot be read.

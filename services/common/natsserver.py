@@ -21,7 +21,7 @@ from pathlib import Path
 
 import bcrypt
 
-from herder.services.common.errors import SetupError
+from herder.client.errors import SetupError
 
 READY_TIMEOUT_S = 15.0
 BCRYPT_ROUNDS = 4

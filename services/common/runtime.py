@@ -39,6 +39,8 @@ from nats.micro.service import EndpointConfig, ServiceConfig, ServiceStats
 from nats.micro.service import Service as MicroService
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from herder.client import connection
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Principal, PrincipalKind
 from herder.protocol.codec import BEARER, Header
@@ -46,7 +48,6 @@ from herder.protocol.errors import BadRequest, Forbidden, HerderError, Internal,
 from herder.protocol.messages import HealthCheck, HealthReply, Model, Request, new_id
 from herder.protocol.version import SCHEMA_VERSION, VERSION
 from herder.services.common import bus, database
-from herder.services.common.client import Client
 from herder.services.common.events import EventPublisher
 from herder.services.common.tokens import TokenResolver
 
@@ -317,7 +318,7 @@ class ServiceRunner:
                     handler=partial(self._accept, route),
                 )
             )
-        await bus.sync(self._runtime.nc)
+        await connection.sync(self._runtime.nc)
         self._log.info("service.started", instance=self.service.instance_id, verbs=sorted(self._counters))
 
     async def stop(self, timeout: float = DRAIN_TIMEOUT_S) -> None:

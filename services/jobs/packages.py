@@ -15,11 +15,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.errors import BadRequest
 from herder.protocol.messages import Event
 from herder.protocol.packages import PackageRef, PackageResolve, VersionPublishedEvent
-from herder.services.common.client import Client
 
 NEWEST_TTL_S = 60.0
 

@@ -55,7 +55,7 @@ from herder.protocol.jobs import (
 from herder.protocol.messages import Event, new_id, utcnow
 from herder.protocol.registry import RobotPresence, RobotType
 from herder.services.common import database
-from herder.services.common.bus import ensure_bucket, ensure_log_stream
+from herder.services.common.bus import ensure_bucket
 from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.jobs import allocation, commands, states
@@ -83,7 +83,6 @@ class JobsService(Service):
         self.commands = CommandSender(self.runtime.nc)
         await self.commands.start()
         js = self.runtime.js
-        await ensure_log_stream(js, self.runtime.jetstream)
         robots_kv = await ensure_bucket(js, subjects.ROBOTS_BUCKET, self.runtime.jetstream)
         self.directory = RobotDirectory(robots_kv, on_change=self._robot_changed)
         await self.directory.start()

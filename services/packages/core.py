@@ -1,7 +1,4 @@
-"""The packages service's decisions, free of I/O: versions as records, archive checks, latest, lookups.
-
-Free of SQLAlchemy too, so that the CLI can share its messages.
-"""
+"""The packages service's decisions, free of I/O: versions as records, archive checks, latest, lookups."""
 
 from __future__ import annotations
 
@@ -11,13 +8,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from herder.protocol.errors import BadRequest, Conflict, NotFound
-from herder.protocol.packages import EntryPoint, PackageRef, ProcessInfo, VersionInfo, object_name
-from herder.protocol.subjects import PACKAGES_BUCKET
-from herder.services.packages import versions
+from herder.packaging import versions
+from herder.packaging.archive import DIGEST_PREFIX
+from herder.protocol.errors import BadRequest, NotFound
+from herder.protocol.packages import EntryPoint, PackageRef, ProcessInfo, VersionInfo
+from herder.protocol.subjects import packages_bucket
 
-# How the object store writes an object's digest: "SHA-256=" and the base64url of the sha256.
-DIGEST_PREFIX = "SHA-256="
 # A not-found message lists a process's versions when it has no more than this many.
 LISTED_VERSIONS = 10
 
@@ -36,11 +32,6 @@ class VersionRecord:
     published_at: datetime
     description: str = ""
     published_by: str | None = None
-
-    @property
-    def object(self) -> str:
-        """Where its archive lives in the HERDER_PACKAGES object store."""
-        return object_name(self.tenant, self.sha256)
 
     def info(self) -> VersionInfo:
         """The version as listed."""
@@ -62,24 +53,14 @@ class VersionRecord:
             version=self.version,
             sha256=self.sha256,
             size=self.size,
-            object=self.object,
+            object=self.sha256,
             entry=self.entry,
         )
-
-
-def already_published(process: str, version: str) -> Conflict:
-    """The error for publishing a version that exists."""
-    return Conflict(f"{process} {version} is already published; versions are immutable, publish a new version")
 
 
 def no_process(process: str) -> NotFound:
     """The error for a process with no versions."""
     return NotFound(f"no process named {process!r}")
-
-
-def object_digest(sha256: str) -> str:
-    """The digest the object store records for content whose sha256 is `sha256` (hex)."""
-    return DIGEST_PREFIX + base64.urlsafe_b64encode(bytes.fromhex(sha256)).decode()
 
 
 def _digest_hex(digest: str | None) -> str | None:
@@ -95,23 +76,21 @@ def _digest_hex(digest: str | None) -> str | None:
 
 def check_archive(*, tenant: str, sha256: str, size: int, stored_size: int | None, stored_digest: str | None) -> None:
     """Refuse to publish unless the stored archive has the size and the sha256 the request names."""
-    name = object_name(tenant, sha256)
+    bucket = packages_bucket(tenant)
     if stored_size != size:
-        raise BadRequest(
-            f"the archive {name} in {PACKAGES_BUCKET} holds {stored_size} bytes, not the {size} the request says"
-        )
+        raise BadRequest(f"the archive {sha256} in {bucket} holds {stored_size} bytes, not the {size} the request says")
     stored_sha = _digest_hex(stored_digest)
     if stored_sha != sha256:
         found = f"sha256 {stored_sha}" if stored_sha else f"digest {stored_digest!r}"
         raise BadRequest(
-            f"the archive {name} in {PACKAGES_BUCKET} has {found}, not the sha256 the request names; upload it again"
+            f"the archive {sha256} in {bucket} has {found}, not the sha256 the request names; upload it again"
         )
 
 
 def missing_archive(tenant: str, sha256: str) -> BadRequest:
     """The error for publishing a version whose archive was never uploaded."""
     return BadRequest(
-        f"no archive {object_name(tenant, sha256)} in the {PACKAGES_BUCKET} object store; "
+        f"no archive {sha256} in the {packages_bucket(tenant)} object store; "
         "upload the archive before publishing its version"
     )
 

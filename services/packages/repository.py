@@ -9,9 +9,9 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from herder.protocol.packages import EntryKind, EntryPoint
+from herder.protocol.packages import EntryKind, EntryPoint, already_published
 from herder.services.common.database import UtcDateTime
-from herder.services.packages.core import VersionRecord, already_published
+from herder.services.packages.core import VersionRecord
 
 metadata = MetaData()
 

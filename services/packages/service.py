@@ -1,7 +1,7 @@
 """The packages service: processes (automation scripts) and their immutable, hashed versions.
 
-An archive is uploaded to the HERDER_PACKAGES object store first, content-addressed as
-`<tenant>/<sha256>`; publishing then records the version, after checking that the stored
+An archive is uploaded to the tenant's object store (`HERDER_PACKAGES_<tenant>`) first, named by
+its sha256; publishing then records the version, after checking that the stored
 archive has the size and the sha256 the request names. The database is the system of record
 of which versions exist; the object store only holds bytes.
 """
@@ -9,7 +9,7 @@ of which versions exist; the object store only holds bytes.
 from __future__ import annotations
 
 import nats.errors
-from nats.js.errors import ObjectNotFoundError
+from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from herder.protocol import subjects
@@ -26,14 +26,13 @@ from herder.protocol.packages import (
     VersionList,
     VersionListRequest,
     VersionPublishedEvent,
-    object_name,
+    already_published,
 )
 from herder.services.common import database
-from herder.services.common.bus import ensure_object_store
+from herder.services.common.bus import ensure_tenant
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.packages.core import (
     VersionRecord,
-    already_published,
     check_archive,
     missing_archive,
     newest_first,
@@ -51,9 +50,19 @@ class PackagesService(Service):
 
     async def setup(self) -> None:
         self.repo = VersionRepository()
-        self.store: ObjectStore = await ensure_object_store(
-            self.runtime.js, subjects.PACKAGES_BUCKET, self.runtime.jetstream
-        )
+        self._stores: dict[str, ObjectStore] = {}
+
+    async def _store(self, tenant: str) -> ObjectStore:
+        """The tenant's object store of package archives."""
+        store = self._stores.get(tenant)
+        if store is None:
+            try:
+                store = await self.runtime.js.object_store(subjects.packages_bucket(tenant))
+            except BucketNotFoundError:
+                await ensure_tenant(self.runtime.js, tenant, self.runtime.jetstream)
+                store = await self.runtime.js.object_store(subjects.packages_bucket(tenant))
+            self._stores[tenant] = store
+        return store
 
     @endpoint(permission=Permission.PACKAGES_PUBLISH)
     async def publish(self, request: PackagePublish, ctx: RequestContext) -> VersionInfo:
@@ -130,11 +139,11 @@ class PackagesService(Service):
     async def _stored(self, tenant: str, sha256: str) -> tuple[int | None, str | None]:
         """The size and digest of an archive in the object store, or `BadRequest` when it is not there."""
         try:
-            info = await self.store.get_info(object_name(tenant, sha256))
+            info = await (await self._store(tenant)).get_info(sha256)
         except ObjectNotFoundError:
             raise missing_archive(tenant, sha256) from None
         except nats.errors.TimeoutError:
             raise Unavailable(
-                f"the {subjects.PACKAGES_BUCKET} object store did not answer; JetStream may be down or overloaded"
+                f"the {subjects.packages_bucket(tenant)} object store did not answer; JetStream may be down"
             ) from None
         return info.size, info.digest

@@ -48,14 +48,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from herder.cli.packages import publish_folder
+from herder.client import logs
+from herder.client.connection import connect, sync
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.jobs import Command, JobStart, JobStateChangedEvent, StartCommand
 from herder.protocol.messages import Event
 from herder.protocol.registry import RobotAdd, RobotListRequest, RobotStatus, RobotType
 from herder.robot.agent import RobotAgent
-from herder.services.common import logs
-from herder.services.common.bus import connect, sync
-from herder.services.common.client import Client
 from herder.services.common.natsserver import EmbeddedNats
 
 TARGET_P50_MS = 5.0

@@ -37,12 +37,13 @@ from typing import Any
 
 from benchlib import environment, percentile
 
+from herder.client import logs
+from herder.client.connection import connect, sync
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Principal, PrincipalKind, Role
 from herder.protocol.messages import Model, Request
-from herder.services.common import logs
-from herder.services.common.bus import JetStreamSettings, connect, ensure_bucket, ensure_event_stream, sync
-from herder.services.common.client import Client
+from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_event_stream
 from herder.services.common.events import EventPublisher
 from herder.services.common.natsserver import EmbeddedNats
 from herder.services.common.runtime import RequestContext, Runtime, Service, ServiceRunner, endpoint
@@ -279,7 +280,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Comparison]:
     nc = await connect(url, name="bench-callers")
     try:
         js = nc.jetstream()
-        await ensure_event_stream(js, JetStreamSettings())
+        await ensure_event_stream(js, subjects.DEFAULT_TENANT, JetStreamSettings())
         kv = await ensure_bucket(js, subjects.TOKENS_BUCKET, JetStreamSettings())
         secret = new_secret()
         principal = Principal(

@@ -37,7 +37,7 @@ def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
     )
     try:
         assert tap.stderr is not None
-        assert tap.stderr.readline().startswith("tapping hd.*.evt.auth.>")
+        assert tap.stderr.readline().startswith("tapping hd.default.evt.auth.>")
         created = herder("token", "create", "e2e", "--role", "integrator", env=up.env)
         assert created.returncode == 0, created.stderr
         secret = created.stdout.strip()

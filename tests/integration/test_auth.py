@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from herder.client.connection import connect
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import (
     Principal,
@@ -22,8 +24,6 @@ from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound, Un
 from herder.protocol.messages import Event
 from herder.services.auth.repository import tokens
 from herder.services.auth.service import AuthService
-from herder.services.common.bus import connect
-from herder.services.common.client import Client
 from herder.services.common.events import outbox
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.tokens import token_hash
@@ -35,10 +35,10 @@ async def stored_events(stack: Stack) -> list[Event]:
     """Every event in the HERDER_EVENTS stream, oldest first."""
     assert stack.host.runtime is not None
     js = stack.host.runtime.js
-    info = await js.stream_info(subjects.EVENTS_STREAM)
+    info = await js.stream_info(subjects.events_stream("default"))
     found = []
     for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        message = await js.get_msg(subjects.EVENTS_STREAM, sequence)
+        message = await js.get_msg(subjects.events_stream("default"), sequence)
         found.append(codec.load(Event, message.data))
     return found
 

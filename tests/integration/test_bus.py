@@ -6,16 +6,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from herder.client.connection import connect, display_nats_url, sync
+from herder.client.errors import SetupError
 from herder.protocol import subjects
-from herder.services.common.bus import (
-    JetStreamSettings,
-    connect,
-    display_nats_url,
-    ensure_bucket,
-    ensure_event_stream,
-    sync,
-)
-from herder.services.common.errors import SetupError
+from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_event_stream
 from herder.services.common.natsserver import EmbeddedNats
 
 
@@ -52,10 +46,10 @@ def test_printed_urls_hide_credentials() -> None:
 async def test_streams_and_buckets_are_created_idempotently(nc: NATS) -> None:
     js = nc.jetstream()
     for _ in range(2):
-        await ensure_event_stream(js, JetStreamSettings())
+        await ensure_event_stream(js, "default", JetStreamSettings())
         await ensure_bucket(js, subjects.TOKENS_BUCKET, JetStreamSettings())
-    info = await js.stream_info(subjects.EVENTS_STREAM)
-    assert info.config.subjects == [subjects.EVENTS_STREAM_SUBJECTS]
+    info = await js.stream_info(subjects.events_stream("default"))
+    assert info.config.subjects == [subjects.events_stream_subjects("default")]
     assert info.config.duplicate_window == 120
 
 

@@ -11,13 +11,13 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.object_store import ObjectStore
 
+from herder.packaging.archive import pack, sha256_hex
 from herder.protocol import subjects
 from herder.protocol.jobs import Outcome
-from herder.protocol.packages import EntryKind, EntryPoint, PackageRef, object_name
+from herder.protocol.packages import EntryKind, EntryPoint, PackageRef
 from herder.robot.cache import PackageCache, PackageHashMismatch, PackageMissing
 from herder.robot.runner import JobProcess, RunSpec
 from herder.services.common.bus import JetStreamSettings, ensure_object_store
-from herder.services.packages.archive import pack, sha256_hex
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -40,7 +40,7 @@ class CountingJetStream:
 @pytest.fixture
 async def store(nc: NATS) -> ObjectStore:
     """The HERDER_PACKAGES bucket of this test's nats-server."""
-    return await ensure_object_store(nc.jetstream(), subjects.PACKAGES_BUCKET, JetStreamSettings())
+    return await ensure_object_store(nc.jetstream(), subjects.packages_bucket("default"), JetStreamSettings())
 
 
 async def publish(store: ObjectStore, folder: Path) -> tuple[PackageRef, bytes]:
@@ -52,7 +52,7 @@ async def publish(store: ObjectStore, folder: Path) -> tuple[PackageRef, bytes]:
         version="1.0.0",
         sha256=sha,
         size=len(data),
-        object=object_name("default", sha),
+        object=sha,
         entry=EntryPoint(kind=EntryKind.PYTHON, target="hello:main"),
     )
     await store.put(ref.object, data)
@@ -65,7 +65,7 @@ def _leftovers(root: Path) -> list[str]:
 
 async def test_a_package_is_downloaded_checked_unpacked_and_runs(nc: NATS, store: ObjectStore, tmp_path: Path) -> None:
     ref, _ = await publish(store, EXAMPLES / "hello")
-    cache = PackageCache(tmp_path / "cache", nc.jetstream())
+    cache = PackageCache(tmp_path / "cache", nc.jetstream(), "default")
     folder = await cache.fetch(ref)
     assert folder == tmp_path / "cache" / ref.sha256
     assert (folder / "hello.py").read_text() == (EXAMPLES / "hello" / "hello.py").read_text()
@@ -87,18 +87,18 @@ async def test_a_package_is_downloaded_checked_unpacked_and_runs(nc: NATS, store
 async def test_a_cached_package_is_not_downloaded_again(nc: NATS, store: ObjectStore, tmp_path: Path) -> None:
     ref, _ = await publish(store, EXAMPLES / "hello")
     js = CountingJetStream(nc.jetstream())
-    cache = PackageCache(tmp_path / "cache", js)  # type: ignore[arg-type]
+    cache = PackageCache(tmp_path / "cache", js, "default")  # type: ignore[arg-type]
     first = await cache.fetch(ref)
     await store.delete(ref.object)  # a second download would now fail
     assert await cache.fetch(ref) == first
-    assert await PackageCache(tmp_path / "cache", nc.jetstream()).fetch(ref) == first  # after a restart too
+    assert await PackageCache(tmp_path / "cache", nc.jetstream(), "default").fetch(ref) == first  # after a restart too
     assert js.opened == 1
 
 
 async def test_concurrent_fetches_of_one_package_download_it_once(nc: NATS, store: ObjectStore, tmp_path: Path) -> None:
     ref, _ = await publish(store, EXAMPLES / "long-task")
     js = CountingJetStream(nc.jetstream())
-    cache = PackageCache(tmp_path / "cache", js)  # type: ignore[arg-type]
+    cache = PackageCache(tmp_path / "cache", js, "default")  # type: ignore[arg-type]
     folders = await asyncio.gather(*(cache.fetch(ref) for _ in range(5)))
     assert set(folders) == {tmp_path / "cache" / ref.sha256}
     assert js.opened == 1
@@ -109,7 +109,7 @@ async def test_other_bytes_under_the_name_are_a_hash_mismatch_and_nothing_is_unp
 ) -> None:
     ref, data = await publish(store, EXAMPLES / "hello")
     await store.put(ref.object, bytes(reversed(data)))  # same size, other bytes
-    cache = PackageCache(tmp_path / "cache", nc.jetstream())
+    cache = PackageCache(tmp_path / "cache", nc.jetstream(), "default")
     with pytest.raises(PackageHashMismatch, match="package hash mismatch"):
         await cache.fetch(ref)
     assert _leftovers(tmp_path / "cache") == []
@@ -123,8 +123,8 @@ async def test_other_bytes_under_the_name_are_a_hash_mismatch_and_nothing_is_unp
 async def test_a_missing_package_is_a_clear_error(nc: NATS, store: ObjectStore, tmp_path: Path) -> None:
     ref, _ = await publish(store, EXAMPLES / "hello")
     await store.delete(ref.object)
-    with pytest.raises(PackageMissing, match=r"package hello 1\.0\.0 is not in the object store \(object default/"):
-        await PackageCache(tmp_path / "cache", nc.jetstream()).fetch(ref)
+    with pytest.raises(PackageMissing, match=r"package hello 1\.0\.0 is not in the object store HERDER_PACKAGES_default \(object [0-9a-f]{64}\)"):
+        await PackageCache(tmp_path / "cache", nc.jetstream(), "default").fetch(ref)
     assert _leftovers(tmp_path / "cache") == []
 
 
@@ -134,8 +134,8 @@ async def test_a_missing_bucket_is_a_clear_error(nc: NATS, tmp_path: Path) -> No
         version="1.0.0",
         sha256="0" * 64,
         size=10,
-        object=object_name("default", "0" * 64),
+        object="0" * 64,
         entry=EntryPoint(kind=EntryKind.PYTHON, target="hello:main"),
     )
     with pytest.raises(PackageMissing, match="there is no bucket HERDER_PACKAGES"):
-        await PackageCache(tmp_path / "cache", nc.jetstream()).fetch(ref)
+        await PackageCache(tmp_path / "cache", nc.jetstream(), "default").fetch(ref)

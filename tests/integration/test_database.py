@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, text
 
+from herder.client.errors import SetupError
 from herder.services.auth import repository
 from herder.services.common import database, events, migrate
-from herder.services.common.errors import SetupError
 from herder.services.jobs import repository as jobs_repository
 from herder.services.packages import repository as packages_repository
 from herder.services.registry import repository as registry_repository

@@ -36,16 +36,16 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 async def js(nc: NATS) -> JetStreamContext:
     context = nc.jetstream()
-    await ensure_event_stream(context, JetStreamSettings())
+    await ensure_event_stream(context, "acme", JetStreamSettings())
     return context
 
 
 async def stream_events(js: JetStreamContext) -> list[Event]:
-    info = await js.stream_info(subjects.EVENTS_STREAM)
+    info = await js.stream_info(subjects.events_stream("acme"))
     if info.state.messages == 0:
         return []
     return [
-        codec.load(Event, (await js.get_msg(subjects.EVENTS_STREAM, seq)).data)
+        codec.load(Event, (await js.get_msg(subjects.events_stream("acme"), seq)).data)
         for seq in range(info.state.first_seq, info.state.last_seq + 1)
     ]
 
@@ -90,13 +90,13 @@ async def test_a_rolled_back_change_publishes_nothing(js: JetStreamContext, engi
 async def test_an_event_that_cannot_be_published_waits_in_the_outbox_for_the_relay(
     js: JetStreamContext, engine: AsyncEngine
 ) -> None:
-    await js.delete_stream(subjects.EVENTS_STREAM)  # JetStream refuses the publish now
+    await js.delete_stream(subjects.events_stream("acme"))  # JetStream refuses the publish now
     publisher = EventPublisher(js, engine)
     async with publisher.transaction() as tx:
         tx.emit(renamed("delayed"))
     assert await outbox_rows(engine) == 1
 
-    await ensure_event_stream(js, JetStreamSettings())
+    await ensure_event_stream(js, "acme", JetStreamSettings())
     assert await publisher.relay_once(grace_s=0) == 1
     assert [e.data["robot"] for e in await stream_events(js)] == ["delayed"]
     assert await outbox_rows(engine) == 0
@@ -111,10 +111,10 @@ async def test_the_same_event_published_twice_is_stored_once(js: JetStreamContex
 
 
 async def test_the_relay_leaves_young_rows_to_their_writer(js: JetStreamContext, engine: AsyncEngine) -> None:
-    await js.delete_stream(subjects.EVENTS_STREAM)
+    await js.delete_stream(subjects.events_stream("acme"))
     publisher = EventPublisher(js, engine)
     async with publisher.transaction() as tx:
         tx.emit(renamed("young"))
-    await ensure_event_stream(js, JetStreamSettings())
+    await ensure_event_stream(js, "acme", JetStreamSettings())
     assert await publisher.relay_once(grace_s=60) == 0
     assert await outbox_rows(engine) == 1

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
+from herder.client.connection import connect
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import TokenCreate, TokenCreated, TokenListRequest, WhoAmI
 from herder.protocol.codec import Header
 from herder.protocol.messages import ErrorBody
 from herder.services.auth.service import AuthService
-from herder.services.common.bus import connect
-from herder.services.common.client import Client
 from herder.services.common.host import HostConfig, ServiceHost
 
 T = TypeVar("T")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from herder.client import discovery
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
@@ -32,10 +34,7 @@ from herder.protocol.jobs import (
     Outcome,
     Priority,
 )
-from herder.protocol.packages import object_name
 from herder.protocol.registry import RobotStatus, RobotType
-from herder.services.common import discovery
-from herder.services.common.client import Client
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.jobs.service import JobsService
 from tests.fleet import HEARTBEAT_S, Fleet, command_process, python_process, running_fleet
@@ -478,8 +477,8 @@ async def test_a_corrupted_package_is_never_run(lite: Fleet) -> None:
     marker = lite.root / "marker"
     version = await lite.publish(python_process(lite.root, "record", RECORD))
     # Someone swaps the stored archive for other bytes under the same name.
-    store = await lite.nc.jetstream().object_store(subjects.PACKAGES_BUCKET)
-    await store.put(object_name(lite.tenant, version.sha256), b"not the package that was published")
+    store = await lite.nc.jetstream().object_store(subjects.packages_bucket("default"))
+    await store.put(version.sha256, b"not the package that was published")
     job = await lite.client.request(JobStart(process="record", robot="r1", input={"marker": str(marker)}))
     faulted = await lite.wait_job(job.id, JobState.FAULTED)
     assert "package hash mismatch" in faulted.reason

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from herder.client.requests import Client
+from herder.packaging.archive import pack, sha256_hex, unpack
+from herder.packaging.manifest import load_manifest
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Role, TokenCreate
 from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
@@ -19,12 +22,8 @@ from herder.protocol.packages import (
     PackageResolve,
     ProcessListRequest,
     VersionListRequest,
-    object_name,
 )
 from herder.services.auth.service import AuthService
-from herder.services.common.client import Client
-from herder.services.packages.archive import pack, sha256_hex, unpack
-from herder.services.packages.manifest import load_manifest
 from herder.services.packages.service import PackagesService
 from tests.conftest import Stack, running_stack
 from tests.support import eventually
@@ -54,9 +53,9 @@ def process_folder(root: Path, name: str = "hello", version: str = "1.0.0", gree
 
 async def upload(stack: Stack, data: bytes, *, as_sha256: str | None = None) -> str:
     """Put `data` in the packages object store, under its own sha256 (or under `as_sha256`); return that."""
-    store = await stack.nc.jetstream().object_store(subjects.PACKAGES_BUCKET)
+    store = await stack.nc.jetstream().object_store(subjects.packages_bucket("default"))
     sha256 = as_sha256 or sha256_hex(data)
-    await store.put(object_name(TENANT, sha256), data)
+    await store.put(sha256, data)
     return sha256
 
 
@@ -80,10 +79,10 @@ async def stored_events(stack: Stack) -> list[Event]:
     """Every event in the HERDER_EVENTS stream, oldest first."""
     assert stack.host.runtime is not None
     js = stack.host.runtime.js
-    info = await js.stream_info(subjects.EVENTS_STREAM)
+    info = await js.stream_info(subjects.events_stream("default"))
     found = []
     for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        message = await js.get_msg(subjects.EVENTS_STREAM, sequence)
+        message = await js.get_msg(subjects.events_stream("default"), sequence)
         assert message.data is not None
         found.append(codec.load(Event, message.data))
     return found
@@ -111,12 +110,12 @@ async def test_publish_list_versions_and_resolve(stack: Stack, tmp_path: Path) -
 
     latest = await stack.client.request(PackageResolve(process="hello"))
     assert latest.version == "1.10.0"
-    assert latest.object == object_name(TENANT, latest.sha256)
+    assert latest.object == latest.sha256
     pinned = await stack.client.request(PackageResolve(process="hello", version="1.9.0"))
     assert (pinned.version, pinned.sha256, pinned.size) == ("1.9.0", first.sha256, first.size)
 
     # What resolve names is what a robot fetches: the archive, intact.
-    store = await stack.nc.jetstream().object_store(subjects.PACKAGES_BUCKET)
+    store = await stack.nc.jetstream().object_store(subjects.packages_bucket("default"))
     fetched = await store.get(pinned.object)
     assert fetched.data is not None and sha256_hex(fetched.data) == pinned.sha256
     unpack(fetched.data, tmp_path / "unpacked")
@@ -176,7 +175,7 @@ async def test_the_archive_must_be_there_whole(stack: Stack, tmp_path: Path) -> 
     def request(size: int = len(archive), digest: str = sha256) -> PackagePublish:
         return PackagePublish(process="hello", version="1.0.0", sha256=digest, size=size, entry=entry)
 
-    with pytest.raises(BadRequest, match=rf"no archive {TENANT}/{sha256} in the HERDER_PACKAGES object store"):
+    with pytest.raises(BadRequest, match=rf"no archive {sha256} in the HERDER_PACKAGES_{TENANT} object store"):
         await stack.client.request(request())
 
     # Other bytes of the same length, stored under this archive's name: the digest gives them away.

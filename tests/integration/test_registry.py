@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Role, WhoAmI
 from herder.protocol.codec import BEARER, Header
@@ -29,7 +30,6 @@ from herder.protocol.registry import (
     RobotType,
 )
 from herder.services.auth.service import AuthService
-from herder.services.common.client import Client
 from herder.services.common.events import outbox
 from herder.services.registry.repository import robots
 from herder.services.registry.service import RegistryService
@@ -71,10 +71,10 @@ class FakeAgent:
 async def status_events(fleet: Fleet, robot: str) -> list[tuple[str, str]]:
     """(previous, status) of every status change event of `robot`, oldest first."""
     js = fleet.nc.jetstream()
-    info = await js.stream_info(subjects.EVENTS_STREAM)
+    info = await js.stream_info(subjects.events_stream("default"))
     found = []
     for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        event = codec.load(Event, (await js.get_msg(subjects.EVENTS_STREAM, sequence)).data)
+        event = codec.load(Event, (await js.get_msg(subjects.events_stream("default"), sequence)).data)
         if event.type == "registry.robot_status_changed" and event.data["robot"] == robot:
             found.append((event.data["previous"], event.data["status"]))
     return found

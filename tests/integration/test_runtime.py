@@ -10,6 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from herder.client import discovery
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Role, TokenCreate, WhoAmI
 from herder.protocol.codec import Header
@@ -24,7 +25,6 @@ from herder.protocol.errors import (
     Unavailable,
 )
 from herder.protocol.messages import Empty, Model, Request
-from herder.services.common import discovery
 from herder.services.common.runtime import RequestContext, Service, ServiceRunner, endpoint
 from tests.conftest import Stack
 from tests.support import eventually, migrated

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from herder.cli.tap import format_line, parse_duration
+from herder.client.discovery import summarize
 from herder.protocol.errors import BadRequest
 from herder.protocol.messages import Event
-from herder.services.common.discovery import summarize
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from herder.protocol.errors import BadRequest
-from herder.protocol.packages import EntryKind, EntryPoint, PackagePublish
-from herder.services.packages.manifest import (
+from herder.packaging.manifest import (
     Manifest,
     check_name,
     check_version,
     load_manifest,
     parse_manifest,
 )
+from herder.protocol.errors import BadRequest
+from herder.protocol.packages import EntryKind, EntryPoint, PackagePublish
 
 HEAD = 'name = "hello"\nversion = "1.0.0"\n'
 

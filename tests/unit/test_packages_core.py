@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from herder.packaging.archive import object_digest
 from herder.protocol.errors import BadRequest, NotFound
 from herder.protocol.packages import EntryKind, EntryPoint
 from herder.services.packages.core import (
     VersionRecord,
     check_archive,
     newest_first,
-    object_digest,
     pick,
     summarise,
 )
@@ -101,4 +101,4 @@ def test_a_record_reads_as_a_version_and_as_a_package_ref() -> None:
     one = record("hello", "1.0")
     assert one.info().entry == ENTRY and one.info().published_at == T0
     ref = one.ref()
-    assert (ref.object, ref.sha256, ref.size, ref.entry) == (f"default/{'a' * 64}", "a" * 64, 10, ENTRY)
+    assert (ref.object, ref.sha256, ref.size, ref.entry) == ("a" * 64, "a" * 64, 10, ENTRY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = {"protocol", "services", "robot", "coordinator", "cli"}
+FOLDERS = {"protocol", "services", "robot", "coordinator", "cli", "client", "packaging"}
+# Only the commands that run services (`herder up`, `service run`, `db upgrade`, ...) may load them.
+SERVICE_RUNNERS = {ROOT / "cli" / "stack.py"}
 
 
 def _declared() -> set[str]:
@@ -24,6 +27,28 @@ def test_every_package_folder_is_declared() -> None:
             relative = init.parent.relative_to(ROOT).parts
             found.add(".".join(("herder", *relative)))
     assert found == _declared()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_nothing_outside_services_imports_services() -> None:
+    offenders = []
+    for folder in FOLDERS - {"services"}:
+        for path in (ROOT / folder).rglob("*.py"):
+            if path in SERVICE_RUNNERS:
+                continue
+            services = sorted(m for m in _imported_modules(path) if m.startswith("herder.services"))
+            if services:
+                offenders.append(f"{path.relative_to(ROOT)}: {', '.join(services)}")
+    assert not offenders, "these import herder.services: " + "; ".join(offenders)
 
 
 def test_every_declared_package_imports_from_its_folder() -> None:

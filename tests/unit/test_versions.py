@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from herder.services.packages.versions import compare, newest, newest_first, version_key
+from herder.packaging.versions import compare, newest, newest_first, version_key
 
 
 @pytest.mark.parametrize(

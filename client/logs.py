@@ -7,7 +7,7 @@ import sys
 
 import structlog
 
-from herder.services.common.errors import SetupError
+from herder.client.errors import SetupError
 
 FORMATS = ("auto", "json", "console")
 LEVELS = ("debug", "info", "warning", "error")

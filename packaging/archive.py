@@ -7,6 +7,7 @@ target folder, links included.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -21,11 +22,18 @@ SKIPPED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".venv", "venv",
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 MAX_PACKAGE_BYTES = 256 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
+# How the object store writes an object's digest: "SHA-256=" and the base64url of the sha256.
+DIGEST_PREFIX = "SHA-256="
 
 
 def sha256_hex(data: bytes) -> str:
     """The sha256 of `data`, as 64 hex digits."""
     return hashlib.sha256(data).hexdigest()
+
+
+def object_digest(sha256: str) -> str:
+    """The digest the object store records for content whose sha256 is `sha256` (hex)."""
+    return DIGEST_PREFIX + base64.urlsafe_b64encode(bytes.fromhex(sha256)).decode()
 
 
 def _members(folder: Path) -> list[Path]:
