@@ -1,6 +1,6 @@
 """The one async engine factory, for SQLite (aiosqlite) and PostgreSQL (psycopg).
 
-SQLite is the laptop default: one writer at a time, every transaction serializable.
+SQLite is the laptop default: one process, one writer at a time, every transaction serializable.
 PostgreSQL is for a data centre: many writers, READ COMMITTED, explicit row locks where
 a decision depends on what it reads.
 """
@@ -8,6 +8,7 @@ a decision depends on what it reads.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -76,25 +77,39 @@ def display_url(url: URL | str) -> str:
 
 def create_engine(url: str | URL) -> AsyncEngine:
     """An async engine for `url`: SQLite in WAL mode with a busy timeout and foreign keys on,
-    or PostgreSQL with a checked connection pool."""
+    or PostgreSQL with a checked connection pool.
+
+    A SQLite engine claims its file for this process until it is disposed: `SetupError` if another
+    process has claimed it."""
     parsed = parse_url(url) if isinstance(url, str) else url
     if parsed.get_backend_name() == "sqlite":
         path = Path(parsed.database or "")
         if not path.parent.exists():
             raise SetupError(f"the folder of the SQLite database {str(path)!r} does not exist; create it first")
-        # SQLite has one write lock, and every herder transaction takes it (BEGIN IMMEDIATE). Several
-        # connections in one process would queue for it in SQLite's busy handler, which sleeps and
-        # polls (1, 2, 5 … 100 ms); one pooled connection hands the lock over the moment it is free.
-        # Its calls run on the event loop, without aiosqlite's thread (see `sqlite_inline`).
-        engine = create_async_engine(
-            parsed,
-            async_creator=sqlite_inline.creator(str(path), SQLITE_BUSY_TIMEOUT_MS / 1000),
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=SQLITE_POOL_TIMEOUT_S,
-        )
+        # The inline driver blocks the event loop while SQLite's lock is busy, so a second process on
+        # the file is refused here, at start, rather than left to freeze the first for seconds.
+        claim = sqlite_inline.FileClaim(path)
+        claim.acquire()
+        try:
+            # SQLite has one write lock, and every herder transaction takes it (BEGIN IMMEDIATE). Several
+            # connections in one process would queue for it in SQLite's busy handler, which sleeps and
+            # polls (1, 2, 5 … 100 ms); one pooled connection hands the lock over the moment it is free.
+            # Its calls run on the event loop, without aiosqlite's thread (see `sqlite_inline`).
+            engine = create_async_engine(
+                parsed,
+                async_creator=sqlite_inline.creator(claim, SQLITE_BUSY_TIMEOUT_MS / 1000),
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=SQLITE_POOL_TIMEOUT_S,
+            )
+        except BaseException:
+            claim.release()
+            raise
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        event.listen(engine.sync_engine, "engine_disposed", lambda _engine: claim.release())
+        # An engine dropped without a dispose gives its claim back when it is collected.
+        weakref.finalize(engine.sync_engine, claim.release)
         return engine
     return create_async_engine(
         parsed,
