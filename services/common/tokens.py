@@ -8,18 +8,16 @@ dictionary lookup, and a revocation reaches every replica within milliseconds.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import secrets
 
-import nats.js.errors
 import structlog
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
+from herder.client.tasks import Supervisor
 from herder.protocol import codec
 from herder.protocol.auth import Principal
-from herder.protocol.errors import BadRequest
+from herder.services.common.mirror import START_TIMEOUT_S, KvMirror
 
 TOKEN_PREFIX = "hd_"
 TOKEN_BYTES = 32
@@ -37,70 +35,46 @@ def token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-class TokenResolver:
-    """Resolves bearer tokens to principals from a live mirror of the HERDER_TOKENS bucket."""
+def _principal(data: bytes) -> Principal:
+    return codec.load(Principal, data)
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
-        self._principals: dict[str, Principal] = {}
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+
+def _short(key: str) -> str:
+    # A token hash is as good as the token to whoever can put it in the bucket; logs show a prefix.
+    return key[:8]
+
+
+class TokenResolver:
+    """Resolves bearer tokens to principals from a live mirror of the HERDER_TOKENS bucket.
+
+    The watch runs as task `herder.tokens.watch` under `supervisor` (a supervisor of its own when
+    none is given): a watch that fails is logged and restarted, and catches up on what it missed."""
+
+    def __init__(self, kv: KeyValue, *, supervisor: Supervisor | None = None) -> None:
+        self._mirror = KvMirror(kv, _principal, name="herder.tokens", supervisor=supervisor, log_key=_short, log=log)
 
     @property
     def bucket(self) -> KeyValue:
         """The HERDER_TOKENS bucket this resolver mirrors."""
-        return self._kv
+        return self._mirror.bucket
 
-    async def start(self, timeout: float = 10.0) -> None:
+    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start mirroring the bucket, and return once the current contents are loaded."""
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher), name="herder.tokens.watch")
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        await self._mirror.start(timeout)
 
     async def stop(self) -> None:
         """Stop mirroring."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of the initial contents
-                    self._ready.set()
-                    continue
-                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    self._principals.pop(entry.key, None)
-                    continue
-                try:
-                    self._principals[entry.key] = codec.load(Principal, entry.value)
-                except BadRequest:
-                    log.warning("tokens.unreadable_entry", key=entry.key[:8])
-                self._ready.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        await self._mirror.stop()
 
     def lookup(self, secret: str) -> Principal | None:
         """The principal of a token as the mirror knows it; None may also mean "not mirrored yet"."""
-        return self._principals.get(token_hash(secret))
+        return self._mirror.get(token_hash(secret))
 
     async def fetch(self, secret: str) -> Principal | None:
         """The principal of a token as the bucket holds it: for a token created a moment ago,
         which may not have reached the mirror yet. Not cached: the watch stays the mirror's one
         writer, so a revocation cannot be undone."""
-        try:
-            entry = await self._kv.get(token_hash(secret))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if not entry.value:
-            return None
-        try:
-            return codec.load(Principal, entry.value)
-        except BadRequest:
-            return None
+        return await self._mirror.fetch(token_hash(secret))
 
     async def resolve(self, secret: str) -> Principal | None:
         """The principal a token stands for, or None when it is unknown or revoked."""
@@ -108,4 +82,4 @@ class TokenResolver:
 
     def snapshot(self) -> dict[str, Principal]:
         """A copy of the mirror: token hash -> principal."""
-        return dict(self._principals)
+        return self._mirror.snapshot()
