@@ -12,7 +12,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, call, connected, resolve
+from herder.cli.context import (
+    BundleOption,
+    DataDirOption,
+    JsonOption,
+    Target,
+    TokenFileOption,
+    UrlOption,
+    call,
+    connected,
+    resolve,
+)
 from herder.cli.output import fail, print_json, print_table, run, when
 from herder.client.follow import JobFollower
 from herder.client.requests import Client
@@ -68,6 +78,7 @@ def start(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Start a process on a robot (--robot) or on any available robot of a group (--group)."""
@@ -84,7 +95,7 @@ def start(
         kill_grace_s=kill_grace,
         on_robot_lost=OnRobotLost.REQUEUE if requeue else OnRobotLost.FAULT,
     )
-    target = resolve(data_dir, url, token_file)
+    target = resolve(data_dir, url, token_file, bundle)
     if not wait:
         job = call(target, lambda c: c.request(request))
         if json_out:
@@ -135,11 +146,12 @@ def list_jobs(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """List jobs, newest first; a Pending job says why it has not started."""
     request = JobListRequest(states=states or [], process=process, robot=robot, limit=limit)
-    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
+    listed = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(request))
     if json_out:
         print_json(listed.jobs)
         return
@@ -167,11 +179,12 @@ def show(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Show one job: where it runs, its state and why, its input and output."""
     request = JobShow(id=job_id)  # a malformed id is refused before connecting
-    job = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
+    job = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(request))
     if json_out:
         print_json(job)
         return
@@ -206,10 +219,11 @@ def stop(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Soft-stop a job: its script sees should_stop() and ends itself. A Pending job is cancelled."""
-    _ask(resolve(data_dir, url, token_file), JobStop(id=job_id), json_out)
+    _ask(resolve(data_dir, url, token_file, bundle), JobStop(id=job_id), json_out)
 
 
 @job_app.command("kill")
@@ -218,10 +232,11 @@ def kill(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Hard-stop a job: SIGTERM to its processes, SIGKILL after its grace period. A Pending job is cancelled."""
-    _ask(resolve(data_dir, url, token_file), JobKill(id=job_id), json_out)
+    _ask(resolve(data_dir, url, token_file, bundle), JobKill(id=job_id), json_out)
 
 
 def _ask(target: Target, request: JobStop | JobKill, json_out: bool) -> None:
@@ -239,11 +254,12 @@ def logs(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print each line as a JSON object.")] = False,
 ) -> None:
     """Print a job's log lines: its script's stdout, stderr and SDK records, and what the robot did."""
     request = JobShow(id=job_id)  # a malformed id is refused before connecting
-    run(lambda: _logs(resolve(data_dir, url, token_file), request, follow, json_out))
+    run(lambda: _logs(resolve(data_dir, url, token_file, bundle), request, follow, json_out))
 
 
 async def _logs(target: Target, request: JobShow, follow: bool, json_out: bool) -> None:

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import typer
@@ -39,6 +40,16 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print `herder: <message>` on stderr and exit with `code`."""
     _say(message)
     raise typer.Exit(code)
+
+
+def check_new_file(path: Path, what: str) -> None:
+    """Stop, before anything is asked of the stack, when `path` cannot become a new file holding `what`
+    (it exists, or its folder is missing or not writable): a secret made must have somewhere to go."""
+    if path.exists():
+        fail(f"{path} exists already; choose a new file for {what}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        fail(f"cannot write {what} to {path}: its folder is missing or not writable")
 
 
 def refuse_tokens_in_arguments(args: list[str]) -> None:

@@ -16,7 +16,17 @@ import typer
 from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, call, connected, resolve
+from herder.cli.context import (
+    BundleOption,
+    DataDirOption,
+    JsonOption,
+    Target,
+    TokenFileOption,
+    UrlOption,
+    call,
+    connected,
+    resolve,
+)
 from herder.cli.output import print_json, print_table, run, when
 from herder.client.requests import Client
 from herder.packaging.archive import object_digest, pack, sha256_hex
@@ -163,6 +173,7 @@ def publish(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Publish a process folder as a new version (versions never change once published).
@@ -181,7 +192,7 @@ def publish(
     manifest = load_manifest(folder)
     if version is not None:
         manifest = manifest.with_version(version)
-    target = resolve(data_dir, url, token_file)
+    target = resolve(data_dir, url, token_file, bundle)
     archive = pack(folder)  # packed before connecting: a folder that cannot be packed fails at once
     published = run(lambda: _publish(target, manifest, archive))
     if json_out:
@@ -198,10 +209,11 @@ def list_processes(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """List the processes, each with its newest version."""
-    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(ProcessListRequest()))
+    listed = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(ProcessListRequest()))
     if json_out:
         print_json(listed.processes)
         return
@@ -218,11 +230,12 @@ def list_versions(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """List the versions of a process, newest first."""
     check_name(name, what="the process name")
-    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(VersionListRequest(process=name)))
+    listed = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(VersionListRequest(process=name)))
     if json_out:
         print_json(listed.versions)
         return

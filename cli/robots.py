@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, TextIO
 
@@ -14,6 +15,8 @@ import typer
 
 from herder.cli.context import (
     CONTEXT_FILE,
+    ENV_BUNDLE,
+    BundleOption,
     Context,
     DataDirOption,
     JsonOption,
@@ -26,8 +29,10 @@ from herder.cli.context import (
     read_token_file,
     resolve,
 )
-from herder.cli.output import ago, fail, print_json, print_table, run, when
+from herder.cli.output import ago, check_new_file, fail, print_json, print_table, run, when
 from herder.client import logs
+from herder.client.bundle import Bundle, read_bundle, write_bundle
+from herder.client.errors import SetupError
 from herder.protocol.errors import Unauthenticated
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -66,18 +71,30 @@ def add(
             help="Write the robot's token to this file (readable by you alone) instead of printing it.",
         ),
     ] = None,
+    bundle_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            help="Write the robot's connection bundle to this new file (mode 0600): the stack's URLs, its CA "
+            "and the robot's token. Copy it to the robot's machine and run 'herder robot run NAME --bundle FILE'.",
+        ),
+    ] = None,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Register a robot. Its token is shown once, now (or saved with --save-token); herder keeps only a hash."""
+    """Register a robot. Its token is shown once, now (or saved with --save-token, or put in a bundle with
+    --bundle); herder keeps only a hash."""
     request = RobotAdd(name=name, type=robot_type, host=host, groups=groups or [])
-    # The token file is made before the robot is registered: a path that cannot be written must not
+    target = resolve(data_dir, url, token_file, _env_bundle())
+    # The token's file is made before the robot is registered: a path that cannot be written must not
     # leave a robot whose token nobody has.
+    if bundle_out is not None:
+        check_new_file(bundle_out, "the robot's bundle")
     secret_file = _create_secret_file(save_token) if save_token is not None else None
     try:
-        added = call(resolve(data_dir, url, token_file), lambda c: c.request(request))
+        added = call(target, lambda c: c.request(request))
     except BaseException:
         if secret_file is not None and save_token is not None:
             secret_file.close()
@@ -86,17 +103,41 @@ def add(
     if secret_file is not None:
         with secret_file:
             secret_file.write(added.token + "\n")
+    if bundle_out is not None:
+        write_bundle(bundle_out, _bundle_of(target, added.token, robot=name))
     if json_out:
-        print_json(added.robot if save_token else added)
+        print_json(added.robot if save_token or bundle_out else added)
         return
     robot = added.robot
     groups_text = f" in {', '.join(robot.groups)}" if robot.groups else ""
     print(f"added {robot.type.value} robot {robot.name} on host {robot.host}{groups_text}", file=sys.stderr)
-    if save_token is not None:
+    if bundle_out is not None:
+        print(
+            f"its bundle is in {bundle_out}; copy it to the robot's machine and run: "
+            f"herder robot run {robot.name} --bundle {bundle_out.name}"
+        )
+    elif save_token is not None:
         print(f"its token is in {save_token}; run it with: herder robot run {robot.name} --token-file {save_token}")
     else:
         print("its token, shown this once (run it with --token-file FILE or HERDER_ROBOT_TOKEN):", file=sys.stderr)
         print(added.token)
+
+
+def _env_bundle() -> Path | None:
+    """The bundle HERDER_BUNDLE names: where a command whose own --bundle writes one finds the stack."""
+    value = os.environ.get(ENV_BUNDLE)
+    return Path(value) if value else None
+
+
+def _bundle_of(target: Target, token: str, *, robot: str | None = None) -> Bundle:
+    """A bundle reaching the target's stack with `token`."""
+    return Bundle(
+        urls=list(target.advertised_urls or (target.nats_url,)),
+        ca_pem=target.ca_pem,
+        token=token,
+        tenant=target.tenant,
+        robot=robot,
+    )
 
 
 def _create_secret_file(path: Path) -> TextIO:
@@ -132,10 +173,12 @@ def list_robots(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """List robots: status, host, type, last heartbeat and current job."""
-    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(RobotListRequest(group=group, host=host)))
+    request = RobotListRequest(group=group, host=host)
+    listed = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(request))
     if json_out:
         print_json(listed.robots)
         return
@@ -148,10 +191,11 @@ def show(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Show one robot."""
-    robot = call(resolve(data_dir, url, token_file), lambda c: c.request(RobotShow(name=name)))
+    robot = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(RobotShow(name=name)))
     if json_out:
         print_json(robot)
         return
@@ -180,10 +224,11 @@ def remove(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Remove a robot that runs no job; its token stops working at once."""
-    removed = call(resolve(data_dir, url, token_file), lambda c: c.request(RobotRemove(name=name)))
+    removed = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(RobotRemove(name=name)))
     if json_out:
         print_json(removed.robot)
     else:
@@ -193,6 +238,16 @@ def remove(
 @robot_app.command("run")
 def run_robot(
     name: Annotated[str, typer.Argument(help="The robot to run, as registered with 'herder robot add'.")],
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            envvar=ENV_BUNDLE,
+            show_envvar=True,
+            help="The robot's connection bundle, from 'herder robot add --bundle': the stack's URLs, CA and "
+            "the robot's token, in one file. The one thing a robot machine needs.",
+        ),
+    ] = None,
     token_file: Annotated[
         Path | None,
         typer.Option(
@@ -225,54 +280,81 @@ def run_robot(
 
     It connects with the robot's own token, heartbeats, and runs the jobs herder sends it, one at a
     time, each in a child process of its own. On shutdown it hard-stops a running job, reports it,
-    and says goodbye, so the robot shows as Disconnected at once.
+    and says goodbye, so the robot shows as Disconnected at once. A robot removed from herder stops
+    with one line saying so, and a non-zero exit.
     """
     logs.configure(log_level, log_format)
-    secret = read_token_file(token_file) if token_file else os.environ.get(ENV_ROBOT_TOKEN)
-    if not secret:
-        fail(
-            f"give robot {name}'s token with --token-file FILE or {ENV_ROBOT_TOKEN} "
-            "(it was shown once by 'herder robot add')"
-        )
-    target = _stack(data_dir, url)
+    target = _robot_target(name, bundle, token_file, data_dir, url)
     folder = work_dir or Path(platformdirs.user_cache_dir("herder")) / "robots" / name
-    run(lambda: _run(target, name, secret, folder.expanduser().resolve(), heartbeat))
+    run(lambda: _run(target, name, folder.expanduser().resolve(), heartbeat))
 
 
-def _stack(data_dir: Path | None, url: str | None) -> Target:
-    """Where the stack is, without borrowing the stack's admin token: a robot acts as itself alone."""
+def _robot_target(
+    name: str, bundle: Path | None, token_file: Path | None, data_dir: Path | None, url: str | None
+) -> Target:
+    """Where the stack is and the robot's own token: from its bundle, or a token given with the stack's
+    URL or data folder (never the stack's admin token: a robot acts as itself alone)."""
+    given = read_token_file(token_file) if token_file else os.environ.get(ENV_ROBOT_TOKEN)
+    source = f"--token-file {token_file}" if token_file else ENV_ROBOT_TOKEN
+    if bundle is not None:
+        found = read_bundle(bundle)
+        if found.robot is not None and found.robot != name:
+            fail(f"{bundle} is robot {found.robot}'s bundle, not {name}'s; run 'herder robot run {found.robot}'")
+        target = resolve(None, url, None, bundle)
+        return replace(target, token=given or target.token, token_source=source if given else target.token_source)
+    if not given:
+        fail(
+            f"give robot {name}'s bundle with --bundle FILE, or its token with --token-file FILE or "
+            f"{ENV_ROBOT_TOKEN} (both were made by 'herder robot add')"
+        )
     if url:
-        return resolve(None, url, None)
+        return replace(resolve(None, url, None), token=given, token_source=source)
     folder = data_dir or default_data_dir()
     context = Context.read(folder / CONTEXT_FILE)
-    return Target(nats_url=context.nats_url, token=None, tenant=context.tenant, where=str(folder))
+    return Target(
+        nats_url=context.nats_url,
+        token=given,
+        tenant=context.tenant,
+        where=str(folder),
+        token_source=source,
+        ca_pem=context.ca_pem(),
+    )
 
 
-async def _run(target: Target, name: str, secret: str, work_dir: Path, heartbeat: float) -> None:
+async def _run(target: Target, name: str, work_dir: Path, heartbeat: float) -> None:
     from herder.robot.agent import RobotAgent
 
+    assert target.token is not None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with connected(target, f"herder-robot-{name}") as nc:
+    refused = (
+        f"robot {name}'s token (from {target.token_source}) was refused: the robot was removed, the token is "
+        "not its own, or no auth service is running; give the bundle or token 'herder robot add' made for it"
+    )
+    async with connected(target, f"herder-robot-{name}", refused=refused) as nc:
         agent = RobotAgent(
-            nc, robot=name, token=secret, tenant=target.tenant, work_dir=work_dir, heartbeat_interval_s=heartbeat
+            nc, robot=name, token=target.token, tenant=target.tenant, work_dir=work_dir, heartbeat_interval_s=heartbeat
         )
         try:
             info = await agent.start()
         except Unauthenticated:
-            raise Unauthenticated(
-                f"robot {name}'s token was refused (unknown, or the robot was removed); give the token "
-                f"'herder robot add' printed for it with --token-file FILE or {ENV_ROBOT_TOKEN}"
-            ) from None
+            raise SetupError(refused) from None
         print(
             f"robot {info.name} ({info.type.value}, host {info.host}) is connected to {target.where}; Ctrl-C stops it.",
             file=sys.stderr,
             flush=True,
         )
+        removed = asyncio.ensure_future(agent.removed.wait())
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            await stop.wait()
+            await asyncio.wait({removed, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            print(f"robot {name} is stopping…", file=sys.stderr, flush=True)
+            removed.cancel()
+            stopping.cancel()
+            if not agent.removed.is_set():
+                print(f"robot {name} is stopping…", file=sys.stderr, flush=True)
             await agent.stop()
+        if agent.removed.is_set():
+            raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); it stops")

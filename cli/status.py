@@ -9,7 +9,16 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
+from herder.cli.context import (
+    BundleOption,
+    DataDirOption,
+    JsonOption,
+    Target,
+    TokenFileOption,
+    UrlOption,
+    connected,
+    resolve,
+)
 from herder.cli.output import fail, print_json, print_table, run
 from herder.client import discovery
 from herder.client.connection import display_nats_url
@@ -23,10 +32,11 @@ def status(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Show the services that answer (instances, requests, errors, latency), NATS and the database."""
-    target = resolve(data_dir, url, token_file)
+    target = resolve(data_dir, url, token_file, bundle)
     report = run(lambda: _gather(target))
     if json_out:
         print_json(report)

@@ -13,7 +13,16 @@ import typer
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from herder.cli.context import DataDirOption, JsonOption, Target, TokenFileOption, UrlOption, connected, resolve
+from herder.cli.context import (
+    BundleOption,
+    DataDirOption,
+    JsonOption,
+    Target,
+    TokenFileOption,
+    UrlOption,
+    connected,
+    resolve,
+)
 from herder.cli.output import fail, run
 from herder.protocol import codec, subjects
 from herder.protocol.errors import BadRequest
@@ -65,10 +74,11 @@ def tap(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Print state-change events as they are published, one line each, until Ctrl-C."""
-    target = resolve(data_dir, url, token_file)
+    target = resolve(data_dir, url, token_file, bundle)
     try:
         subject = subjects.events_filter(pattern, tenant=target.tenant)
         start = utcnow() - parse_duration(since) if since else None

@@ -2,29 +2,73 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from herder.cli.context import DataDirOption, JsonOption, TokenFileOption, UrlOption, call, resolve
-from herder.cli.output import print_json, print_table, when
+from herder.cli.context import (
+    ENV_BUNDLE,
+    BundleOption,
+    DataDirOption,
+    JsonOption,
+    TokenFileOption,
+    UrlOption,
+    call,
+    resolve,
+)
+from herder.cli.output import check_new_file, print_json, print_table, when
+from herder.client.bundle import Bundle, write_bundle
 from herder.protocol.auth import Principal, Role, TokenCreate, TokenListRequest, TokenRevoke, WhoAmI
 
 token_app = typer.Typer(help="API tokens for integrators and operators.", no_args_is_help=True)
 
 
+class ApiRole(StrEnum):
+    """The roles an API token may have (robot tokens come from 'herder robot add')."""
+
+    ADMIN = Role.ADMIN.value
+    OPERATOR = Role.OPERATOR.value
+    INTEGRATOR = Role.INTEGRATOR.value
+
+
 @token_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="A short name: lower-case letters, digits, '.', '_' or '-'.")],
-    role: Annotated[Role, typer.Option("--role", help="What the token may do.")] = Role.OPERATOR,
+    role: Annotated[ApiRole, typer.Option("--role", help="What the token may do.")] = ApiRole.OPERATOR,
+    bundle_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle",
+            help="Write a connection bundle (the stack's URLs, its CA and this token) to this new file (mode "
+            "0600) instead of printing the secret: what an integrator's machine needs, in one file.",
+        ),
+    ] = None,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Create an API token. Its secret is printed once, now; herder keeps only a hash."""
-    created = call(resolve(data_dir, url, token_file), lambda c: c.request(TokenCreate(name=name, role=role)))
+    """Create an API token. Its secret is printed once, now (or put in a bundle); herder keeps only a hash."""
+    request = TokenCreate(name=name, role=Role(role.value))
+    env_bundle = os.environ.get(ENV_BUNDLE)
+    target = resolve(data_dir, url, token_file, Path(env_bundle) if env_bundle else None)
+    if bundle_out is not None:
+        check_new_file(bundle_out, "the bundle")
+    created = call(target, lambda c: c.request(request))
+    if bundle_out is not None:
+        urls = list(target.advertised_urls or (target.nats_url,))
+        write_bundle(
+            bundle_out, Bundle(urls=urls, ca_pem=target.ca_pem, token=created.secret, tenant=target.tenant, robot=None)
+        )
+        if json_out:
+            print_json(created.token)
+        else:
+            print(f"created token {created.token.name} ({created.token.role.value}); its bundle is in {bundle_out}")
+        return
     if json_out:
         print_json(created)
         return
@@ -41,10 +85,13 @@ def list_tokens(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """List the API tokens (never their secrets)."""
-    listed = call(resolve(data_dir, url, token_file), lambda c: c.request(TokenListRequest(include_revoked=all_tokens)))
+    listed = call(
+        resolve(data_dir, url, token_file, bundle), lambda c: c.request(TokenListRequest(include_revoked=all_tokens))
+    )
     if json_out:
         print_json(listed.tokens)
         return
@@ -67,10 +114,11 @@ def revoke(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Revoke an API token; every service refuses it from then on."""
-    revoked = call(resolve(data_dir, url, token_file), lambda c: c.request(TokenRevoke(name=name)))
+    revoked = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(TokenRevoke(name=name)))
     if json_out:
         print_json(revoked.token)
     else:
@@ -81,10 +129,11 @@ def whoami(
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Show who the token you use stands for."""
-    principal: Principal = call(resolve(data_dir, url, token_file), lambda c: c.request(WhoAmI()))
+    principal: Principal = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(WhoAmI()))
     if json_out:
         print_json(principal)
         return

@@ -1,19 +1,65 @@
-"""Connecting to NATS: the one seam every herder process (CLI, robot, service) goes through."""
+"""Connecting to NATS: the one seam every herder process (CLI, robot, service) goes through.
+
+Every connection is a principal. Robots and clients present their herder token, which the auth
+service's callout turns into the permissions nats-server enforces for them (see
+`herder.protocol.fence`); their inbox is the one the fence lets them hear. Services present the
+stack's service credential. Off-host servers speak TLS, verified against the stack's own CA.
+
+nats-server reports what a connection was refused (a publish or subscription outside its
+permissions) asynchronously, as an error on the connection: `refusals` keeps the recent ones so
+that a request that got no answer can say the bus refused it rather than that nobody answered.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+import weakref
+from collections import deque
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
+import structlog
 from nats.aio.client import Client as NATS
 
 from herder.client.errors import SetupError
+from herder.client.tls import client_context
+from herder.protocol.fence import inbox_prefix
 
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_WAIT_S = 1.0
+# How many refusals of the server a connection remembers.
+REFUSALS_KEPT = 32
+_SERVICE_INBOX = "_INBOX"
+_PERMISSIONS = "permissions violation"
+
+log = structlog.get_logger("herder.connection")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """How a connection authenticates: a herder token (robots, people and programs) or the stack's
+    service credential (a user and password the auth callout exempts)."""
+
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.token is None) == (self.user is None):
+            raise ValueError("credentials are a token, or a user and password")
+
+    def __repr__(self) -> str:
+        who = "token" if self.token is not None else f"user {self.user}"
+        return f"Credentials({who}, secret hidden)"
+
+    @property
+    def inbox_prefix(self) -> str:
+        """Where this principal hears replies: the inbox the fence gives its token, or any for a service."""
+        return inbox_prefix(self.token) if self.token is not None else _SERVICE_INBOX
 
 
 class Unreachable(SetupError):
@@ -22,6 +68,19 @@ class Unreachable(SetupError):
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"cannot reach NATS at {where}: {reason}")
         self.reason = reason
+
+
+class CredentialsRefused(SetupError):
+    """The server refused the credentials: an unknown or revoked token, a removed robot, or no auth
+    service running to vouch for it."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"NATS at {where} refused the credentials (authorization violation)")
+        self.where = where
+
+
+class TlsRefused(SetupError):
+    """The TLS handshake failed: the server is not who the CA says, or speaks no TLS."""
 
 
 def display_nats_url(url: str) -> str:
@@ -35,25 +94,60 @@ def display_nats_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-async def connect(url: str, *, name: str) -> NATS:
-    """Connect to NATS at `url`, or raise `SetupError` with one line saying why not.
+_refusals: weakref.WeakKeyDictionary[NATS, deque[str]] = weakref.WeakKeyDictionary()
+
+
+def refusals(nc: NATS) -> list[str]:
+    """What the server refused this connection lately, newest last (its own words)."""
+    return list(_refusals.get(nc, ()))
+
+
+def refused(nc: NATS, subject: str) -> str | None:
+    """The server's refusal of a publish to (or subscription on) `subject`, if it sent one."""
+    # nats-py hands the server's words on in lower case.
+    needle = f'"{subject}"'.lower()
+    for text in reversed(refusals(nc)):
+        if needle in text.lower():
+            return text
+    return None
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    credentials: Credentials,
+    ca_pem: str | None = None,
+    max_reconnect_attempts: int = -1,
+) -> NATS:
+    """Connect to NATS at `url` as the principal `credentials` name, or raise `SetupError` saying why not.
 
     The first connection gives up at once when the credentials are refused or every server in
     `url` refuses the connection, and after CONNECT_TIMEOUT_S otherwise; once connected, the
-    client reconnects for as long as it lives (a cluster URL may list several servers).
+    client reconnects for as long as it lives (a cluster URL may list several servers). With
+    `ca_pem`, the server must present a certificate of that CA (URLs then start with tls://).
     """
     servers = [server.strip() for server in url.split(",")]
     for server in servers:
         parts = urlsplit(server if "://" in server else f"nats://{server}")
         if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-            raise SetupError(f"{display_nats_url(server)!r} is not a NATS URL; use nats://HOST:PORT")
+            raise SetupError(f"{display_nats_url(server)!r} is not a NATS URL; use nats://HOST:PORT or tls://HOST:PORT")
+    tls = client_context(ca_pem) if ca_pem is not None else None
+    if tls is not None:
+        servers = [_as_tls(server) for server in servers]
     seen: list[BaseException] = []
     hopeless = asyncio.Event()
+    kept: deque[str] = deque(maxlen=REFUSALS_KEPT)
 
     async def remember(exc: Exception) -> None:
+        text = str(exc)
+        if _PERMISSIONS in text.lower():
+            kept.append(text)
+            log.warning("bus.refused", connection=name, error=text.removeprefix("nats: "))
+            return
         seen.append(exc)
-        refusals = sum(isinstance(error, ConnectionRefusedError) for error in seen)
-        if _refuses_credentials(exc) or refusals >= len(servers):
+        refusals_count = sum(isinstance(error, ConnectionRefusedError) for error in seen)
+        if _refuses_credentials(exc) or _tls_failed(exc) or refusals_count >= len(servers):
             hopeless.set()
 
     # nats-py retries the first connection for as long as reconnecting is allowed: watch its errors.
@@ -62,9 +156,14 @@ async def connect(url: str, *, name: str) -> NATS:
             servers,
             name=name,
             connect_timeout=CONNECT_TIMEOUT_S,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=max_reconnect_attempts,
             reconnect_time_wait=RECONNECT_WAIT_S,
             error_cb=remember,
+            token=credentials.token,
+            user=credentials.user,
+            password=credentials.password,
+            inbox_prefix=credentials.inbox_prefix,
+            tls=tls,
         )
     )
     verdict = asyncio.ensure_future(hopeless.wait())
@@ -75,7 +174,9 @@ async def connect(url: str, *, name: str) -> NATS:
     if attempt.done():
         failure = attempt.exception()
         if failure is None:
-            return attempt.result()
+            nc = attempt.result()
+            _refusals[nc] = kept
+            return nc
         seen.append(failure)
     else:
         attempt.cancel()
@@ -84,19 +185,30 @@ async def connect(url: str, *, name: str) -> NATS:
     cause = _most_telling(seen)
     where = display_nats_url(url)
     if cause is not None and _refuses_credentials(cause):
-        raise SetupError(f"NATS at {where} refused the credentials (authorization violation); check the token")
+        raise CredentialsRefused(where)
+    if cause is not None and _tls_failed(cause):
+        raise TlsRefused(f"cannot open a TLS connection to NATS at {where}: {_describe(cause)}")
     reason = _describe(cause) if cause is not None else f"no answer within {CONNECT_TIMEOUT_S:g} s"
     raise Unreachable(where, reason)
 
 
+def _as_tls(server: str) -> str:
+    parts = urlsplit(server if "://" in server else f"nats://{server}")
+    return urlunsplit(("tls", parts.netloc, parts.path, "", "")) if parts.scheme == "nats" else server
+
+
 def _refuses_credentials(error: BaseException) -> bool:
-    return "authorization" in str(error).lower()
+    return "authorization" in str(error).lower() or isinstance(error, nats.errors.AuthorizationError)
+
+
+def _tls_failed(error: BaseException) -> bool:
+    return isinstance(error, ssl.SSLError)
 
 
 def _most_telling(errors: list[BaseException]) -> BaseException | None:
     """Of the errors a connection attempt met, the one that says most: a refusal of credentials first."""
     for error in errors:
-        if _refuses_credentials(error):
+        if _refuses_credentials(error) or _tls_failed(error):
             return error
     return errors[-1] if errors else None
 
@@ -106,6 +218,8 @@ async def sync(nc: NATS, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
     nats-py's `flush()` writes its PING ahead of commands still queued for the socket, so its
     PONG does not prove a new subscription is in place; a message to ourselves behind them does.
+    Publishing to one's own inbox is a service's right: robots and clients need no such proof, as
+    their requests queue behind their subscriptions in the order they were made.
     """
     inbox = nc.new_inbox()
     subscription = await nc.subscribe(inbox, max_msgs=1)
@@ -122,6 +236,8 @@ async def sync(nc: NATS, timeout: float = CONNECT_TIMEOUT_S) -> None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the server running?)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the server's certificate is not one the given CA signed ({exc.verify_message})"
     if isinstance(exc, TimeoutError):
         return f"no answer within {CONNECT_TIMEOUT_S:g} s"
     if isinstance(exc, OSError) and exc.strerror:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -65,6 +67,14 @@ def summarize(stats: Iterable[dict[str, Any]]) -> list[ServiceSummary]:
 
 async def gather(nc: NATS, verb: str = "STATS", timeout: float = GATHER_TIMEOUT_S) -> list[dict[str, Any]]:
     """Ask every service instance on the bus (`$SRV.<verb>`) and collect the replies."""
+    return await gather_replies(nc, f"$SRV.{verb}", timeout=timeout)
+
+
+async def gather_replies(
+    nc: NATS, subject: str, payload: bytes = b"", *, timeout: float = GATHER_TIMEOUT_S, quiet_s: float = QUIET_S
+) -> list[dict[str, Any]]:
+    """Publish to `subject`, which many answer (every service instance, every server), and collect
+    their JSON replies until `quiet_s` passes without one, or `timeout`."""
     inbox = nc.new_inbox()
     replies: list[dict[str, Any]] = []
     last_seen = time.monotonic()
@@ -79,13 +89,15 @@ async def gather(nc: NATS, verb: str = "STATS", timeout: float = GATHER_TIMEOUT_
 
     subscription = await nc.subscribe(inbox, cb=collect)
     try:
-        await nc.publish(f"$SRV.{verb}", b"", reply=inbox)
+        await nc.publish(subject, payload, reply=inbox)
         await nc.flush()
         deadline = time.monotonic() + timeout
         while (now := time.monotonic()) < deadline:
-            if replies and now - last_seen >= QUIET_S:
+            if replies and now - last_seen >= quiet_s:
                 break
-            await asyncio.sleep(min(QUIET_S / 3, deadline - now))
+            await asyncio.sleep(min(quiet_s / 3, deadline - now))
     finally:
-        await subscription.unsubscribe()
+        # On a connection closing under us this fails; it must not replace what is propagating.
+        with contextlib.suppress(nats.errors.Error):
+            await subscription.unsubscribe()
     return replies

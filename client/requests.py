@@ -7,9 +7,10 @@ from typing import TypeVar
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from herder.client.connection import refused
 from herder.protocol import codec, subjects
 from herder.protocol.codec import BEARER, Header
-from herder.protocol.errors import BadRequest, Internal, Unavailable
+from herder.protocol.errors import BadRequest, Forbidden, Internal, Unavailable
 from herder.protocol.messages import Model, Request
 from herder.protocol.version import SCHEMA_VERSION
 
@@ -75,15 +76,23 @@ class Client:
         wait = self.timeout if timeout is None else timeout
         try:
             reply = await self.nc.request(subject, data, timeout=wait, headers=headers)
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            # A request the bus refused reaches nobody: say that, not that nobody answered.
+            why = refused(self.nc, subject)
+            if why is not None:
+                raise Forbidden(
+                    f"the bus refused this connection's request to {subject} ({why.removeprefix('nats: ')}); "
+                    "its token does not allow it",
+                    details={"subject": subject},
+                ) from None
+            if isinstance(exc, nats.errors.TimeoutError):
+                raise Unavailable(
+                    f"no reply from {subject} within {wait:g} s; the {service_name} service may be down or overloaded",
+                    details={"subject": subject},
+                ) from None
             raise Unavailable(
                 f"no {service_name} service is running to answer {subject}; "
                 f"start one with 'herder up' or 'herder service run {service_name}'",
-                details={"subject": subject},
-            ) from None
-        except nats.errors.TimeoutError:
-            raise Unavailable(
-                f"no reply from {subject} within {wait:g} s; the {service_name} service may be down or overloaded",
                 details={"subject": subject},
             ) from None
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):

@@ -24,7 +24,7 @@ from pydantic import Field, StringConstraints, model_validator
 
 from herder.protocol.messages import EventData, Model, Request, matching
 from herder.protocol.packages import PackageRef, ProcessName, Version
-from herder.protocol.registry import Name
+from herder.protocol.registry import Name, RemovedCommand
 
 SERVICE = "jobs"
 
@@ -246,7 +246,7 @@ class KillCommand(Model):
 class Command(Model):
     """The envelope of every command to a robot."""
 
-    command: StartCommand | StopCommand | KillCommand = Field(discriminator="kind")
+    command: StartCommand | StopCommand | KillCommand | RemovedCommand = Field(discriminator="kind")
 
 
 class CommandAck(Model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -174,12 +174,22 @@ class RobotGoodbye(Request[RobotInfo]):
 
 class Heartbeat(Model):
     """Published by a robot agent on `hd.<tenant>.tel.<robot>.heartbeat` every interval, and at once
-    when it starts or ends a job. Carries the agent's token in the `Authorization` header."""
+    when it starts or ends a job. The fence lets only that robot publish there, so a heartbeat
+    needs no token: its subject says whose it is."""
 
     session: str
     interval_s: float = Field(ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S)
     current_job: str | None = None
     sent_at: datetime
+
+
+class RemovedCommand(Model):
+    """Sent to a robot's command subject when the robot is removed, before its token stops working:
+    the agent stops, saying why, rather than retrying a token that will never work again."""
+
+    kind: Literal["removed"] = "removed"
+    robot: str
+    removed_by: str | None = None
 
 
 class _RobotEvent(EventData):
@@ -221,6 +231,7 @@ __all__ = [
     "SERVICE",
     "Heartbeat",
     "Name",
+    "RemovedCommand",
     "RobotAdd",
     "RobotAdded",
     "RobotAddedEvent",

@@ -65,6 +65,21 @@ def packages_bucket(tenant: str) -> str:
     return f"HERDER_PACKAGES_{check_tenant(tenant)}"
 
 
+def object_store_stream(bucket: str) -> str:
+    """The JetStream stream behind an object store."""
+    return f"OBJ_{bucket}"
+
+
+def object_chunks(bucket: str, nuid: str) -> str:
+    """Where the chunks of one object of an object store are: `$O.<bucket>.C.<nuid>`."""
+    return f"$O.{bucket}.C.{check_token(nuid, 'object id')}"
+
+
+def object_store_writes(bucket: str) -> tuple[str, str]:
+    """The subjects an upload to an object store publishes to: its chunks and its metadata."""
+    return (f"$O.{bucket}.C.>", f"$O.{bucket}.M.>")
+
+
 def check_tenant(tenant: str) -> str:
     """`tenant` if it is a tenant name (it names subjects and JetStream assets), else `BadRequest`."""
     if not isinstance(tenant, str) or _TENANT.fullmatch(tenant) is None:

@@ -31,10 +31,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from herder.client import connection
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
-from herder.protocol.codec import BEARER, Header
+from herder.protocol.codec import Header
 from herder.protocol.errors import BadRequest, Conflict, HerderError, Unavailable
 from herder.protocol.jobs import (
     Command,
@@ -52,6 +51,7 @@ from herder.protocol.messages import new_id, utcnow
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Heartbeat,
+    RemovedCommand,
     RobotConnect,
     RobotGoodbye,
     RobotInfo,
@@ -121,6 +121,9 @@ class RobotAgent:
         self._heartbeats: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._log = log.bind(robot=robot, session=self.session)
+        # Set when herder says the robot was removed: the agent stops, its token will not work again.
+        self.removed = asyncio.Event()
+        self.removed_because = ""
 
     # --- lifecycle ---
 
@@ -128,10 +131,10 @@ class RobotAgent:
         """Start a session with the registry, listen for commands, and start heartbeating."""
         await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
         # Listen before connecting: the moment the registry says the robot is there, a job may be sent.
+        # The connect request queues behind the subscription, so the server has it before the registry hears.
         self._subscription = await self.nc.subscribe(
             subjects.command_listen(self.tenant, self.robot), cb=self._on_command
         )
-        await connection.sync(self.nc)
         try:
             connected = await self._client.request(
                 RobotConnect(
@@ -179,15 +182,15 @@ class RobotAgent:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        with contextlib.suppress(HerderError):
-            await self._client.request(RobotGoodbye(session=self.session), timeout=2.0)
+        if not self.removed.is_set():  # a removed robot's token no longer opens anything
+            with contextlib.suppress(HerderError):
+                await self._client.request(RobotGoodbye(session=self.session), timeout=2.0)
         self._log.info("robot.disconnected")
 
     # --- heartbeats ---
 
     async def _heartbeat_forever(self) -> None:
         subject = subjects.heartbeat(self.tenant, self.robot)
-        headers = {Header.AUTHORIZATION: BEARER + self._token}
         while True:
             beat = Heartbeat(
                 session=self.session,
@@ -196,7 +199,7 @@ class RobotAgent:
                 sent_at=utcnow(),
             )
             try:
-                await self.nc.publish(subject, codec.dump(beat), headers=headers)
+                await self.nc.publish(subject, codec.dump(beat))
             except Exception as exc:  # a disconnected client: heartbeats resume when it reconnects
                 self._log.warning("robot.heartbeat_failed", error=repr(exc))
             self._beat_now.clear()
@@ -219,6 +222,10 @@ class RobotAgent:
             data, headers = codec.error_reply(exc, codec.content_type_of(msg.headers), None)
             await self._respond(msg, data, headers)
             return
+        if isinstance(command, RemovedCommand):
+            self._removed(command)
+            await self._respond(msg, b"", None)
+            return
         if command.session != self.session:
             return  # for another agent of this robot (this one was replaced, or is the replacement)
         if isinstance(command, StartCommand):
@@ -240,6 +247,12 @@ class RobotAgent:
         return CommandAck(
             job_id=command.job_id, attempt=command.attempt, session=self.session, accepted=accepted, detail=detail
         )
+
+    def _removed(self, command: RemovedCommand) -> None:
+        by = f" by {command.removed_by}" if command.removed_by else ""
+        self.removed_because = f"removed{by}"
+        self._log.error("robot.removed", removed_by=command.removed_by)
+        self.removed.set()
 
     def _start(self, command: StartCommand) -> CommandAck:
         run = self.current

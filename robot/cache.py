@@ -14,6 +14,7 @@ never writes to them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -108,6 +109,9 @@ class PackageCache:
         finally:
             await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
+    def _missing(self, ref: PackageRef) -> PackageMissing:
+        return PackageMissing(f"package {_name(ref)} is not in the object store {self._bucket} (object {ref.object})")
+
     async def _download(self, ref: PackageRef, archive: Path) -> None:
         try:
             store = await self._js.object_store(self._bucket)
@@ -117,7 +121,7 @@ class PackageCache:
                 f"package {_name(ref)} is not in the object store: there is no bucket {self._bucket}"
             ) from None
         except nats.js.errors.NotFoundError:
-            raise PackageMissing(f"package {_name(ref)} is not in the object store {self._bucket} (object {ref.object})") from None
+            raise self._missing(ref) from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise PackageFetchError(f"cannot look up package {_name(ref)}: {_describe(exc)}") from None
         if info.size != ref.size:
@@ -126,23 +130,38 @@ class PackageCache:
                 f"package hash mismatch: {_name(ref)} is {info.size} bytes in the object store, "
                 f"{ref.size} were published; nothing was unpacked"
             )
+        if not info.nuid:
+            raise self._missing(ref)
         try:
-            with archive.open("wb") as handle:
-                async with asyncio.timeout(DOWNLOAD_TIMEOUT_S):
-                    await store.get(ref.object, writeinto=handle)
-        except nats.js.errors.DigestMismatchError:
-            raise PackageHashMismatch(
-                f"package hash mismatch: {_name(ref)} does not match the object store's own digest; "
-                "nothing was unpacked"
-            ) from None
+            async with asyncio.timeout(DOWNLOAD_TIMEOUT_S):
+                await self._read_chunks(info.nuid, archive)
         except nats.js.errors.NotFoundError:
-            raise PackageMissing(f"package {_name(ref)} is not in the object store {self._bucket} (object {ref.object})") from None
+            raise self._missing(ref) from None
         except TimeoutError:
             raise PackageFetchError(
                 f"package {_name(ref)} was not downloaded within {DOWNLOAD_TIMEOUT_S:g} s"
             ) from None
         except nats.errors.Error as exc:
             raise PackageFetchError(f"cannot download package {_name(ref)}: {_describe(exc)}") from None
+
+    async def _read_chunks(self, nuid: str, archive: Path) -> None:
+        """Write an object's chunks to `archive`, in order. Read through a consumer of the object store's
+        stream named as such, so the robot never has to look streams up (the fence lets it read its
+        tenant's packages and nothing else); the archive's sha256 is checked once it is all here."""
+        subscription = await self._js.subscribe(
+            subjects.object_chunks(self._bucket, nuid),
+            stream=subjects.object_store_stream(self._bucket),
+            ordered_consumer=True,
+        )
+        try:
+            with archive.open("wb") as handle:
+                async for msg in subscription.messages:
+                    await asyncio.to_thread(handle.write, msg.data)
+                    if msg.metadata.num_pending == 0:
+                        break
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
 
 
 def _check_and_unpack(archive: Path, ref: PackageRef, target: Path) -> None:

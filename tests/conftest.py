@@ -1,4 +1,9 @@
-"""Fixtures every tier shares: an isolated nats-server per test and databases on SQLite and PostgreSQL."""
+"""Fixtures every tier shares: an isolated, fenced nats-server per test and databases on SQLite and PostgreSQL.
+
+The server is always fenced (its own service credential, the auth callout): a test's `nc` connects
+as a service, with every right; clients and robots connect with their tokens, through the callout,
+once an auth service runs.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +19,23 @@ from nats.aio.client import Client as NATS
 from herder.client.connection import connect
 from herder.client.requests import Client
 from herder.services.auth.service import AuthService
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.natsserver import EmbeddedNats
 from herder.services.common.runtime import Service
-from tests.support import Postgres, connect_postgres, migrated
+from tests.support import Postgres, connect_as, connect_postgres, migrated
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    """A nats-server of its own for one test: free port, temporary JetStream store."""
-    server = EmbeddedNats(tmp_path / "nats", port=0)
+def credential() -> ServiceCredential:
+    """The service credential of this test's stack."""
+    return ServiceCredential.generate()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path, credential: ServiceCredential) -> Iterator[EmbeddedNats]:
+    """A fenced nats-server of its own for one test: free port, temporary JetStream store."""
+    server = EmbeddedNats(tmp_path / "nats", credential=credential, port=0)
     server.start()
     try:
         yield server
@@ -38,9 +50,9 @@ def nats_url(nats_server: EmbeddedNats) -> str:
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    """A plain client connection to this test's nats-server."""
-    client = await connect(nats_url, name="test")
+async def nc(nats_url: str, credential: ServiceCredential) -> AsyncIterator[NATS]:
+    """A connection to this test's nats-server as a service (every right): how a test looks at the bus."""
+    client = await connect(nats_url, name="test", credentials=credential.service)
     try:
         yield client
     finally:
@@ -114,12 +126,23 @@ class Stack:
 
 @asynccontextmanager
 async def running_stack(
-    nats_url: str, db_url: str, data_dir: Path, services: tuple[type[Service], ...] = (AuthService,)
+    nats_url: str,
+    db_url: str,
+    data_dir: Path,
+    credential: ServiceCredential,
+    services: tuple[type[Service], ...] = (AuthService,),
 ) -> AsyncIterator[Stack]:
     """`services` (auth among them) on a migrated database, bootstrapped with an admin token, and a
-    client connection holding it; all stopped afterwards."""
+    client connection of that admin (through the fence); all stopped afterwards."""
     host = ServiceHost(
-        HostConfig(nats_url=nats_url, db_url=db_url, services=services, data_dir=data_dir, migrate=False)
+        HostConfig(
+            nats_url=nats_url,
+            db_url=db_url,
+            services=services,
+            credential=credential,
+            data_dir=data_dir,
+            migrate=False,
+        )
     )
     await host.start()
     try:
@@ -127,7 +150,7 @@ async def running_stack(
         assert isinstance(auth, AuthService)
         admin = await auth.bootstrap_admin(None, may_rotate=False)
         assert admin is not None
-        client_nc = await connect(nats_url, name="test-client")
+        client_nc = await connect_as(nats_url, admin, name="test-client")
         try:
             yield Stack(host=host, admin_token=admin, nc=client_nc, client=Client(client_nc, token=admin))
         finally:
@@ -137,7 +160,7 @@ async def running_stack(
 
 
 @pytest.fixture
-async def stack(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Stack]:
     """herder's auth service on this test's NATS and database, bootstrapped with an admin token."""
-    async with running_stack(nats_url, db_url, tmp_path) as started:
+    async with running_stack(nats_url, db_url, tmp_path, credential) as started:
         yield started

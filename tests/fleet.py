@@ -26,6 +26,7 @@ from herder.protocol.jobs import JobInfo, JobShow, JobState, LogRecord
 from herder.protocol.packages import VersionInfo
 from herder.protocol.registry import RobotAdd, RobotInfo, RobotShow, RobotStatus, RobotType
 from herder.services.auth.service import AuthService
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.host import ServiceHost
 from herder.services.common.runtime import Service
 from herder.services.jobs.service import JobsService
@@ -201,11 +202,15 @@ class Fleet:
 
 @asynccontextmanager
 async def running_fleet(
-    nats_url: str, db_url: str, root: Path, services: tuple[type[Service], ...] = ALL_SERVICES
+    nats_url: str,
+    db_url: str,
+    root: Path,
+    credential: ServiceCredential,
+    services: tuple[type[Service], ...] = ALL_SERVICES,
 ) -> AsyncIterator[Fleet]:
     """Start the services on the test's NATS and database with an admin client; stop it all after,
     robots first."""
-    async with running_stack(nats_url, db_url, root, services) as stack:
+    async with running_stack(nats_url, db_url, root, credential, services) as stack:
         fleet = Fleet(
             host=stack.host,
             nc=stack.nc,

@@ -11,7 +11,10 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import pytest
+from nats.aio.client import Client as NATS
 from sqlalchemy.engine import make_url
+
+from herder.client.connection import Credentials, connect
 
 T = TypeVar("T")
 
@@ -35,6 +38,12 @@ async def eventually(check: Callable[[], Awaitable[T] | T], *, timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s") from last
         await asyncio.sleep(interval)
+
+
+async def connect_as(url: str, token: str, *, name: str = "test-principal") -> NATS:
+    """A connection to `url` as the principal holding `token`: admitted (or refused) by the auth
+    callout, with that principal's permissions on the bus."""
+    return await connect(url, name=name, credentials=Credentials(token=token))
 
 
 def migrated(url: str) -> str:

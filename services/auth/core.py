@@ -1,4 +1,5 @@
-"""The auth service's decisions, free of I/O: principals of tokens, revocation, the bootstrap admin."""
+"""The auth service's decisions, free of I/O: principals of tokens, revocation, the bootstrap admin, and
+how the fence admits a connection."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from herder.protocol.auth import ROLE_PERMISSIONS, Principal, PrincipalKind, Role, TokenInfo
-from herder.protocol.errors import Conflict
+from herder.protocol.auth import ROLE_PERMISSIONS, Permission, Principal, PrincipalKind, Role, TokenInfo
+from herder.protocol.errors import Conflict, Unauthenticated
+from herder.protocol.fence import BusPermissions, client_permissions, robot_permissions
 
 # The name of the admin token the stack creates for itself on first start.
 BOOTSTRAP_TOKEN_NAME = "admin"
@@ -83,3 +85,44 @@ def plan_bootstrap(*, held_token_is_admin: bool, live_admins: int, may_rotate: b
     if live_admins == 0:
         return BootstrapAction.CREATE
     return BootstrapAction.ROTATE if may_rotate else BootstrapAction.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """How the fence admits one connection: the name it goes by on the bus and what it may do there."""
+
+    name: str
+    permissions: BusPermissions
+
+
+# A connection's name on the bus is `<kind>/<tenant>/<principal>/<token hash>`: nats-server shows it
+# as the connection's user, so that the connections of one token can be found and closed.
+_CONNECTION_NAME_PARTS = 4
+
+
+def connection_name(principal: Principal, token_hash: str) -> str:
+    """The name a principal's connection goes by on the bus."""
+    return f"{principal.kind.value}/{principal.tenant}/{principal.name}/{token_hash}"
+
+
+def token_hash_of(name: str) -> str | None:
+    """The token hash in a connection's name, or None when the connection is not a principal's (a service's)."""
+    parts = name.split("/")
+    if len(parts) != _CONNECTION_NAME_PARTS or parts[0] not in {kind.value for kind in PrincipalKind}:
+        return None
+    return parts[3] if len(parts[3]) == TOKEN_HASH_CHARS else None
+
+
+TOKEN_HASH_CHARS = 64
+
+
+def admit(principal: Principal | None, token: str, token_hash: str) -> Admission:
+    """The admission of a connection presenting `token` (whose hash is `token_hash`), or `Unauthenticated`
+    when no live principal holds it."""
+    if principal is None:
+        raise Unauthenticated("the token is unknown or revoked")
+    name = connection_name(principal, token_hash)
+    if principal.kind is PrincipalKind.ROBOT:
+        return Admission(name=name, permissions=robot_permissions(principal.tenant, principal.name, token))
+    uploads = principal.can(Permission.PACKAGES_PUBLISH)
+    return Admission(name=name, permissions=client_permissions(principal.tenant, token, uploads_packages=uploads))

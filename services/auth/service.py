@@ -1,9 +1,14 @@
-"""The auth service: creates, lists and revokes API tokens, and tells callers who they are.
+"""The auth service: creates, lists and revokes API tokens, tells callers who they are, and keeps the fence.
 
 The database is the system of record. Each live token is projected into the
 HERDER_TOKENS bucket as `hash -> principal`, which every service process mirrors
 to check tokens; the projection is reconciled with the database at start-up and
 every RECONCILE_INTERVAL_S, so a failed write to the bucket heals itself.
+
+The fence: the service answers nats-server's auth callout (`callout`), admitting each robot and
+client with its own permissions; when a token leaves the bucket (revoked here, or a robot
+removed by the registry) it closes that token's connections on the bus, and every
+CONNECTION_SWEEP_S it closes any connection whose token is no longer live.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
+from herder.client.connection import connect
 from herder.protocol import codec, subjects
 from herder.protocol.auth import (
     Permission,
@@ -31,20 +38,28 @@ from herder.protocol.auth import (
 )
 from herder.protocol.errors import NotFound, Unauthenticated
 from herder.protocol.messages import Event, new_id, utcnow
+from herder.services.auth.callout import Callout
+from herder.services.auth.connections import Connection, Connections
 from herder.services.auth.core import (
     BOOTSTRAP_TOKEN_NAME,
     SYSTEM_ACTOR,
     BootstrapAction,
     TokenRecord,
     check_revoke,
+    connection_name,
     plan_bootstrap,
 )
 from herder.services.auth.repository import TokenRepository
 from herder.services.common import database
+from herder.services.common.credentials import ACCOUNT
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.common.tokens import new_secret, token_hash
 
 RECONCILE_INTERVAL_S = 60.0
+CONNECTION_SWEEP_S = 30.0
+# A token's connections are looked for again this long after it went: a client may have
+# reconnected through another auth instance whose mirror had not yet seen the token go.
+RECHECK_AFTER_S = 1.0
 
 
 class AuthService(Service):
@@ -56,12 +71,34 @@ class AuthService(Service):
         self.repo = TokenRepository()
         self.kv: KeyValue = self.runtime.tokens.bucket
         await self.reconcile()
-        self._reconciler = asyncio.create_task(self._reconcile_forever(), name="auth.reconcile")
+        runtime = self.runtime
+        if runtime.credential is None or runtime.address is None:
+            raise RuntimeError("the auth service keeps the fence: it needs the bus address and the service credential")
+        self._system: NATS = await connect(
+            runtime.address.url,
+            name="herder-auth-system",
+            credentials=runtime.credential.system,
+            ca_pem=runtime.address.ca_pem,
+        )
+        self.connections = Connections(self._system, ACCOUNT)
+        self.callout = Callout(runtime.nc, runtime.tokens, runtime.credential, self.log)
+        await self.callout.start()
+        self._rechecks: set[asyncio.Task[None]] = set()
+        runtime.tokens.on_removed(self._token_removed)
+        self._tasks = [
+            asyncio.create_task(self._reconcile_forever(), name="auth.reconcile"),
+            asyncio.create_task(self._sweep_connections_forever(), name="auth.connections"),
+        ]
 
     async def teardown(self) -> None:
-        self._reconciler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reconciler
+        await self.callout.stop()
+        for task in [*self._tasks, *self._rechecks]:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self._system.close()
 
     @endpoint(permission=Permission.TOKENS_MANAGE)
     async def token_create(self, request: TokenCreate, ctx: RequestContext) -> TokenCreated:
@@ -193,6 +230,52 @@ class AuthService(Service):
             removed += 1
         if written or removed:
             self.log.info("auth.tokens_reconciled", written=written, removed=removed, live=len(live))
+
+    # --- the fence: connections of tokens that are gone ---
+
+    async def _token_removed(self, key: str, principal: Principal) -> None:
+        """A token left the bucket (revoked, or its robot removed): close its connections, and look
+        again a moment later for one that slipped back in meanwhile (in the background: changes of
+        the token mirror wait for this one)."""
+        name = connection_name(principal, key)
+        await self._disconnect(name, principal)
+        recheck = asyncio.create_task(self._disconnect(name, principal, after_s=RECHECK_AFTER_S))
+        self._rechecks.add(recheck)
+        recheck.add_done_callback(self._rechecks.discard)
+
+    async def _disconnect(self, name: str, principal: Principal, *, after_s: float = 0.0) -> None:
+        if after_s:
+            await asyncio.sleep(after_s)
+        try:
+            closed = await self.connections.close_where(lambda _connection: True, user=name)
+        except Exception as exc:  # the sweep closes it later
+            self.log.warning("fence.disconnect_failed", principal=principal.name, error=repr(exc))
+            return
+        if closed:
+            self.log.info("fence.disconnected", principal=principal.name, kind=principal.kind.value, connections=closed)
+
+    async def sweep_connections(self) -> int:
+        """Close every connection admitted with a token that is no longer live; how many."""
+        live = self.runtime.tokens.snapshot()
+        suspects = [c for c in await self.connections.find() if c.token_hash is not None and c.token_hash not in live]
+        # The mirror may not show a token made a moment ago: the bucket has the last word.
+        doomed: list[Connection] = []
+        for connection in suspects:
+            assert connection.token_hash is not None
+            if await self.runtime.tokens.fetch_hash(connection.token_hash) is None:
+                doomed.append(connection)
+        closed = await self.connections.close(doomed) if doomed else 0
+        if closed:
+            self.log.info("fence.swept", connections=closed)
+        return closed
+
+    async def _sweep_connections_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CONNECTION_SWEEP_S)
+            try:
+                await self.sweep_connections()
+            except Exception as exc:
+                self.log.warning("fence.sweep_failed", error=repr(exc))
 
     async def _reconcile_forever(self) -> None:
         while True:

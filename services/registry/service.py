@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -22,12 +23,13 @@ from nats.js.kv import KeyValue
 
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Permission, PrincipalKind
-from herder.protocol.codec import BEARER, Header
-from herder.protocol.errors import Conflict, Forbidden, HerderError, NotFound, Unauthenticated
+from herder.protocol.errors import Conflict, Forbidden, HerderError, NotFound
+from herder.protocol.jobs import Command
 from herder.protocol.messages import Event, utcnow
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Heartbeat,
+    RemovedCommand,
     RobotAdd,
     RobotAdded,
     RobotAddedEvent,
@@ -59,6 +61,8 @@ _Apply = Callable[[Transaction, RobotRecord], RobotRecord]
 # The sweep wakes at the next heartbeat deadline, and at least this often to see new robots.
 SWEEP_MAX_S = 0.25
 RECONCILE_INTERVAL_S = 60.0
+# How long a removed robot's agent has to acknowledge that it was told.
+REMOVAL_NOTICE_TIMEOUT_S = 1.0
 
 
 class RegistryService(Service):
@@ -165,6 +169,10 @@ class RegistryService(Service):
                     actor=ctx.actor,
                 )
             )
+        # Tell a running agent first, while it is still on the bus: it stops rather than retrying a token
+        # that is about to be refused. Then the token goes, and with it (the auth service sees to that)
+        # the robot's connections.
+        await self._tell_removed(record, ctx.actor)
         await self.tokens_kv.delete(record.token_hash)
         await self.robots_kv.delete(record.key)
         ctx.log.info("robot.removed", robot=record.name)
@@ -218,9 +226,10 @@ class RegistryService(Service):
         return record.info()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
+        # The fence lets only the robot itself (and services) publish on its telemetry subjects: the
+        # subject says whose heartbeat this is.
         try:
             tenant, robot, _kind = subjects.parse_telemetry(msg.subject)
-            await self._check_robot_token(msg.headers or {}, tenant, robot)
             beat = codec.load(Heartbeat, msg.data, codec.content_type_of(msg.headers))
             await self.heartbeat(tenant, robot, beat)
         except HerderError as exc:
@@ -228,16 +237,13 @@ class RegistryService(Service):
         except Exception:
             self.log.exception("heartbeat.failed", subject=msg.subject)
 
-    async def _check_robot_token(self, headers: dict[str, str], tenant: str, robot: str) -> None:
-        authorization = headers.get(Header.AUTHORIZATION, "")
-        if not authorization.startswith(BEARER):
-            raise Unauthenticated("a heartbeat must carry its robot's token")
-        secret = authorization[len(BEARER) :].strip()
-        principal = self.runtime.tokens.lookup(secret) or await self.runtime.tokens.fetch(secret)
-        if principal is None:
-            raise Unauthenticated("the heartbeat's token is unknown or revoked")
-        if principal.kind is not PrincipalKind.ROBOT or principal.name != robot or principal.tenant != tenant:
-            raise Forbidden(f"the heartbeat's token is not robot {robot!r}'s of tenant {tenant!r}")
+    async def _tell_removed(self, record: RobotRecord, actor: str | None) -> None:
+        if not record.status.online:
+            return
+        notice = Command(command=RemovedCommand(robot=record.name, removed_by=actor))
+        subject = subjects.command(record.tenant, record.host, record.name)
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.runtime.nc.request(subject, codec.dump(notice), timeout=REMOVAL_NOTICE_TIMEOUT_S)
 
     async def heartbeat(self, tenant: str, robot: str, beat: Heartbeat) -> None:
         """Record a heartbeat, and the status it implies."""

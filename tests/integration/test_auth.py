@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from herder.client.connection import connect
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import (
@@ -24,11 +23,12 @@ from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound, Un
 from herder.protocol.messages import Event
 from herder.services.auth.repository import tokens
 from herder.services.auth.service import AuthService
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import outbox
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.tokens import token_hash
 from tests.conftest import Stack
-from tests.support import eventually
+from tests.support import connect_as, eventually
 
 
 async def stored_events(stack: Stack) -> list[Event]:
@@ -121,11 +121,15 @@ async def test_secrets_are_stored_nowhere_in_plain_text(stack: Stack) -> None:
 
 
 async def test_a_new_token_works_at_once_on_another_process(
-    stack: Stack, nats_url: str, db_url: str, tmp_path: Path
+    stack: Stack, nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential
 ) -> None:
     """A second service process (its own mirror of the tokens) accepts a token the moment it exists,
     and refuses it once revoked."""
-    other = ServiceHost(HostConfig(nats_url=nats_url, db_url=db_url, services=(), data_dir=tmp_path, migrate=False))
+    other = ServiceHost(
+        HostConfig(
+            nats_url=nats_url, db_url=db_url, services=(), credential=credential, data_dir=tmp_path, migrate=False
+        )
+    )
     await other.start()
     try:
         assert other.runtime is not None
@@ -158,29 +162,43 @@ async def test_reconcile_heals_the_bucket(stack: Stack) -> None:
         await stack.client_with("hd_forged").request(WhoAmI())
 
 
-async def test_bootstrap_keeps_creates_rotates_or_leaves_alone(stack: Stack) -> None:
+async def test_bootstrap_keeps_creates_rotates_or_leaves_alone(stack: Stack, nats_url: str) -> None:
     auth = stack.auth
     assert await auth.bootstrap_admin(stack.admin_token, may_rotate=True) == stack.admin_token
     assert await auth.bootstrap_admin(None, may_rotate=False) is None
 
     rotated = await auth.bootstrap_admin(None, may_rotate=True)
     assert rotated is not None and rotated != stack.admin_token
+    # The old token is refused by the services, and its connection is put off the bus.
     with pytest.raises(Unauthenticated):
         await stack.client.request(WhoAmI())
-    assert (await stack.client_with(rotated).request(WhoAmI())).name == "admin"
+    await eventually(lambda: not stack.nc.is_connected)
+    nc = await connect_as(nats_url, rotated)
+    try:
+        assert (await Client(nc, token=rotated).request(WhoAmI())).name == "admin"
+        operator = await Client(nc, token=rotated).request(TokenCreate(name="operator"))
+        assert (await auth.bootstrap_admin(operator.secret, may_rotate=False)) is None
+    finally:
+        await nc.close()
 
-    operator = await stack.client_with(rotated).request(TokenCreate(name="operator"))
-    assert (await auth.bootstrap_admin(operator.secret, may_rotate=False)) is None
 
-
-async def test_auth_replicas_share_one_truth(stack: Stack, nats_url: str, db_url: str, tmp_path: Path) -> None:
+async def test_auth_replicas_share_one_truth(
+    stack: Stack, nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential
+) -> None:
     """Two auth processes on one database: a token made through either works through both."""
     second = ServiceHost(
-        HostConfig(nats_url=nats_url, db_url=db_url, services=(AuthService,), data_dir=tmp_path, migrate=False)
+        HostConfig(
+            nats_url=nats_url,
+            db_url=db_url,
+            services=(AuthService,),
+            credential=credential,
+            data_dir=tmp_path,
+            migrate=False,
+        )
     )
     await second.start()
     try:
-        nc = await connect(nats_url, name="replica-client")
+        nc = await connect_as(nats_url, stack.admin_token, name="replica-client")
         try:
             client = Client(nc, token=stack.admin_token)
             made = [await client.request(TokenCreate(name=f"r-{i}")) for i in range(12)]

@@ -123,7 +123,10 @@ async def test_other_bytes_under_the_name_are_a_hash_mismatch_and_nothing_is_unp
 async def test_a_missing_package_is_a_clear_error(nc: NATS, store: ObjectStore, tmp_path: Path) -> None:
     ref, _ = await publish(store, EXAMPLES / "hello")
     await store.delete(ref.object)
-    with pytest.raises(PackageMissing, match=r"package hello 1\.0\.0 is not in the object store HERDER_PACKAGES_default \(object [0-9a-f]{64}\)"):
+    with pytest.raises(
+        PackageMissing,
+        match=r"package hello 1\.0\.0 is not in the object store HERDER_PACKAGES_default \(object [0-9a-f]{64}\)",
+    ):
         await PackageCache(tmp_path / "cache", nc.jetstream(), "default").fetch(ref)
     assert _leftovers(tmp_path / "cache") == []
 

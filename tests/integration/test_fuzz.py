@@ -15,14 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
-from herder.client.connection import connect
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import TokenCreate, TokenCreated, TokenListRequest, WhoAmI
 from herder.protocol.codec import Header
 from herder.protocol.messages import ErrorBody
 from herder.services.auth.service import AuthService
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.host import HostConfig, ServiceHost
+from tests.support import connect_as
 
 T = TypeVar("T")
 EXAMPLES = 1000
@@ -32,12 +33,14 @@ SUBJECT = subjects.service("default", "auth", "token_create")
 class LiveStack:
     """The auth service on an event loop of its own thread, so synchronous hypothesis tests can call it."""
 
-    def __init__(self, nats_url: str, db_url: str, data_dir: Path) -> None:
+    def __init__(self, nats_url: str, db_url: str, data_dir: Path, credential: ServiceCredential) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.host = ServiceHost(
-            HostConfig(nats_url=nats_url, db_url=db_url, services=(AuthService,), data_dir=data_dir)
+            HostConfig(
+                nats_url=nats_url, db_url=db_url, services=(AuthService,), credential=credential, data_dir=data_dir
+            )
         )
         self.run(self.host.start())
         auth = self.host.services["auth"]
@@ -45,7 +48,7 @@ class LiveStack:
         admin = self.run(auth.bootstrap_admin(None, may_rotate=False))
         assert admin is not None
         self.admin = admin
-        self.nc = self.run(connect(nats_url, name="fuzzer"))
+        self.nc = self.run(connect_as(nats_url, admin, name="fuzzer"))
         self.client = Client(self.nc, token=admin)
         self.created: set[str] = set()
 
@@ -65,8 +68,8 @@ class LiveStack:
 
 
 @pytest.fixture
-def live(nats_url: str, tmp_path: Path) -> Iterator[LiveStack]:
-    stack = LiveStack(nats_url, f"sqlite:///{tmp_path / 'fuzz.db'}", tmp_path)
+def live(nats_url: str, tmp_path: Path, credential: ServiceCredential) -> Iterator[LiveStack]:
+    stack = LiveStack(nats_url, f"sqlite:///{tmp_path / 'fuzz.db'}", tmp_path, credential)
     try:
         yield stack
     finally:

@@ -35,6 +35,7 @@ from herder.protocol.jobs import (
     Priority,
 )
 from herder.protocol.registry import RobotStatus, RobotType
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.jobs.service import JobsService
 from tests.fleet import HEARTBEAT_S, Fleet, command_process, python_process, running_fleet
@@ -98,9 +99,9 @@ Say Hello
 
 
 @pytest.fixture
-async def fleet(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Fleet]:
+async def fleet(nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Fleet]:
     """The whole of herder on SQLite and on PostgreSQL."""
-    async with running_fleet(nats_url, db_url, tmp_path) as fleet:
+    async with running_fleet(nats_url, db_url, tmp_path, credential) as fleet:
         yield fleet
 
 
@@ -111,9 +112,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def lite(nats_url: str, sqlite_url: str, tmp_path: Path) -> AsyncIterator[Fleet]:
+async def lite(nats_url: str, sqlite_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Fleet]:
     """The whole of herder on SQLite, for what does not depend on the database."""
-    async with running_fleet(nats_url, sqlite_url, tmp_path) as fleet:
+    async with running_fleet(nats_url, sqlite_url, tmp_path, credential) as fleet:
         yield fleet
 
 
@@ -343,10 +344,17 @@ async def test_two_robots_of_a_group_share_twenty_jobs_and_none_runs_twice(fleet
 
 
 async def test_two_jobs_service_replicas_never_run_a_job_twice(
-    fleet: Fleet, nats_url: str, db_url: str, tmp_path: Path
+    fleet: Fleet, nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential
 ) -> None:
     replica = ServiceHost(
-        HostConfig(nats_url=nats_url, db_url=db_url, services=(JobsService,), data_dir=tmp_path, migrate=False)
+        HostConfig(
+            nats_url=nats_url,
+            db_url=db_url,
+            services=(JobsService,),
+            credential=credential,
+            data_dir=tmp_path,
+            migrate=False,
+        )
     )
     await replica.start()
     try:

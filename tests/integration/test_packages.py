@@ -24,6 +24,7 @@ from herder.protocol.packages import (
     VersionListRequest,
 )
 from herder.services.auth.service import AuthService
+from herder.services.common.credentials import ServiceCredential
 from herder.services.packages.service import PackagesService
 from tests.conftest import Stack, running_stack
 from tests.support import eventually
@@ -32,11 +33,11 @@ TENANT = subjects.DEFAULT_TENANT
 
 
 @pytest.fixture
-async def stack(nats_url: str, db_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Stack]:
     """The auth and packages services on this test's NATS and database, with an admin token.
 
     (It shadows the shared `stack` fixture here only, adding the packages service.)"""
-    async with running_stack(nats_url, db_url, tmp_path, services=(AuthService, PackagesService)) as started:
+    async with running_stack(nats_url, db_url, tmp_path, credential, (AuthService, PackagesService)) as started:
         yield started
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"protocol", "services", "robot", "coordinator", "cli", "client", "packaging"}
-# Only the commands that run services (`herder up`, `service run`, `db upgrade`, ...) may load them.
-SERVICE_RUNNERS = {ROOT / "cli" / "stack.py"}
+# Only the commands that run services (`herder up`, `service run`, `db upgrade`) or set up their
+# servers (`herder fence`) may load them.
+SERVICE_RUNNERS = {ROOT / "cli" / "stack.py", ROOT / "cli" / "fence.py"}
 
 
 def _declared() -> set[str]:
