@@ -29,6 +29,7 @@ from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.errors import BadRequest
 from herder.protocol.jobs import (
+    MAX_INPUT_BYTES,
     JobInfo,
     JobKill,
     JobListRequest,
@@ -42,6 +43,7 @@ from herder.protocol.jobs import (
     OnRobotLost,
     Priority,
 )
+from herder.protocol.values import parse_json_object
 
 SHORT_ID = 12
 
@@ -109,15 +111,10 @@ def start(
 
 
 def _parse_input(text: str | None) -> dict[str, Any]:
+    """The job input `--input` gives, refused in one line (`BadRequest`) unless it is a JSON-safe object."""
     if text is None:
         return {}
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise BadRequest(f"--input is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest(f'--input must be a JSON object, like \'{{"name": "Ada"}}\', not {type(value).__name__}')
-    return value
+    return parse_json_object(text, what="--input", max_bytes=MAX_INPUT_BYTES)
 
 
 async def _start_and_follow(target: Target, request: JobStart, json_out: bool) -> JobInfo:

@@ -12,9 +12,11 @@ from typing import Any, TypeVar
 
 import msgpack
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from herder.protocol.errors import BadRequest, HerderError, PayloadTooLarge, error_for
 from herder.protocol.messages import ErrorBody, Model
+from herder.protocol.values import ValueRefused, join_path
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -86,14 +88,21 @@ def unpack(data: bytes) -> Any:
 
 def invalid(what: str, exc: ValidationError) -> BadRequest:
     """A `BadRequest` listing what failed validation, without echoing the input."""
-    # Never echo the input back: it may hold a secret.
-    problems = [
-        {"field": ".".join(str(part) for part in err["loc"]) or "(body)", "problem": _plain(err["msg"])}
-        for err in exc.errors(include_url=False, include_input=False, include_context=False)
-    ]
+    # Never echo the input back: it may hold a secret. The context is read only for the path inside
+    # a free-form value that `values.ValueRefused` carries, and is not passed on.
+    problems = [_problem(err) for err in exc.errors(include_url=False, include_input=False)]
     shown = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return BadRequest(f"invalid {what}: {shown}{more}", details={"errors": problems[:20]})
+
+
+def _problem(err: ErrorDetails) -> dict[str, str]:
+    """One failed check as `{"field": "input.a[3]", "problem": "…"}`."""
+    field = ".".join(str(part) for part in err["loc"])
+    refused = err.get("ctx", {}).get("error")
+    if isinstance(refused, ValueRefused):
+        return {"field": join_path(field, refused.path) or "(body)", "problem": refused.problem}
+    return {"field": field or "(body)", "problem": _plain(err["msg"])}
 
 
 def _plain(problem: str) -> str:

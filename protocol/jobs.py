@@ -25,6 +25,7 @@ from pydantic import Field, StringConstraints, model_validator
 from herder.protocol.messages import EventData, Model, Request, matching
 from herder.protocol.packages import PackageRef, ProcessName, Version
 from herder.protocol.registry import Name, RemovedCommand
+from herder.protocol.values import MAX_VALUE_BYTES, NUL_FREE, SafeText, json_safe
 
 SERVICE = "jobs"
 
@@ -37,7 +38,15 @@ JobIdOrPrefix = Annotated[
 ]
 
 DEFAULT_KILL_GRACE_S = 10.0
-MAX_INPUT_BYTES = 256 * 1024
+# A job's input and output, as UTF-8 JSON (see protocol/values.py); the robot SDK keeps its own copy
+# of the output limit (MAX_OUTPUT_BYTES there), being standard library only.
+MAX_INPUT_BYTES = MAX_VALUE_BYTES
+MAX_OUTPUT_BYTES = 256 * 1024
+MAX_REPORT_REASON_CHARS = 2000
+MAX_REPORT_ERROR_CHARS = 8000
+
+JobInput = Annotated[dict[str, Any], json_safe(max_bytes=MAX_INPUT_BYTES)]
+JobOutput = Annotated[dict[str, Any], json_safe(max_bytes=MAX_OUTPUT_BYTES)]
 
 
 class JobState(StrEnum):
@@ -126,7 +135,7 @@ class JobStart(Request[JobInfo]):
     version: Version | None = None  # None: the newest version
     robot: Name | None = None
     group: Name | None = None
-    input: dict[str, Any] = Field(default_factory=dict)
+    input: JobInput = Field(default_factory=dict)
     priority: Priority = Priority.NORMAL
     timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     kill_grace_s: float = Field(DEFAULT_KILL_GRACE_S, ge=0, le=3600)
@@ -202,9 +211,10 @@ class JobReport(Request[JobInfo]):
     job_id: JobId
     attempt: int = Field(ge=1)
     outcome: Outcome
-    reason: str = Field("", max_length=2000)
-    error: str | None = Field(None, max_length=8000)
-    output: dict[str, Any] | None = None
+    reason: SafeText = Field("", max_length=MAX_REPORT_REASON_CHARS)
+    # The length first: pydantic words a length error well only when it is checked before NUL.
+    error: Annotated[str, Field(max_length=MAX_REPORT_ERROR_CHARS), NUL_FREE] | None = None
+    output: JobOutput | None = None
     exit_code: int | None = None
 
 
@@ -219,7 +229,7 @@ class StartCommand(Model):
     attempt: int
     session: str  # the agent session the job was given to; any other agent of the robot ignores it
     package: PackageRef
-    input: dict[str, Any] = Field(default_factory=dict)
+    input: JobInput = Field(default_factory=dict)
     timeout_s: float | None = None
     kill_grace_s: float = DEFAULT_KILL_GRACE_S
 
@@ -332,6 +342,10 @@ __all__ = [
     "ACTIVE_STATES",
     "DEFAULT_KILL_GRACE_S",
     "FINAL_STATES",
+    "MAX_INPUT_BYTES",
+    "MAX_OUTPUT_BYTES",
+    "MAX_REPORT_ERROR_CHARS",
+    "MAX_REPORT_REASON_CHARS",
     "SERVICE",
     "Command",
     "CommandAck",
@@ -339,9 +353,11 @@ __all__ = [
     "JobId",
     "JobIdOrPrefix",
     "JobInfo",
+    "JobInput",
     "JobKill",
     "JobList",
     "JobListRequest",
+    "JobOutput",
     "JobReport",
     "JobShow",
     "JobStart",

@@ -15,6 +15,7 @@ from pydantic import Field, StringConstraints
 
 from herder.protocol.errors import Conflict
 from herder.protocol.messages import EventData, Model, Request, matching
+from herder.protocol.values import SafeText
 
 SERVICE = "packages"
 MANIFEST = "herder.toml"
@@ -44,8 +45,8 @@ class EntryPoint(Model):
     """What to run in an unpacked package: a callable, a command line (its words), or a suite."""
 
     kind: EntryKind
-    target: str = Field(min_length=1, max_length=1024)
-    args: list[str] = Field(default_factory=list, max_length=256)
+    target: SafeText = Field(min_length=1, max_length=1024)
+    args: list[SafeText] = Field(default_factory=list, max_length=256)
 
     def describe(self) -> str:
         """The entry point as people read it."""
@@ -100,7 +101,7 @@ class PackagePublish(Request[VersionInfo]):
     sha256: Sha256
     size: int = Field(ge=1)
     entry: EntryPoint
-    description: str = Field("", max_length=1000)
+    description: SafeText = Field("", max_length=1000)
 
 
 class ProcessList(Model):

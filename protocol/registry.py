@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, StringConstraints
 
 from herder.protocol.messages import EventData, Model, Request, matching
+from herder.protocol.values import NUL_FREE, SafeText
 
 SERVICE = "registry"
 
@@ -159,8 +160,8 @@ class RobotConnect(Request[RobotConnected]):
     heartbeat_interval_s: float = Field(
         DEFAULT_HEARTBEAT_INTERVAL_S, ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S
     )
-    agent_version: str = Field("", max_length=64)
-    current_job: str | None = Field(None, max_length=64)
+    agent_version: SafeText = Field("", max_length=64)
+    current_job: Annotated[str, Field(max_length=64), NUL_FREE] | None = None
 
 
 class RobotGoodbye(Request[RobotInfo]):
@@ -179,7 +180,7 @@ class Heartbeat(Model):
 
     session: str
     interval_s: float = Field(ge=MIN_HEARTBEAT_INTERVAL_S, le=MAX_HEARTBEAT_INTERVAL_S)
-    current_job: str | None = None
+    current_job: SafeText | None = None  # stored by the registry
     sent_at: datetime
 
 

@@ -17,7 +17,8 @@ reach scripts). It talks to the robot through files in the work folder and one p
     log pipe       the SDK's JSON lines                      HERDER_JOB_LOG_FD
 
 `judge` is the pure core: from the facts of an ending (exit code, stop or kill asked for, what
-the script left behind) it decides the outcome, reason and error.
+the script left behind) it decides the outcome, reason and error. An output herder cannot store
+(not a JSON-safe object, see protocol/values.py) faults a run that would have succeeded.
 
 A job's processes end with it: when the child exits, whatever it left running in its process
 group is killed, and `kill` signals the whole group.
@@ -43,8 +44,9 @@ from typing import Any
 
 import structlog
 
-from herder.protocol.errors import ErrorCode, HerderError
-from herder.protocol.jobs import LogLevel, LogStream, Outcome
+from herder.protocol import values
+from herder.protocol.errors import BadRequest, ErrorCode, HerderError
+from herder.protocol.jobs import MAX_OUTPUT_BYTES, LogLevel, LogStream, Outcome
 from herder.protocol.packages import EntryKind, EntryPoint
 from herder.robot import sdk
 
@@ -143,15 +145,29 @@ class Ending:
     error_text: str | None = None  # what a Python entry point wrote to the error file
     last_stderr: str | None = None
     output: dict[str, Any] | None = None
+    # Why the output the script left cannot be stored ("output.x: … is outside …"); None when it can,
+    # or when there is none.
+    output_problem: str | None = None
 
 
 def judge(ending: Ending) -> RunResult:
-    """The outcome, reason and error of a run, from how its process ended."""
+    """The outcome, reason and error of a run, from how its process ended.
+
+    An output that cannot be stored is never reported. It faults a run that would have been
+    Successful; a run Stopped or Faulted anyway keeps that outcome and its own reason."""
     code = ending.returncode
     exit_code = code if code >= 0 else None
+    output = ending.output if ending.output_problem is None else None
 
     def result(outcome: Outcome, reason: str, error: str | None = None) -> RunResult:
-        return RunResult(outcome=outcome, exit_code=exit_code, reason=reason, error=error, output=ending.output)
+        # What the script wrote may hold NUL, which the jobs service cannot store.
+        return RunResult(
+            outcome=outcome,
+            exit_code=exit_code,
+            reason=values.without_nul(reason),
+            error=values.without_nul(error) if error is not None else None,
+            output=output,
+        )
 
     if ending.killed:
         if ending.sigkill_needed:
@@ -160,6 +176,9 @@ def judge(ending: Ending) -> RunResult:
     if code == 0:
         if ending.stop_requested and ending.stop_seen:
             return result(Outcome.STOPPED, "stopped on request")
+        if ending.output_problem is not None:
+            unstorable = f"output is not storable: {ending.output_problem}"
+            return result(Outcome.FAULTED, unstorable, unstorable)
         return result(Outcome.SUCCESSFUL, "exited with code 0")
     if ending.kind is EntryKind.ROBOT and ending.interrupted and _rf_stopped(code):
         # On its first SIGINT Robot Framework ends the running keyword and fails every test left.
@@ -582,6 +601,7 @@ class JobProcess:
             self._signal_group(signal.SIGKILL)
             self._agent_line(LogLevel.WARNING, "killed the processes the job left running")
         await self._drain()
+        output, output_problem = self._read_output()
         ending = Ending(
             kind=self.spec.entry.kind,
             returncode=returncode,
@@ -593,7 +613,8 @@ class JobProcess:
             stop_seen=self._files.seen.exists(),
             error_text=self._read_error(),
             last_stderr=self._last_stderr,
-            output=self._read_output(),
+            output=output,
+            output_problem=output_problem,
         )
         return judge(ending)
 
@@ -642,24 +663,24 @@ class JobProcess:
             return None
         return text[:MAX_ERROR_CHARS] or None
 
-    def _read_output(self) -> dict[str, Any] | None:
+    def _read_output(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The output the script left (None when it left none), or None and why herder cannot store it."""
         path = self._files.output
         try:
             size = path.stat().st_size
-            if size > sdk.MAX_OUTPUT_BYTES:
-                self._agent_line(LogLevel.WARNING, f"ignored the output: {size} bytes, over {sdk.MAX_OUTPUT_BYTES}")
-                return None
-            value = json.loads(path.read_bytes())
+            # A file the SDK writes is exactly as large as the value it measures; a bigger one is not read.
+            if size > MAX_OUTPUT_BYTES:
+                problem = f"output: the file is {size} bytes, more than the {MAX_OUTPUT_BYTES // 1024} KiB allowed"
+            else:
+                return values.parse_json_object(path.read_bytes(), what="output", max_bytes=MAX_OUTPUT_BYTES), None
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            self._agent_line(LogLevel.WARNING, f"ignored the output: it is not JSON ({exc})")
-            return None
-        if not isinstance(value, dict):
-            kind = _JSON_TYPES.get(type(value), type(value).__name__)
-            self._agent_line(LogLevel.WARNING, f"ignored the output: it is a JSON {kind}, not an object")
-            return None
-        return value
+            return None, None
+        except OSError as exc:
+            problem = f"output: the file cannot be read ({exc.strerror})"
+        except BadRequest as exc:
+            problem = exc.message
+        self._agent_line(LogLevel.WARNING, f"the output is not storable: {problem}")
+        return None, problem
 
     def _stdout_line(self, text: str) -> None:
         if text:
@@ -683,13 +704,3 @@ class JobProcess:
             self._on_log(line)
         except Exception:
             log.exception("runner.on_log_failed", job_id=self.spec.job_id, attempt=self.spec.attempt)
-
-
-_JSON_TYPES: dict[type, str] = {
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}

@@ -462,12 +462,12 @@ def test_job_start_refusals(up: Stack, fleet: Fleet) -> None:
     fleet.add("rs-robot")
     assert_one_line_error(
         up.herder("job", "start", "hello", "--robot", "rs-robot", "--input", "not json"),
-        "--input is not valid JSON",
+        "--input: not valid JSON",
         "[bad_request]",
     )
     assert_one_line_error(
         up.herder("job", "start", "hello", "--robot", "rs-robot", "--input", "[1]"),
-        "--input must be a JSON object",
+        "--input: not a JSON object",
         "[bad_request]",
     )
     for where in ([], ["--robot", "rs-robot", "--group", "rs-pool"]):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from herder.protocol.jobs import LogLevel, LogStream, Outcome
+from herder.protocol.jobs import JobReport, LogLevel, LogStream, Outcome
 from herder.protocol.packages import EntryKind, EntryPoint
 from herder.robot.runner import JobProcess, LogLine, RunResult, RunSpec, StartError
 from tests.support import eventually, wait_until
@@ -205,12 +205,50 @@ async def test_an_unknown_command_does_not_start(tmp_path: Path) -> None:
         await start(tmp_path, folder, EntryKind.COMMAND, "no-such-program-xyz")
 
 
-async def test_an_output_that_is_not_an_object_is_ignored_and_said(tmp_path: Path) -> None:
-    folder = package(tmp_path, {})
-    run = await start(tmp_path, folder, EntryKind.COMMAND, "sh", "-c", 'echo "[1, 2]" > "$HERDER_JOB_OUTPUT_FILE"')
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("[1, 2]", 'output: not a JSON object but an array; give an object, like {"name": "Ada"}'),
+        ('{"a": ', "output: not valid JSON (Expecting value at line 1 column 7)"),
+        ('{"a": NaN}', "output.a: nan is not a finite number; JSON-safe values hold finite numbers only"),
+        ('{"a": "' + "x" * 300_000 + '"}', "output: the file is 300009 bytes, more than the 256 KiB allowed"),
+    ],
+)
+async def test_an_output_that_is_not_a_json_safe_object_faults_the_job_and_says_so(
+    tmp_path: Path, written: str, problem: str
+) -> None:
+    folder = package(tmp_path, {"written.json": written})
+    run = await start(tmp_path, folder, EntryKind.COMMAND, "sh", "-c", 'cat written.json > "$HERDER_JOB_OUTPUT_FILE"')
     result = await run.result()
-    assert (result.outcome, result.output) == (Outcome.SUCCESSFUL, None)
-    assert run.messages(LogStream.AGENT) == ["ignored the output: it is a JSON array, not an object"]
+    assert (result.outcome, result.reason, result.output) == (
+        Outcome.FAULTED,
+        f"output is not storable: {problem}",
+        None,
+    )
+    assert run.messages(LogStream.AGENT) == [f"the output is not storable: {problem}"]
+
+
+async def test_a_returned_output_beyond_json_safe_integers_faults_the_job(tmp_path: Path) -> None:
+    folder = package(
+        tmp_path,
+        {
+            "huge.py": """
+                def main(job):
+                    return {"x": 10**30}
+            """
+        },
+    )
+    run = await start(tmp_path, folder, EntryKind.PYTHON, "huge:main")
+    result = await run.result()
+    problem = (
+        "output.x: 1000000000000000000000000000000 is outside the integers JSON-safe values may hold "
+        "(±9007199254740991)"
+    )
+    assert (result.outcome, result.exit_code, result.output) == (Outcome.FAULTED, 0, None)
+    assert result.reason == result.error == f"output is not storable: {problem}"
+    assert run.messages(LogStream.AGENT) == [f"the output is not storable: {problem}"]
+    # The robot can carry the verdict: it is a report the jobs service accepts.
+    JobReport(job_id="a" * 32, attempt=1, outcome=result.outcome, reason=result.reason, error=result.error)
 
 
 async def test_a_line_too_long_is_cut_and_says_so(tmp_path: Path) -> None:

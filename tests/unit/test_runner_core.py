@@ -6,12 +6,13 @@ import os
 import signal
 import stat
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from herder.protocol.jobs import LogLevel, LogStream, Outcome
+from herder.protocol.jobs import JobReport, LogLevel, LogStream, Outcome
 from herder.protocol.packages import EntryKind, EntryPoint
 from herder.robot.runner import (
     Ending,
@@ -109,6 +110,58 @@ def test_death_by_signal_without_a_kill_is_faulted() -> None:
         "killed by signal SIGSEGV",
         "killed by signal SIGSEGV",
     )
+
+
+UNSTORABLE = "output.x: 1000000000000000000000000000000 is outside the integers JSON-safe values may hold"
+
+
+def test_an_output_that_cannot_be_stored_faults_a_run_that_would_have_succeeded() -> None:
+    result = judge(Ending(kind=EntryKind.COMMAND, returncode=0, output={"x": 1}, output_problem=UNSTORABLE))
+    assert (result.outcome, result.exit_code, result.reason, result.error, result.output) == (
+        Outcome.FAULTED,
+        0,
+        f"output is not storable: {UNSTORABLE}",
+        f"output is not storable: {UNSTORABLE}",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ending", "outcome", "reason"),
+    [
+        (
+            Ending(kind=EntryKind.PYTHON, returncode=1, error_text="KeyError: 'a'"),
+            Outcome.FAULTED,
+            "exited with code 1",
+        ),
+        (Ending(kind=EntryKind.COMMAND, returncode=-signal.SIGSEGV), Outcome.FAULTED, "killed by signal SIGSEGV"),
+        (
+            Ending(kind=EntryKind.PYTHON, returncode=0, stop_requested=True, stop_seen=True),
+            Outcome.STOPPED,
+            "stopped on request",
+        ),
+        (
+            Ending(kind=EntryKind.COMMAND, returncode=-signal.SIGTERM, killed=True),
+            Outcome.STOPPED,
+            "hard-stopped (ended on SIGTERM)",
+        ),
+    ],
+)
+def test_a_run_that_ended_otherwise_keeps_its_own_ending_and_drops_the_output(
+    ending: Ending, outcome: Outcome, reason: str
+) -> None:
+    result = judge(replace(ending, output={"x": "anything"}, output_problem=UNSTORABLE))
+    assert (result.outcome, result.reason, result.output) == (outcome, reason, None)
+    assert "not storable" not in (result.error or "")
+
+
+def test_nul_in_what_the_script_wrote_becomes_a_visible_character_the_report_can_carry() -> None:
+    raised = judge(Ending(kind=EntryKind.PYTHON, returncode=1, error_text="ValueError: a\x00b" + "\x00" * 3990))
+    assert raised.error is not None and raised.error.startswith("ValueError: a\u2400b\u2400")
+    exited = judge(Ending(kind=EntryKind.COMMAND, returncode=2, last_stderr="bad\x00byte"))
+    assert exited.error == "exited with code 2: bad\u2400byte"
+    for result in (raised, exited):
+        JobReport(job_id="a" * 32, attempt=1, outcome=result.outcome, reason=result.reason, error=result.error)
 
 
 def _spec(tmp_path: Path, entry: EntryPoint | None = None, **input_: object) -> RunSpec:
