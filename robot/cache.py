@@ -6,7 +6,9 @@ Packages are content-addressed, so the cache is a folder of folders named by sha
     <root>/.fetch-<random>/  a download or unpacking under way (or left by a crash)
 
 A package whose bytes do not hash to what the packages service published is refused with
-`PackageHashMismatch` before anything of it is unpacked, let alone run. The unpacked folders are
+`PackageHashMismatch` before anything of it is unpacked, let alone run; one that unpacks to more
+than the robot's limits is refused with `PackageTooLarge` as it is unpacked, before anything is
+written past them, and nothing of it is kept. The unpacked folders are
 shared by every job of that version: the runner makes them the jobs' working directory and herder
 never writes to them.
 """
@@ -25,7 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from herder.packaging.archive import unpack
+from herder.packaging.archive import MAX_UNPACKED_BYTES, MAX_UNPACKED_FILES, ArchiveTooLarge, unpack
 from herder.protocol import subjects
 from herder.protocol.errors import BadRequest, ErrorCode, HerderError
 from herder.protocol.packages import PackageRef
@@ -55,11 +57,40 @@ class PackageHashMismatch(PackageFetchError):
     code = ErrorCode.CONFLICT
 
 
-class PackageCache:
-    """Packages fetched from the HERDER_PACKAGES object store and kept unpacked under `root`."""
+class PackageTooLarge(PackageFetchError):
+    """The package unpacks to more than this robot allows; nothing of it is kept."""
 
-    def __init__(self, root: Path, js: JetStreamContext, tenant: str) -> None:
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, ref: PackageRef, cause: ArchiveTooLarge) -> None:
+        if cause.unit == "bytes":
+            fix = "raise the limit with 'herder robot run --max-package-size SIZE'"
+        else:
+            fix = "pack fewer files into the process folder"
+        super().__init__(f"package {_name(ref)} {cause.overrun}; {fix}", details=cause.details)
+        self.limit = cause.limit
+        self.unit = cause.unit
+
+
+class PackageCache:
+    """Packages fetched from the HERDER_PACKAGES object store and kept unpacked under `root`.
+
+    A package is refused once it would unpack to more than `max_unpacked_bytes` of files or more
+    than `max_unpacked_files` files, folders and links.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        js: JetStreamContext,
+        tenant: str,
+        *,
+        max_unpacked_bytes: int = MAX_UNPACKED_BYTES,
+        max_unpacked_files: int = MAX_UNPACKED_FILES,
+    ) -> None:
         self.root = root
+        self.max_unpacked_bytes = max_unpacked_bytes
+        self.max_unpacked_files = max_unpacked_files
         self._js = js
         self._bucket = subjects.packages_bucket(tenant)
         # One download per hash at a time: later callers wait for the first.
@@ -73,7 +104,8 @@ class PackageCache:
         """The unpacked folder of `ref`, downloaded and checked first unless it is cached already.
 
         `PackageHashMismatch` if the stored bytes are not the published package, `PackageMissing`
-        if there are none, `PackageFetchError` for any other failure.
+        if there are none, `PackageTooLarge` if it unpacks past the limits, `PackageFetchError` for
+        any other failure.
         """
         folder = self.path_of(ref.sha256)
         if folder.is_dir():
@@ -98,7 +130,14 @@ class PackageCache:
             archive = scratch / ARCHIVE_FILE
             await self._download(ref, archive)
             unpacked = scratch / UNPACKED_DIR
-            await asyncio.to_thread(_check_and_unpack, archive, ref, unpacked)
+            await asyncio.to_thread(
+                _check_and_unpack,
+                archive,
+                ref,
+                unpacked,
+                max_bytes=self.max_unpacked_bytes,
+                max_files=self.max_unpacked_files,
+            )
             folder = self.path_of(ref.sha256)
             try:
                 os.rename(unpacked, folder)
@@ -164,8 +203,9 @@ class PackageCache:
                 await subscription.unsubscribe()
 
 
-def _check_and_unpack(archive: Path, ref: PackageRef, target: Path) -> None:
-    """Unpack `archive` into `target` if it is the published package; `PackageHashMismatch` if not."""
+def _check_and_unpack(archive: Path, ref: PackageRef, target: Path, *, max_bytes: int, max_files: int) -> None:
+    """Unpack `archive` into `target` if it is the published package; `PackageHashMismatch` if not,
+    `PackageTooLarge` if it unpacks past the limits."""
     data = archive.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != ref.size or digest != ref.sha256:
@@ -174,7 +214,9 @@ def _check_and_unpack(archive: Path, ref: PackageRef, target: Path) -> None:
             f"{ref.sha256} was published; nothing was unpacked"
         )
     try:
-        unpack(data, target)
+        unpack(data, target, max_bytes=max_bytes, max_files=max_files)
+    except ArchiveTooLarge as exc:
+        raise PackageTooLarge(ref, exc) from None
     except BadRequest as exc:
         raise PackageFetchError(f"package {_name(ref)}: {exc.message}") from None
 

@@ -15,7 +15,7 @@ from herder.packaging.archive import pack, sha256_hex
 from herder.protocol import subjects
 from herder.protocol.jobs import Outcome
 from herder.protocol.packages import EntryKind, EntryPoint, PackageRef
-from herder.robot.cache import PackageCache, PackageHashMismatch, PackageMissing
+from herder.robot.cache import PackageCache, PackageHashMismatch, PackageMissing, PackageTooLarge
 from herder.robot.runner import JobProcess, RunSpec
 from herder.services.common.bus import JetStreamSettings, ensure_object_store
 
@@ -142,3 +142,37 @@ async def test_a_missing_bucket_is_a_clear_error(nc: NATS, tmp_path: Path) -> No
     )
     with pytest.raises(PackageMissing, match="there is no bucket HERDER_PACKAGES"):
         await PackageCache(tmp_path / "cache", nc.jetstream(), "default").fetch(ref)
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (
+            {"max_unpacked_bytes": 1024**2},
+            r"^package hello 1\.0\.0 unpacks to more than 1 MiB \(the robot's limit\); "
+            r"it reaches 2 MiB at 'zeros\.bin'; raise the limit with 'herder robot run --max-package-size SIZE'$",
+        ),
+        (
+            {"max_unpacked_files": 2},
+            r"^package hello 1\.0\.0 unpacks to more than 2 files and folders \(the robot's limit\); "
+            r"'zeros\.bin' is number 3; pack fewer files into the process folder$",
+        ),
+    ],
+)
+async def test_a_package_past_the_limits_is_refused_and_nothing_of_it_is_left(
+    nc: NATS, store: ObjectStore, tmp_path: Path, limits: dict[str, int], message: str
+) -> None:
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "hello.py").write_text("def main(): pass\n")
+    (folder / "readme.txt").write_text("zeros\n")
+    (folder / "zeros.bin").write_bytes(bytes(2 * 1024**2))  # packs to a few KiB
+    ref, data = await publish(store, folder)
+    assert len(data) < 64 * 1024
+    root = tmp_path / "cache"
+    with pytest.raises(PackageTooLarge, match=message):
+        await PackageCache(root, nc.jetstream(), "default", **limits).fetch(ref)
+    assert _leftovers(root) == []  # neither the scratch folder nor a partial package folder
+
+    fetched = await PackageCache(root, nc.jetstream(), "default").fetch(ref)  # within the default limits
+    assert (fetched / "zeros.bin").stat().st_size == 2 * 1024**2
