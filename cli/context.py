@@ -23,10 +23,18 @@ import typer
 from nats.aio.client import Client as NATS
 
 from herder.client.bundle import read_bundle
-from herder.client.connection import Credentials, CredentialsRefused, Unreachable, connect, display_nats_url
+from herder.client.connection import (
+    Credentials,
+    CredentialsRefused,
+    Unreachable,
+    connect,
+    display_nats_url,
+    reachable,
+)
 from herder.client.errors import SetupError
 from herder.client.requests import Client
 from herder.client.tls import read_ca_file
+from herder.protocol.errors import Unauthenticated
 from herder.protocol.messages import Model
 from herder.protocol.subjects import DEFAULT_TENANT
 
@@ -218,6 +226,9 @@ async def connected(target: Target, name: str, *, refused: str | None = None) ->
     """A connection to the stack as the target's principal, closed afterwards; one line when that fails
     (`refused` says what to make of a refused token, when the caller knows better)."""
     if not target.token:
+        why = await reachable(target.nats_url)
+        if why is not None:
+            raise SetupError(f"herder is not running at {target.where}: {why}; start it with 'herder up'")
         raise SetupError(
             f"no token to talk to the stack at {target.where} with; give one with --token-file FILE, "
             f"{ENV_TOKEN} or --bundle FILE"
@@ -230,8 +241,8 @@ async def connected(target: Target, name: str, *, refused: str | None = None) ->
         raise SetupError(f"herder is not running at {target.where}: {exc.reason}; start it with 'herder up'") from None
     except CredentialsRefused:
         if refused is not None:
-            raise SetupError(refused) from None
-        raise SetupError(
+            raise Unauthenticated(refused) from None
+        raise Unauthenticated(
             f"the stack at {target.where} refused the token from {target.token_source} (unknown or revoked, "
             f"or no auth service is running there); give a valid one with --token-file FILE, {ENV_TOKEN} "
             "or --bundle FILE"

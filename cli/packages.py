@@ -28,10 +28,12 @@ from herder.cli.context import (
     resolve,
 )
 from herder.cli.output import print_json, print_table, run, when
+from herder.client.connection import refused
 from herder.client.requests import Client
 from herder.packaging.archive import object_digest, pack, sha256_hex
 from herder.packaging.manifest import Manifest, check_name, load_manifest
-from herder.protocol.errors import NotFound, Unavailable
+from herder.protocol.auth import Permission, WhoAmI
+from herder.protocol.errors import Forbidden, NotFound, Unavailable
 from herder.protocol.packages import (
     PackagePublish,
     ProcessListRequest,
@@ -97,6 +99,14 @@ class _Progress(io.BytesIO):
         return read
 
 
+async def _refuse_forbidden(client: Client) -> None:
+    """Refuse a caller whose role may not publish before uploading anything: the bus would refuse the
+    upload itself (only roles that publish packages may write archives), and the service the version."""
+    principal = await client.request(WhoAmI())
+    if not principal.can(Permission.PACKAGES_PUBLISH):
+        raise Forbidden(f"role '{principal.role}' lacks the permission '{Permission.PACKAGES_PUBLISH}'")
+
+
 async def _refuse_published(client: Client, manifest: Manifest) -> None:
     """Refuse a version that exists before uploading anything (the service refuses it too)."""
     try:
@@ -126,6 +136,8 @@ async def upload(nc: NATS, tenant: str, archive: bytes, sha256: str, *, label: s
     try:
         await store.put(sha256, data)
     except nats.errors.TimeoutError:
+        if refused(nc, f"$O.{bucket}.", prefix=True):
+            raise Forbidden(f"the bus refused the upload to {bucket}: this token may not publish packages") from None
         raise Unavailable(
             f"uploading {label} to the {bucket} object store timed out; JetStream may be overloaded"
         ) from None
@@ -135,6 +147,7 @@ async def upload(nc: NATS, tenant: str, archive: bytes, sha256: str, *, label: s
 async def publish_archive(nc: NATS, client: Client, manifest: Manifest, archive: bytes) -> VersionInfo:
     """Publish a packed process folder as `manifest` says: refuse an existing version before
     uploading, upload the archive under its sha256, then record the version."""
+    await _refuse_forbidden(client)
     await _refuse_published(client, manifest)
     sha256 = sha256_hex(archive)
     label = f"{manifest.name} {manifest.version}"

@@ -331,7 +331,8 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float) -> N
         loop.add_signal_handler(sig, stop.set)
     refused = (
         f"robot {name}'s token (from {target.token_source}) was refused: the robot was removed, the token is "
-        "not its own, or no auth service is running; give the bundle or token 'herder robot add' made for it"
+        "not its own, or no auth service is running; give the bundle or token 'herder robot add' made for it "
+        f"with --bundle FILE, --token-file FILE or {ENV_ROBOT_TOKEN}"
     )
     async with connected(target, f"herder-robot-{name}", refused=refused) as nc:
         agent = RobotAgent(
@@ -340,7 +341,7 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float) -> N
         try:
             info = await agent.start()
         except Unauthenticated:
-            raise SetupError(refused) from None
+            raise Unauthenticated(refused) from None
         print(
             f"robot {info.name} ({info.type.value}, host {info.host}) is connected to {target.where}; Ctrl-C stops it.",
             file=sys.stderr,

@@ -102,10 +102,11 @@ def refusals(nc: NATS) -> list[str]:
     return list(_refusals.get(nc, ()))
 
 
-def refused(nc: NATS, subject: str) -> str | None:
-    """The server's refusal of a publish to (or subscription on) `subject`, if it sent one."""
+def refused(nc: NATS, subject: str, *, action: str = "publish", prefix: bool = False) -> str | None:
+    """The server's refusal of a publish to `subject` (or with `action="subscription"`, of a subscription
+    on it; with `prefix`, to any subject starting so), if it sent one."""
     # nats-py hands the server's words on in lower case.
-    needle = f'"{subject}"'.lower()
+    needle = f'{action} to "{subject}{"" if prefix else chr(34)}'.lower()
     for text in reversed(refusals(nc)):
         if needle in text.lower():
             return text
@@ -190,6 +191,36 @@ async def connect(
         raise TlsRefused(f"cannot open a TLS connection to NATS at {where}: {_describe(cause)}")
     reason = _describe(cause) if cause is not None else f"no answer within {CONNECT_TIMEOUT_S:g} s"
     raise Unreachable(where, reason)
+
+
+async def reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why no server of `url` greets a TCP client with NATS's INFO line, or None when one does (it
+    asks nothing of the server's auth: for saying "not running" before "no token")."""
+    why = "no server listed"
+    for server in (part.strip() for part in url.split(",")):
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        if not parts.hostname:
+            continue
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, parts.port or 4222), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            why = _describe(exc)
+            continue
+        try:
+            greeting = await asyncio.wait_for(reader.read(4), timeout)
+        except (OSError, TimeoutError) as exc:
+            why = _describe(exc)
+            greeting = b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if greeting.startswith(b"INFO"):
+            return None
+        why = why if not greeting else "what answers there is not a NATS server"
+    return why
 
 
 def _as_tls(server: str) -> str:

@@ -57,13 +57,16 @@ def _die_with_parent() -> None:
 
 class EmbeddedNats:
     """One nats-server with JetStream, fenced by `credential`, configured by a file herder writes,
-    stopped by herder. With `tls` (a certificate and its key), clients must speak TLS."""
+    stopped by herder. With `tls` (a certificate and its key), clients must speak TLS.
+
+    `credential=None` starts it unfenced, for the benchmark that measures what the fence costs:
+    herder's services refuse to run on such a server."""
 
     def __init__(
         self,
         store_dir: Path,
         *,
-        credential: ServiceCredential,
+        credential: ServiceCredential | None,
         host: str = "127.0.0.1",
         port: int = 0,
         tls: tuple[Path, Path] | None = None,
@@ -105,7 +108,8 @@ class EmbeddedNats:
                 "  timeout: 5",
                 "}",
             ]
-        return "\n".join(lines) + "\n" + server_config(self.credential)
+        fence = server_config(self.credential) if self.credential is not None else ""
+        return "\n".join(lines) + "\n" + fence
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> str:
         """Start the server and wait until it accepts clients; return its URL (without credentials)."""

@@ -12,7 +12,12 @@ database, three processes share it:
   `--entry python`: a Python function that returns at once, through herder's entry wrapper and SDK);
 * this process is the caller, with herder's `Client` and an admin token.
 
-It measures two things:
+Everything runs behind the fence, as deployed: the services connect with the stack's service
+credential, each robot and the caller with their own tokens, admitted by the auth service's
+callout. The benchmark's own instruments (the robots' stamps, the caller's view of job events) use
+connections of a service's rights, apart from the ones measured.
+
+It measures three things:
 
 1. dispatch latency: from the moment the caller sends a start request for a job aimed at an idle
    robot, to the moment that robot's agent receives the start command (its clock, stamped before
@@ -22,6 +27,9 @@ It measures two things:
 2. throughput: JOBS no-op jobs created at once (CONCURRENCY callers) for a group holding all the
    robots, from the first start request until the last job is Successful; jobs per second, and
    the p50 and p99 of each job's time from its start request to its end.
+3. connection set-up: from opening a connection through the fence to the first successful reply,
+   for a CLI client (its token, then `whoami`) and for a robot (its token, then `robot_connect`);
+   p50 and p99 over CONNECTIONS connections each.
 
 Targets (dispatch on SQLite): p50 under 5 ms, p99 under 25 ms. The script reports whether they are
 met and exits 0 either way on a completed run: it measures, it does not test.
@@ -34,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,13 +58,22 @@ from nats.aio.msg import Msg
 
 from herder.cli.packages import publish_folder
 from herder.client import logs
-from herder.client.connection import connect, sync
+from herder.client.connection import Credentials, connect, sync
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
+from herder.protocol.auth import WhoAmI
 from herder.protocol.jobs import Command, JobStart, JobStateChangedEvent, StartCommand
 from herder.protocol.messages import Event
-from herder.protocol.registry import RobotAdd, RobotListRequest, RobotStatus, RobotType
+from herder.protocol.registry import (
+    RobotAdd,
+    RobotConnect,
+    RobotGoodbye,
+    RobotListRequest,
+    RobotStatus,
+    RobotType,
+)
 from herder.robot.agent import RobotAgent
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.natsserver import EmbeddedNats
 
 TARGET_P50_MS = 5.0
@@ -64,6 +82,7 @@ DEFAULT_JOBS = 1000
 DEFAULT_ROBOTS = 10
 DEFAULT_WARMUP = 50
 DEFAULT_CONCURRENCY = 16
+DEFAULT_CONNECTIONS = 100
 GROUP = "bench"
 PROCESS = "noop"
 STAMPS_SUBJECT = "bench.robots.stamps"
@@ -73,10 +92,17 @@ JOB_TIMEOUT_S = 120.0
 SERVICES_FLAG = "--serve-services"  # hidden: runs herder's services, in a child process
 ROBOTS_FLAG = "--serve-robot"  # hidden: runs one robot agent, in a child process
 SCRIPT = Path(__file__).resolve()
+CREDENTIAL_FILE = "service-credential.json"
+CONFIG_KEYS = ("jobs", "robots", "warmup", "concurrency", "entry", "connections")
 POSTGRES_URL = os.environ.get("HERDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 # --- child: herder's services ---
+
+
+def credential_file(root: Path) -> Path:
+    """Where the benchmark keeps its stack's service credential."""
+    return root / CREDENTIAL_FILE
 
 
 async def serve_services(nats_url: str, db_url: str, data_dir: str) -> None:
@@ -85,8 +111,15 @@ async def serve_services(nats_url: str, db_url: str, data_dir: str) -> None:
     from herder.services.catalog import NAMES
     from herder.services.common.host import HostConfig, ServiceHost, resolve_services
 
+    credential = ServiceCredential.read(credential_file(Path(data_dir).parent))
     host = ServiceHost(
-        HostConfig(nats_url=nats_url, db_url=db_url, services=resolve_services(NAMES), data_dir=Path(data_dir))
+        HostConfig(
+            nats_url=nats_url,
+            db_url=db_url,
+            services=resolve_services(NAMES),
+            credential=credential,
+            data_dir=Path(data_dir),
+        )
     )
     await host.start()
     try:
@@ -121,20 +154,24 @@ async def serve_robot(nats_url: str, work_dir: str) -> None:
     loop = asyncio.get_running_loop()
     name, token = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
     stamps: dict[str, int] = {}
-    nc = await connect(nats_url, name=f"bench-robot-{name}")
+    # The robot is on the bus as itself; the benchmark's stamps travel on an instrument connection.
+    nc = await connect(nats_url, name=f"bench-robot-{name}", credentials=Credentials(token=token))
+    credential = ServiceCredential.read(credential_file(Path(work_dir).parent))
+    instrument = await connect(nats_url, name=f"bench-stamps-{name}", credentials=credential.service)
     agent = StampingAgent(nc, robot=name, token=token, work_dir=Path(work_dir) / name)
     agent.stamps = stamps
 
     async def report(msg: Msg) -> None:
         await msg.respond(json.dumps(stamps).encode())
 
-    await nc.subscribe(f"{STAMPS_SUBJECT}.{name}", cb=report)
+    await instrument.subscribe(f"{STAMPS_SUBJECT}.{name}", cb=report)
+    await sync(instrument)
     await agent.start()
-    await sync(nc)
     print(READY, flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
     await agent.stop(grace_s=2.0)
     await nc.close()
+    await instrument.close()
 
 
 # --- the caller ---
@@ -170,12 +207,22 @@ class Throughput:
 
 
 @dataclass
+class ConnectionSetup:
+    """From opening a connection through the fence to its first successful reply."""
+
+    connections: int
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
 class Result:
-    """Both measurements on one database."""
+    """The measurements on one database."""
 
     database: str
     dispatch: dict[str, Dispatch]  # by load: one job at a time, every robot busy
     throughput: Throughput
+    connect: dict[str, ConnectionSetup]  # by principal: a CLI client, a robot
 
 
 class Child:
@@ -349,16 +396,60 @@ async def measure_throughput(client: Client, watcher: Watcher, jobs: int, concur
     )
 
 
+async def measure_connect(nats_url: str, client: Client, admin: str, connections: int) -> dict[str, ConnectionSetup]:
+    """Open `connections` connections as a CLI client and as a robot, each to its first reply."""
+    added = await client.request(RobotAdd(name="bench-connect", type=RobotType.UNATTENDED, host="bench"))
+
+    async def cli() -> None:
+        nc = await connect(nats_url, name="bench-cli", credentials=Credentials(token=admin))
+        try:
+            await Client(nc, token=admin).request(WhoAmI())
+        finally:
+            await nc.close()
+
+    async def robot() -> None:
+        nc = await connect(nats_url, name="bench-robot-connect", credentials=Credentials(token=added.token))
+        try:
+            session = uuid.uuid4().hex[:16]
+            as_robot = Client(nc, token=added.token)
+            await as_robot.request(RobotConnect(robot="bench-connect", session=session))
+            await as_robot.request(RobotGoodbye(session=session))  # untimed: the connection is up
+        finally:
+            await nc.close()
+
+    found = {}
+    for principal, attempt in (("cli", cli), ("robot", robot)):
+        times = []
+        for _ in range(connections):
+            started = time.perf_counter_ns()
+            await attempt()
+            times.append(time.perf_counter_ns() - started)
+        times.sort()
+        found[principal] = ConnectionSetup(
+            connections=connections,
+            p50_ms=round(percentile(times, 0.5) / 1e6, 2),
+            p99_ms=round(percentile(times, 0.99) / 1e6, 2),
+        )
+    return found
+
+
 async def run_database(database: str, db_url: str, nats_url: str, root: Path, args: argparse.Namespace) -> Result:
     services, token = await Child.start("services", SERVICES_FLAG, nats_url, db_url, str(root / "services"))
     robot_children: list[Child] = []
-    nc = await connect(nats_url, name="bench-caller")
+    # The caller is a client, as an integrator would be; the benchmark watches events through a
+    # connection of its own.
+    nc = await connect(nats_url, name="bench-caller", credentials=Credentials(token=token))
+    instrument = await connect(
+        nats_url, name="bench-watcher", credentials=ServiceCredential.read(credential_file(root)).service
+    )
     try:
         client = Client(nc, token=token, timeout=30.0)
         tokens = await prepare(nc, client, root, args.robots, args.entry)
         watcher = Watcher()
-        await nc.subscribe(subjects.event(subjects.DEFAULT_TENANT, "jobs", "job_state_changed"), cb=watcher.on_event)
-        await sync(nc)
+        await instrument.subscribe(
+            subjects.event(subjects.DEFAULT_TENANT, "jobs", "job_state_changed"), cb=watcher.on_event
+        )
+        await sync(instrument)
         for name, robot_token in tokens.items():
             child, _ = await Child.start(
                 f"robot {name}",
@@ -375,7 +466,7 @@ async def run_database(database: str, db_url: str, nats_url: str, root: Path, ar
             sent, replies = await measure_dispatch(client, watcher, sorted(tokens), args.jobs, args.warmup, in_flight)
             stamps: dict[str, int] = {}
             for name in tokens:
-                stamps.update(json.loads((await nc.request(f"{STAMPS_SUBJECT}.{name}", b"", timeout=10)).data))
+                stamps.update(json.loads((await instrument.request(f"{STAMPS_SUBJECT}.{name}", b"", timeout=10)).data))
             latencies = sorted(stamps[job_id] - started for job_id, started in sent.items())
             p50, p99 = percentile(latencies, 0.5) / 1e6, percentile(latencies, 0.99) / 1e6
             dispatch[load] = Dispatch(
@@ -390,9 +481,11 @@ async def run_database(database: str, db_url: str, nats_url: str, root: Path, ar
                 reply_p99_ms=round(percentile(replies, 0.99) / 1e6, 2),
             )
         throughput = await measure_throughput(client, watcher, args.jobs, args.concurrency)
-        return Result(database=database, dispatch=dispatch, throughput=throughput)
+        connections = await measure_connect(nats_url, client, token, args.connections)
+        return Result(database=database, dispatch=dispatch, throughput=throughput, connect=connections)
     finally:
         await nc.close()
+        await instrument.close()
         await asyncio.gather(*(child.stop() for child in robot_children))
         await services.stop()
 
@@ -418,6 +511,7 @@ async def measure(args: argparse.Namespace, nats_url: str, root: Path) -> list[R
     for database in ("sqlite", "postgres") if args.db == "both" else (args.db,):
         folder = root / database
         folder.mkdir()
+        shutil.copy(credential_file(root), credential_file(folder))
         if database == "sqlite":
             results.append(await run_database(database, f"sqlite:///{folder / 'herder.db'}", nats_url, folder, args))
             continue
@@ -462,6 +556,14 @@ def render(results: list[Result], args: argparse.Namespace, env: dict[str, Any])
             f"  {result.database:<9} {t.jobs_per_s:>8.1f} {t.seconds:>8.1f} {t.job_p50_ms:>6.0f} ms "
             f"{t.job_p99_ms:>6.0f} ms {t.failed:>7}"
         )
+    lines += [
+        "",
+        f"  connection set-up through the fence, to the first reply ({args.connections} connections each)",
+        f"  {'database':<9} {'principal':<10} {'p50':>9} {'p99':>9}",
+    ]
+    for result in results:
+        for principal, c in result.connect.items():
+            lines.append(f"  {result.database:<9} {principal:<10} {c.p50_ms:>6.2f} ms {c.p99_ms:>6.2f} ms")
     lines.append("")
     for result in results:
         for load, d in result.dispatch.items():
@@ -484,8 +586,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="callers creating jobs at once (%(default)s)"
     )
     parser.add_argument("--entry", choices=("command", "python"), default="command", help="the no-op (%(default)s)")
+    parser.add_argument(
+        "--connections", type=int, default=DEFAULT_CONNECTIONS, help="connections timed per principal (%(default)s)"
+    )
     args = parser.parse_args(argv)
-    for option in ("jobs", "robots", "concurrency"):
+    for option in ("jobs", "robots", "concurrency", "connections"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1")
     if args.warmup < 0:
@@ -504,7 +609,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="herder-bench-") as folder:
         root = Path(folder)
-        server = EmbeddedNats(root / "nats")
+        credential = ServiceCredential.generate()
+        credential.write(credential_file(root))
+        server = EmbeddedNats(root / "nats", credential=credential)
         nats_url = server.start()
         try:
             results = asyncio.run(measure(args, nats_url, root))
@@ -515,7 +622,9 @@ def main(argv: list[str]) -> int:
         document = {
             "benchmark": "job_dispatch",
             "targets": {"dispatch_p50_ms": TARGET_P50_MS, "dispatch_p99_ms": TARGET_P99_MS},
-            "config": {k: getattr(args, k) for k in ("jobs", "robots", "warmup", "concurrency", "entry")},
+            "config": {
+                k: getattr(args, k) for k in ("jobs", "robots", "warmup", "concurrency", "entry", "connections")
+            },
             "environment": env,
             "results": {result.database: asdict(result) for result in results},
         }

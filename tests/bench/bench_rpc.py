@@ -12,6 +12,12 @@ serves on it, over one connection:
   called with a plain `nc.request(subject, payload)`, where the payload is `codec.dump` of the
   very request the herder caller sends.
 
+The caller connects as a client with its own token, admitted through the auth callout (which the
+child answers, as herder's auth service does), so every message passes the fence's permission
+checks in nats-server; the child connects with the stack's service credential. The whole run is
+made twice in one go: on a fenced server, then on a plain one without authorization (possible for
+this benchmark only: herder's services refuse such a server), to show what the fence costs.
+
 The parent process is the caller: one caller in sequence, then CONCURRENCY concurrent callers.
 Both sides run in alternating rounds so that drift on the machine hits them alike. It prints
 p50/p99 latency (microseconds), requests per second, the CPU time the caller and the responder
@@ -35,23 +41,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 from benchlib import environment, percentile
 
 from herder.client import logs
-from herder.client.connection import connect, sync
+from herder.client.connection import Credentials, connect, sync
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Principal, PrincipalKind, Role
 from herder.protocol.messages import Model, Request
+from herder.services.auth.callout import Callout
 from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_event_stream
+from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import EventPublisher
 from herder.services.common.natsserver import EmbeddedNats
 from herder.services.common.runtime import RequestContext, Runtime, Service, ServiceRunner, endpoint
 from herder.services.common.tokens import TokenResolver, new_secret, token_hash
 
 TARGET_P50_RATIO = 1.5
-RAW_SUBJECT = "bench.raw.noop"
-CPU_SUBJECT = "bench.responder.cpu"  # the responder process answers with its CPU time
+# The fence's ceiling on what it may add to herder's p50.
+FENCE_P50_BUDGET = 0.05
+# Where a client of the default tenant may send requests: the raw responders live there too.
+RAW_SUBJECT = "hd.default.svc.bench.raw"
+CPU_SUBJECT = "hd.default.svc.bench.cpu"  # the responder process answers with its CPU time
 READY = "bench-responders-ready"
 CHILD_START_TIMEOUT_S = 30.0
 SERVE_FLAG = "--serve"  # hidden: runs the responders, in the child process
@@ -103,12 +115,15 @@ def bench_request() -> NoopRequest:
 # --- the child: both responders on one connection ---
 
 
-async def serve(url: str) -> None:
-    """Run the herder service and the raw responder until stdin closes."""
-    nc = await connect(url, name="bench-responders")
+async def serve(url: str, credential_file: str) -> None:
+    """Run the herder service, the raw responder and the auth callout until stdin closes."""
+    credential = ServiceCredential.read(Path(credential_file))
+    nc = await connect(url, name="bench-responders", credentials=credential.service)
     js = nc.jetstream()
     tokens = TokenResolver(await ensure_bucket(js, subjects.TOKENS_BUCKET, JetStreamSettings()))
     await tokens.start()
+    callout = Callout(nc, tokens, credential, structlog.get_logger("bench"))
+    await callout.start()
     runtime = Runtime(nc=nc, js=js, engine=None, tokens=tokens, events=EventPublisher(js, None))
     runner = ServiceRunner(BenchService(runtime))
     await runner.start()
@@ -127,6 +142,7 @@ async def serve(url: str) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)  # the parent closes stdin to stop us
     await raw.unsubscribe()
+    await callout.stop()
     await runner.stop(timeout=2.0)
     await tokens.stop()
     await nc.drain()
@@ -240,13 +256,14 @@ async def scenario(
     )
 
 
-async def start_child(url: str) -> asyncio.subprocess.Process:
+async def start_child(url: str, credential_file: Path) -> asyncio.subprocess.Process:
     """Start the responders in a child process running this script, and wait until they serve."""
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         str(SCRIPT),
         SERVE_FLAG,
         url,
+        str(credential_file),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -276,10 +293,11 @@ async def stop_child(child: asyncio.subprocess.Process) -> None:
         await child.wait()
 
 
-async def measure(url: str, args: argparse.Namespace) -> dict[str, Comparison]:
-    nc = await connect(url, name="bench-callers")
+async def measure(url: str, credential_file: Path, args: argparse.Namespace) -> dict[str, Comparison]:
+    credential = ServiceCredential.read(credential_file)
+    setup = await connect(url, name="bench-setup", credentials=credential.service)
     try:
-        js = nc.jetstream()
+        js = setup.jetstream()
         await ensure_event_stream(js, subjects.DEFAULT_TENANT, JetStreamSettings())
         kv = await ensure_bucket(js, subjects.TOKENS_BUCKET, JetStreamSettings())
         secret = new_secret()
@@ -291,8 +309,12 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Comparison]:
             permissions=frozenset({"*"}),
         )
         await kv.put(token_hash(secret), codec.dump(principal))
-
-        child = await start_child(url)
+    finally:
+        await setup.drain()
+    child = await start_child(url, credential_file)
+    try:
+        # The caller is a client: admitted by the callout, fenced by the server.
+        nc = await connect(url, name="bench-callers", credentials=Credentials(token=secret))
         try:
             client = Client(nc, token=secret)
             request = bench_request()
@@ -321,15 +343,15 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Comparison]:
                 ),
             }
         finally:
-            await stop_child(child)
+            await nc.drain()
     finally:
-        await nc.drain()
+        await stop_child(child)
     return results
 
 
 def render(results: dict[str, Comparison], args: argparse.Namespace, env: dict[str, Any], payload: int) -> str:
     lines = [
-        "RPC round trip: herder runtime vs raw nats-py request/reply",
+        "RPC round trip: herder runtime vs raw nats-py request/reply, through the fence",
         f"  payload {payload} B msgpack; responders in a child process; warmup {args.warmup}/side; "
         f"{args.rounds} alternating rounds",
         f"  Python {env['python']}, nats-py {env['nats_py']}, {env['nats_server']}, {env['cpus']} CPUs",
@@ -384,19 +406,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def fence_cost(fenced: dict[str, Comparison], plain: dict[str, Comparison]) -> dict[str, dict[str, float]]:
+    """What the fence adds to herder's p50 in each scenario: both p50s and the relative change."""
+    return {
+        name: {
+            "fenced_p50_us": fenced[name].herder.p50_us,
+            "plain_p50_us": plain[name].herder.p50_us,
+            "change": fenced[name].herder.p50_us / plain[name].herder.p50_us - 1,
+        }
+        for name in fenced
+    }
+
+
+def render_cost(cost: dict[str, dict[str, float]]) -> str:
+    lines = ["", "The fence's cost: herder's p50 on a fenced server against a plain one, same run"]
+    for name, figures_ in cost.items():
+        verdict = "within" if figures_["change"] <= FENCE_P50_BUDGET else "OVER"
+        lines.append(
+            f"  {name:<12} fenced {figures_['fenced_p50_us']:>6.0f} µs   plain {figures_['plain_p50_us']:>6.0f} µs   "
+            f"{figures_['change']:+.1%} ({verdict} the {FENCE_P50_BUDGET:.0%} budget)"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     logs.configure(level="warning")
     if argv[:1] == [SERVE_FLAG]:
-        asyncio.run(serve(argv[1]))
+        asyncio.run(serve(argv[1], argv[2]))
         return 0
     args = parse_args(argv)
+    runs: dict[str, dict[str, Comparison]] = {}
     with tempfile.TemporaryDirectory(prefix="herder-bench-") as store:
-        server = EmbeddedNats(Path(store))
-        url = server.start()
-        try:
-            results = asyncio.run(measure(url, args))
-        finally:
-            server.stop()
+        credential_file = Path(store) / "service-credential.json"
+        credential = ServiceCredential.generate()
+        credential.write(credential_file)
+        for name, fence in (("fenced", credential), ("plain", None)):
+            server = EmbeddedNats(Path(store) / name, credential=fence)
+            url = server.start()
+            try:
+                runs[name] = asyncio.run(measure(url, credential_file, args))
+            finally:
+                server.stop()
+    results = runs["fenced"]
+    cost = fence_cost(results, runs["plain"])
     env = environment()
     payload = len(codec.dump(bench_request()))
     if args.json:
@@ -404,6 +456,8 @@ def main(argv: list[str]) -> int:
             "benchmark": "rpc_round_trip",
             "target_p50_ratio": TARGET_P50_RATIO,
             "target_met": all(result.target_met for result in results.values()),
+            "fence_p50_budget": FENCE_P50_BUDGET,
+            "fence_cost": cost,
             "payload_bytes": payload,
             "config": {
                 "requests": args.requests,
@@ -414,10 +468,11 @@ def main(argv: list[str]) -> int:
             },
             "environment": env,
             "results": {name: asdict(result) for name, result in results.items()},
+            "plain_results": {name: asdict(result) for name, result in runs["plain"].items()},
         }
         print(json.dumps(document, indent=2))
     else:
-        print(render(results, args, env, payload))
+        print(render(results, args, env, payload) + render_cost(cost))
     return 0
 
 

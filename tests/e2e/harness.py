@@ -86,13 +86,14 @@ class Up:
 
 
 @contextmanager
-def running_up(folder: Path) -> Iterator[Up]:
-    """`herder up` on a free port with its data in `folder`, ready; stopped (SIGTERM) afterwards."""
+def running_up(folder: Path, *options: str) -> Iterator[Up]:
+    """`herder up` on a free port with its data in `folder` (and `options`), ready; stopped (SIGTERM)
+    afterwards."""
     data_dir = folder / "stack"
     log = folder / "up.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [HERDER, "up", "--data-dir", str(data_dir), "--port", "0", "--log-format", "json"],
+            [HERDER, "up", "--data-dir", str(data_dir), "--port", "0", "--log-format", "json", *options],
             stdout=output,
             stderr=subprocess.STDOUT,
         )

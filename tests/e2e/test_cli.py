@@ -110,11 +110,12 @@ def test_a_bad_database_url_fails_in_one_line_and_leaves_no_server(tmp_path: Pat
 
 def test_service_run_with_unreachable_nats_or_unknown_service(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'h.db'}"
-    assert_one_line_error(
-        herder("service", "run", "auth", "--nats", "nats://127.0.0.1:1", "--db", db, "--log-format", "json"),
-        "cannot reach NATS",
-        logs=True,
-    )
+    credential = tmp_path / "credential.json"
+    without = ["service", "run", "auth", "--nats", "nats://127.0.0.1:1", "--db", db, "--log-format", "json"]
+    assert_one_line_error(herder(*without, "--credential", str(credential)), "no service credential", "fence init")
+    assert herder("fence", "init", "--out", str(credential)).returncode == 0
+    assert credential.stat().st_mode & 0o777 == 0o600
+    assert_one_line_error(herder(*without, "--credential", str(credential)), "cannot reach NATS", logs=True)
     assert_one_line_error(
         herder("service", "run", "nope", "--nats", "nats://127.0.0.1:1", "--db", db), "unknown service nope"
     )

@@ -484,8 +484,9 @@ async def test_a_corrupted_package_is_never_run(lite: Fleet) -> None:
     await lite.run_robot("r1")
     marker = lite.root / "marker"
     version = await lite.publish(python_process(lite.root, "record", RECORD))
-    # Someone swaps the stored archive for other bytes under the same name.
-    store = await lite.nc.jetstream().object_store(subjects.packages_bucket("default"))
+    # Someone who can write JetStream directly (a service) swaps the stored archive for other bytes.
+    assert lite.host.nc is not None
+    store = await lite.host.nc.jetstream().object_store(subjects.packages_bucket("default"))
     await store.put(version.sha256, b"not the package that was published")
     job = await lite.client.request(JobStart(process="record", robot="r1", input={"marker": str(marker)}))
     faulted = await lite.wait_job(job.id, JobState.FAULTED)

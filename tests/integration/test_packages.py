@@ -53,8 +53,10 @@ def process_folder(root: Path, name: str = "hello", version: str = "1.0.0", gree
 
 
 async def upload(stack: Stack, data: bytes, *, as_sha256: str | None = None) -> str:
-    """Put `data` in the packages object store, under its own sha256 (or under `as_sha256`); return that."""
-    store = await stack.nc.jetstream().object_store(subjects.packages_bucket("default"))
+    """Put `data` in the packages object store, under its own sha256 (or under `as_sha256`, which only a
+    service may do to an archive that is there already); return that."""
+    assert stack.host.nc is not None
+    store = await stack.host.nc.jetstream().object_store(subjects.packages_bucket("default"))
     sha256 = as_sha256 or sha256_hex(data)
     await store.put(sha256, data)
     return sha256
@@ -116,7 +118,8 @@ async def test_publish_list_versions_and_resolve(stack: Stack, tmp_path: Path) -
     assert (pinned.version, pinned.sha256, pinned.size) == ("1.9.0", first.sha256, first.size)
 
     # What resolve names is what a robot fetches: the archive, intact.
-    store = await stack.nc.jetstream().object_store(subjects.packages_bucket("default"))
+    assert stack.host.nc is not None
+    store = await stack.host.nc.jetstream().object_store(subjects.packages_bucket("default"))
     fetched = await store.get(pinned.object)
     assert fetched.data is not None and sha256_hex(fetched.data) == pinned.sha256
     unpack(fetched.data, tmp_path / "unpacked")

@@ -43,7 +43,14 @@ INTERVAL_S = 0.2
 @pytest.fixture
 async def fleet(nats_url: str, db_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Fleet]:
     async with running_fleet(nats_url, db_url, tmp_path, credential, services=(AuthService, RegistryService)) as fleet:
-        yield fleet
+        try:
+            yield fleet
+        finally:
+            while _AGENTS:
+                await _AGENTS.pop().close()
+
+
+_AGENTS: list[FakeAgent] = []
 
 
 class FakeAgent:
@@ -56,6 +63,7 @@ class FakeAgent:
         self.token = token
         self.session = session
         self._nc: NATS | None = None
+        _AGENTS.append(self)  # closed with the fleet
 
     async def _connection(self) -> NATS:
         if self._nc is None:
@@ -79,6 +87,7 @@ class FakeAgent:
     async def close(self) -> None:
         if self._nc is not None:
             await self._nc.close()
+            self._nc = None
 
 
 async def status_events(fleet: Fleet, robot: str) -> list[tuple[str, str]]:

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from nats.aio.client import Client as NATS
 
 from herder.client import discovery
+from herder.client.connection import sync
+from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Role, TokenCreate, WhoAmI
 from herder.protocol.codec import Header
@@ -264,9 +267,13 @@ async def test_a_role_without_the_permission_is_forbidden(stack: Stack, probe: S
     await stack.client.request(Guarded())
 
 
-async def test_a_token_is_fenced_to_its_tenant(stack: Stack, probe: ServiceRunner) -> None:
+async def test_a_token_is_fenced_to_its_tenant(stack: Stack, probe: ServiceRunner, nc: NATS) -> None:
+    # The bus refuses a client's request to another tenant's services: it reaches nobody...
+    with pytest.raises(Forbidden, match=r"the bus refused .*hd\.acme\.svc\.probe\.echo"):
+        await stack.client_with(stack.admin_token, tenant="acme").request(Echo(text="x"), timeout=1)
+    # ... and a service holds the same line for a request that gets there anyway.
     with pytest.raises(Forbidden, match="tenant 'default', not 'acme'"):
-        await stack.client_with(stack.admin_token, tenant="acme").request(Echo(text="x"))
+        await Client(nc, token=stack.admin_token, tenant="acme").request(Echo(text="x"))
 
 
 async def test_no_service_means_unavailable_naming_the_subject(stack: Stack) -> None:
@@ -274,8 +281,9 @@ async def test_no_service_means_unavailable_naming_the_subject(stack: Stack) -> 
         await stack.client.request(Ghost())
 
 
-async def test_a_silent_service_times_out_as_unavailable(stack: Stack) -> None:
-    await stack.nc.subscribe(subjects.service("default", "ghost", "nothing"), cb=_ignore)
+async def test_a_silent_service_times_out_as_unavailable(stack: Stack, nc: NATS) -> None:
+    await nc.subscribe(subjects.service("default", "ghost", "nothing"), cb=_ignore)
+    await sync(nc)
     with pytest.raises(Unavailable, match=r"no reply from hd\.default\.svc\.ghost\.nothing within 0\.2 s"):
         await stack.client.request(Ghost(), timeout=0.2)
 
