@@ -8,7 +8,7 @@ whatever the system store trusts. The folder holds:
 
     ca.crt       the CA certificate (public; every bundle carries a copy)
     ca.key       the CA's private key (0600): whoever holds it can impersonate this stack
-    server.crt   nats-server's certificate, signed by the CA (`tls { cert_file }`)
+    server.crt   nats-server's certificate, signed by the CA (`tls { cert_file }`; on a cluster, the routes' too)
     server.key   its private key (0600) (`tls { key_file }`)
 
 The server certificate looks after itself: it is issued again on start when it expires within
@@ -284,7 +284,10 @@ def _issue_server_certificate(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # clientAuth too: cluster nodes present this certificate to each other on the mutual-TLS routes.
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)

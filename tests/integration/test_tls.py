@@ -186,7 +186,8 @@ def test_the_server_certificate_is_kept_until_it_must_change(
     assert first.ca_file == ca.cert_file
     first.certificate.verify_directly_issued_by(ca.certificate)
     usage = first.certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    # Both: the nodes of a cluster present it to each other on the mutual-TLS routes.
+    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
 
     kept = ensure_server_certificate(folder, ca, dns_names=["TS-01.example."], ip_addresses=["127.0.0.1"])
     assert kept.certificate == first.certificate
