@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import platformdirs
 import typer
@@ -222,9 +222,10 @@ def _given_token(token_file: Path | None) -> tuple[str | None, str]:
 
 
 @asynccontextmanager
-async def connected(target: Target, name: str, *, refused: str | None = None) -> AsyncIterator[NATS]:
+async def connected(target: Target, name: str, *, refused: str | None = None, **options: Any) -> AsyncIterator[NATS]:
     """A connection to the stack as the target's principal, closed afterwards; one line when that fails
-    (`refused` says what to make of a refused token, when the caller knows better)."""
+    (`refused` says what to make of a refused token, when the caller knows better; `options` go to
+    `client.connection.connect`)."""
     if not target.token:
         why = await reachable(target.nats_url)
         if why is not None:
@@ -235,7 +236,7 @@ async def connected(target: Target, name: str, *, refused: str | None = None) ->
         )
     try:
         nc = await connect(
-            target.nats_url, name=name, credentials=Credentials(token=target.token), ca_pem=target.ca_pem
+            target.nats_url, name=name, credentials=Credentials(token=target.token), ca_pem=target.ca_pem, **options
         )
     except Unreachable as exc:
         raise SetupError(f"herder is not running at {target.where}: {exc.reason}; start it with 'herder up'") from None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -40,6 +41,32 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     """Print `herder: <message>` on stderr and exit with `code`."""
     _say(message)
     raise typer.Exit(code)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+}
+
+
+def parse_size(text: str, *, what: str) -> int:
+    """`500MiB`, `2GiB`, `1.5GB`, `1048576`: a size in bytes, or one line saying how to write it."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        fail(f"{what} {text!r} is not a size; write it like 500MiB or 2GiB", EXIT_USAGE)
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        fail(f"{what} must be at least 1 byte", EXIT_USAGE)
+    return size
 
 
 def check_new_file(path: Path, what: str) -> None:

@@ -29,8 +29,9 @@ from herder.cli.context import (
     read_token_file,
     resolve,
 )
-from herder.cli.output import ago, check_new_file, fail, print_json, print_table, run, when
+from herder.cli.output import ago, check_new_file, fail, parse_size, print_json, print_table, run, when
 from herder.client import logs
+from herder.client.backoff import backoff
 from herder.client.bundle import Bundle, read_bundle, write_bundle
 from herder.client.errors import SetupError
 from herder.protocol.errors import Unauthenticated
@@ -267,8 +268,18 @@ def run_robot(
     ] = DEFAULT_HEARTBEAT_INTERVAL_S,
     work_dir: Annotated[
         Path | None,
-        typer.Option("--work-dir", help="Where the robot keeps its package cache and job folders."),
+        typer.Option(
+            "--work-dir",
+            help="Where the robot keeps its package cache, job folders and the spool of what it could not deliver yet.",
+        ),
     ] = None,
+    max_package_size: Annotated[
+        str,
+        typer.Option(
+            "--max-package-size",
+            help="The most a package may unpack to on this robot (e.g. 500MiB, 2GiB); a larger one faults its job.",
+        ),
+    ] = "1GiB",
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
@@ -284,9 +295,10 @@ def run_robot(
     with one line saying so, and a non-zero exit.
     """
     logs.configure(log_level, log_format)
+    limit = parse_size(max_package_size, what="--max-package-size")
     target = _robot_target(name, bundle, token_file, data_dir, url)
     folder = work_dir or Path(platformdirs.user_cache_dir("herder")) / "robots" / name
-    run(lambda: _run(target, name, folder.expanduser().resolve(), heartbeat))
+    run(lambda: _run(target, name, folder.expanduser().resolve(), heartbeat, limit))
 
 
 def _robot_target(
@@ -321,7 +333,7 @@ def _robot_target(
     )
 
 
-async def _run(target: Target, name: str, work_dir: Path, heartbeat: float) -> None:
+async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int) -> None:
     from herder.robot.agent import RobotAgent
 
     assert target.token is not None
@@ -334,10 +346,33 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float) -> N
         "not its own, or no auth service is running; give the bundle or token 'herder robot add' made for it "
         f"with --bundle FILE, --token-file FILE or {ENV_ROBOT_TOKEN}"
     )
-    async with connected(target, f"herder-robot-{name}", refused=refused) as nc:
+    # The agent hears of its connection's losses and returns; it exists once the connection does.
+    made: list[RobotAgent] = []
+
+    async def lost() -> None:
+        if made:
+            await made[0].connection_lost()
+
+    async def back() -> None:
+        if made:
+            await made[0].connection_back()
+
+    def pace(attempt: int) -> float:
+        return made[0].reconnect_delay(attempt) if made else backoff(attempt, base_s=0.25, max_s=30.0)
+
+    async with connected(
+        target, f"herder-robot-{name}", refused=refused, on_disconnected=lost, on_reconnected=back, reconnect_delay=pace
+    ) as nc:
         agent = RobotAgent(
-            nc, robot=name, token=target.token, tenant=target.tenant, work_dir=work_dir, heartbeat_interval_s=heartbeat
+            nc,
+            robot=name,
+            token=target.token,
+            tenant=target.tenant,
+            work_dir=work_dir,
+            heartbeat_interval_s=heartbeat,
+            max_package_bytes=max_package_bytes,
         )
+        made.append(agent)
         try:
             info = await agent.start()
         except Unauthenticated:

@@ -17,7 +17,9 @@ import contextlib
 import ssl
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
@@ -120,6 +122,9 @@ async def connect(
     credentials: Credentials,
     ca_pem: str | None = None,
     max_reconnect_attempts: int = -1,
+    on_disconnected: Callable[[], Awaitable[None]] | None = None,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    reconnect_delay: Callable[[int], float] | None = None,
 ) -> NATS:
     """Connect to NATS at `url` as the principal `credentials` name, or raise `SetupError` saying why not.
 
@@ -127,6 +132,10 @@ async def connect(
     `url` refuses the connection, and after CONNECT_TIMEOUT_S otherwise; once connected, the
     client reconnects for as long as it lives (a cluster URL may list several servers). With
     `ca_pem`, the server must present a certificate of that CA (URLs then start with tls://).
+
+    `on_disconnected` and `on_reconnected` are told when the connection is lost and back (their
+    failures are logged, never raised into nats-py); `reconnect_delay(n)` is the pause before the
+    n-th attempt in a row to get it back (a fleet should spread its attempts: see `client.backoff`).
     """
     servers = [server.strip() for server in url.split(",")]
     for server in servers:
@@ -165,6 +174,9 @@ async def connect(
             password=credentials.password,
             inbox_prefix=credentials.inbox_prefix,
             tls=tls,
+            disconnected_cb=_guarded(on_disconnected, "disconnected"),
+            reconnected_cb=_guarded(on_reconnected, "reconnected"),
+            reconnect_to_server_handler=_paced(reconnect_delay) if reconnect_delay is not None else None,
         )
     )
     verdict = asyncio.ensure_future(hopeless.wait())
@@ -221,6 +233,35 @@ async def reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
             return None
         why = why if not greeting else "what answers there is not a NATS server"
     return why
+
+
+def _guarded(
+    callback: Callable[[], Awaitable[None]] | None, what: str
+) -> Callable[[], Coroutine[Any, Any, None]] | None:
+    if callback is None:
+        return None
+
+    async def call() -> None:
+        try:
+            await callback()
+        except Exception:
+            log.exception("connection.callback_failed", callback=what)
+
+    return call
+
+
+def _paced(delay: Callable[[int], float]) -> Callable[[list[Any], dict[str, Any]], tuple[Any, float]]:
+    """A nats-py server-selection hook that waits `delay(n)` before the n-th attempt in a row (the count
+    starts over once an attempt got through: nats-py resets a server's `reconnects` then)."""
+    turn = {"server": 0}
+
+    def choose(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        server = servers[turn["server"] % len(servers)]
+        turn["server"] += 1
+        attempt = max(int(getattr(server, "reconnects", 0)), 0) + 1
+        return server, delay(attempt)
+
+    return choose
 
 
 def _as_tls(server: str) -> str:

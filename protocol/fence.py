@@ -40,6 +40,7 @@ ROBOT_VERBS: tuple[tuple[str, str], ...] = (
     ("registry", "robot_connect"),
     ("registry", "robot_goodbye"),
     ("jobs", "report"),
+    ("jobs", "resume"),
 )
 
 # The NATS service API's discovery subjects: a client may ask who serves what (`herder status`).

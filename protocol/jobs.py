@@ -38,6 +38,11 @@ JobIdOrPrefix = Annotated[
 ]
 
 DEFAULT_KILL_GRACE_S = 10.0
+# A re-queued job waits this long for a robot that lost contact to come back before it runs again
+# elsewhere: well beyond an orchestrator restart or a network blip, so that the work never runs twice.
+DEFAULT_LOST_AFTER_S = 600.0
+MIN_LOST_AFTER_S = 0.5
+MAX_LOST_AFTER_S = 7 * 24 * 3600.0
 # A job's input and output, as UTF-8 JSON (see protocol/values.py); the robot SDK keeps its own copy
 # of the output limit (MAX_OUTPUT_BYTES there), being standard library only.
 MAX_INPUT_BYTES = MAX_VALUE_BYTES
@@ -92,10 +97,15 @@ _RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
 
 
 class OnRobotLost(StrEnum):
-    """What becomes of a running job whose robot stops answering."""
+    """What becomes of a running job whose robot stops answering.
 
-    FAULT = "fault"  # the job is Faulted with "robot lost"
-    REQUEUE = "requeue"  # the job goes back to Pending and runs again, with a new attempt
+    `fault` ends it Faulted "robot lost" at once; should the robot report on it later (it was cut
+    off, not dead), that report is the outcome. `requeue` runs it again with a new attempt, but only
+    once herder knows the first attempt is not running: the robot came back and said so, or it has
+    been gone longer than the job's `lost_after_s`."""
+
+    FAULT = "fault"
+    REQUEUE = "requeue"
 
 
 class JobInfo(Model):
@@ -119,6 +129,8 @@ class JobInfo(Model):
     timeout_s: float | None = None
     kill_grace_s: float = DEFAULT_KILL_GRACE_S
     on_robot_lost: OnRobotLost = OnRobotLost.FAULT
+    lost_after_s: float = DEFAULT_LOST_AFTER_S
+    lost_at: datetime | None = None  # when herder lost contact with the robot running it
     created_at: datetime
     created_by: str | None = None
     started_at: datetime | None = None
@@ -140,6 +152,7 @@ class JobStart(Request[JobInfo]):
     timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     kill_grace_s: float = Field(DEFAULT_KILL_GRACE_S, ge=0, le=3600)
     on_robot_lost: OnRobotLost = OnRobotLost.FAULT
+    lost_after_s: float = Field(DEFAULT_LOST_AFTER_S, ge=MIN_LOST_AFTER_S, le=MAX_LOST_AFTER_S)
 
     @model_validator(mode="after")
     def _one_target(self) -> JobStart:
@@ -155,7 +168,8 @@ class JobList(Model):
 
 
 class JobListRequest(Request[JobList]):
-    """List jobs, newest first: all, or those in some states, of a process or on a robot."""
+    """List jobs, newest first: all, or those in some states, of a process, of a robot (that ran there
+    or are aimed at it), or aimed at a group."""
 
     service = SERVICE
     verb = "list"
@@ -163,6 +177,7 @@ class JobListRequest(Request[JobList]):
     states: list[JobState] = Field(default_factory=list)
     process: ProcessName | None = None
     robot: Name | None = None
+    group: Name | None = None
     limit: int = Field(100, ge=1, le=1000)
 
 
@@ -218,6 +233,29 @@ class JobReport(Request[JobInfo]):
     exit_code: int | None = None
 
 
+class JobResumed(Model):
+    """The reply to `resume`: whether the robot should go on with the run it has."""
+
+    keep_running: bool
+    state: JobState | None = None  # the job's state here, when the robot named one
+    reason: str = ""
+
+
+class JobResume(Request[JobResumed]):
+    """A robot back after it was cut off (or frozen) says what it runs now, if anything (robot token).
+
+    herder answers whether to go on: a job it ended while the robot was away is killed there, and a
+    re-queued job that waited for the robot to come back either goes on (the robot still runs it) or
+    runs again elsewhere at once (it does not)."""
+
+    service = SERVICE
+    verb = "resume"
+
+    session: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    job_id: JobId | None = None
+    attempt: int | None = Field(None, ge=1)
+
+
 # --- commands to robots, on hd.<tenant>.cmd.<host>.<robot> ---
 
 
@@ -244,13 +282,15 @@ class StopCommand(Model):
 
 
 class KillCommand(Model):
-    """Hard-stop a job: SIGTERM to its process group, SIGKILL after `grace_s`."""
+    """Hard-stop a job: SIGTERM to its process group, SIGKILL after `grace_s`. An `orphan` is a run
+    herder ended without the robot (it was thought lost): killed, and not reported."""
 
     kind: Literal["kill"] = "kill"
     job_id: str
     attempt: int
     session: str
     grace_s: float = DEFAULT_KILL_GRACE_S
+    orphan: bool = False
 
 
 class Command(Model):
@@ -324,6 +364,20 @@ class JobCreatedEvent(EventData):
     target_group: str | None = None
 
 
+class JobOutcomeCorrectedEvent(EventData):
+    """A robot's late report replaced the outcome herder had recorded without it ("robot lost")."""
+
+    event_type: ClassVar[str] = "jobs.job_outcome_corrected"
+
+    job_id: str
+    process: str
+    state: JobState
+    previous: JobState
+    robot: str | None = None
+    attempt: int = 0
+    reason: str = ""
+
+
 class JobStateChangedEvent(EventData):
     """A job changed state."""
 
@@ -357,8 +411,11 @@ __all__ = [
     "JobKill",
     "JobList",
     "JobListRequest",
+    "JobOutcomeCorrectedEvent",
     "JobOutput",
     "JobReport",
+    "JobResume",
+    "JobResumed",
     "JobShow",
     "JobStart",
     "JobState",

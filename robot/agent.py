@@ -14,13 +14,24 @@ One agent runs one robot, one job at a time:
 Every command is acknowledged; a repeated command (same job and attempt) is acknowledged again
 without acting twice. Commands meant for another session of the same robot are ignored: only the
 agent that connected last runs the robot's jobs.
+
+Outages are normal. The agent's reports and log lines go through an on-disk spool (`robot.spool`),
+delivered by one task in the order they were made, and exactly once (reports by attempt, log lines
+by `Nats-Msg-Id`); while NATS is away the job goes on and the spool fills, and a restarted agent
+delivers what its last run left there. The agent says at once that it was cut off, retries with a
+jittered backoff (so that a fleet does not reconnect in lockstep), heartbeats as soon as it is back,
+and asks herder whether to go on with its run (`jobs.resume`): a job herder ended meanwhile is killed
+at once. It asks the same after a freeze (its clock jumped: the process was stopped or the machine
+slept).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,15 +41,21 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import ValidationError
 
+from herder.client.backoff import backoff
 from herder.client.requests import Client
+from herder.client.tasks import Supervisor
+from herder.packaging.archive import MAX_UNPACKED_BYTES
 from herder.protocol import codec, subjects
 from herder.protocol.codec import Header
 from herder.protocol.errors import BadRequest, Conflict, HerderError, Unavailable
 from herder.protocol.jobs import (
+    MAX_REPORT_ERROR_CHARS,
     Command,
     CommandAck,
     JobReport,
+    JobResume,
     KillCommand,
     LogLevel,
     LogRecord,
@@ -57,15 +74,25 @@ from herder.protocol.registry import (
     RobotInfo,
 )
 from herder.protocol.version import VERSION
-from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch
+from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch, PackageTooLarge
 from herder.robot.runner import JobProcess, LogLine, RunnerError, RunResult, RunSpec
+from herder.robot.spool import Entry, Kind, Spool
 
-REPORT_RETRY_S = 1.0
-REPORT_RETRY_MAX_S = 15.0
-LOG_PUBLISH_STALL_S = 10.0
+DELIVERY_RETRY_S = 0.5
+DELIVERY_RETRY_MAX_S = 15.0
+RECONNECT_BASE_S = 0.25
+RECONNECT_MAX_S = 30.0
+LOG_PUBLISH_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
+# How long a clean shutdown waits for the spool to empty before leaving the rest to the next start.
+SHUTDOWN_DRAIN_S = 15.0
 # How long after a job the robot waits for its next one before it heartbeats that it is idle.
 IDLE_BEAT_DELAY_S = 0.25
+# A heartbeat this many intervals late means the process was frozen (SIGSTOP, a sleeping laptop).
+FROZEN_INTERVALS = 3
+SPOOL_DIR = "spool"
+# A run herder ended while the robot was away is killed at once: its outcome no longer counts.
+ORPHAN_GRACE_S = 0.0
 
 log = structlog.get_logger("herder.robot")
 
@@ -80,6 +107,9 @@ class JobRun:
     kill_grace_s: float | None = None  # set once a hard stop is asked
     kill_sent: bool = False
     killed_because: str = ""
+    # herder ended the job while the robot was away: it is killed, and its end is not reported.
+    orphaned: bool = False
+    orphaned_because: str = ""
     task: asyncio.Task[None] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -90,7 +120,11 @@ class JobRun:
 
 
 class RobotAgent:
-    """Runs one robot: its session, heartbeats, commands, jobs and reports."""
+    """Runs one robot: its session, heartbeats, commands, jobs and reports.
+
+    Give the connection's events to `connection_lost` and `connection_back` (and pace its reconnects
+    with `reconnect_delay`); `connect_options` returns all three for `client.connection.connect`.
+    """
 
     def __init__(
         self,
@@ -101,6 +135,7 @@ class RobotAgent:
         tenant: str = subjects.DEFAULT_TENANT,
         work_dir: Path,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        max_package_bytes: int = MAX_UNPACKED_BYTES,
     ) -> None:
         self.nc = nc
         self.robot = subjects.check_token(robot, "robot")
@@ -110,26 +145,35 @@ class RobotAgent:
         self.session = new_id()[:16]
         self.info: RobotInfo | None = None
         self.current: JobRun | None = None
-        self._token = token
         self._client = Client(nc, token=token, tenant=tenant)
-        self._cache = PackageCache(work_dir / "packages", nc.jetstream(), tenant)
+        self._js = nc.jetstream()
+        self._cache = PackageCache(work_dir / "packages", self._js, tenant, max_unpacked_bytes=max_package_bytes)
         self._subscription: Subscription | None = None
         self._beat_now = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Reports go out one at a time, in order: a job's "terminating" before its end.
-        self._reports: asyncio.Queue[JobReport] = asyncio.Queue()
-        self._heartbeats: asyncio.Task[None] | None = None
-        self._reporter: asyncio.Task[None] | None = None
+        self._spool: Spool | None = None
+        self._supervisor = Supervisor(log=log.bind(robot=robot))
+        self._cut_off_at: float | None = None
         self._log = log.bind(robot=robot, session=self.session)
         # Set when herder says the robot was removed: the agent stops, its token will not work again.
         self.removed = asyncio.Event()
         self.removed_because = ""
 
+    @property
+    def spool(self) -> Spool:
+        """The agent's spool of reports and log lines (open once `start` has run)."""
+        if self._spool is None:
+            raise RuntimeError("the robot agent is not started yet: call start() first")
+        return self._spool
+
     # --- lifecycle ---
 
     async def start(self) -> RobotInfo:
-        """Start a session with the registry, listen for commands, and start heartbeating."""
+        """Open the spool, start a session with the registry, listen for commands, and start
+        heartbeating and delivering."""
         await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+        # What a previous run of this agent could not deliver is delivered now, first.
+        self._spool = await asyncio.to_thread(Spool, self.work_dir / SPOOL_DIR)
         # Listen before connecting: the moment the registry says the robot is there, a job may be sent.
         # The connect request queues behind the subscription, so the server has it before the registry hears.
         self._subscription = await self.nc.subscribe(
@@ -147,10 +191,11 @@ class RobotAgent:
         except BaseException:
             await self._subscription.unsubscribe()
             self._subscription = None
+            self.spool.close()
             raise
         self.info = connected.robot
-        self._heartbeats = asyncio.create_task(self._heartbeat_forever(), name="robot.heartbeat")
-        self._reporter = asyncio.create_task(self._report_forever(), name="robot.reports")
+        self._supervisor.watch("robot.heartbeat", self._heartbeat_forever)
+        self._supervisor.watch("robot.delivery", self._deliver_forever)
         self._log.info(
             "robot.connected",
             host=connected.robot.host,
@@ -161,7 +206,8 @@ class RobotAgent:
         return connected.robot
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-        """Shut down cleanly: take no more commands, hard-stop a running job and report it, say goodbye."""
+        """Shut down cleanly: take no more commands, hard-stop a running job and report it, deliver what
+        the spool holds (what cannot be delivered now waits there for the next start), say goodbye."""
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
@@ -172,25 +218,91 @@ class RobotAgent:
             self._kill(run, min(grace_s, run.command.kill_grace_s), because="the robot agent shut down")
             if run.task is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(run.task), grace_s + REPORT_RETRY_MAX_S)
+                    await asyncio.wait_for(asyncio.shield(run.task), grace_s + SHUTDOWN_DRAIN_S)
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=REPORT_RETRY_MAX_S)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._reports.join(), REPORT_RETRY_MAX_S)
-        for task in (self._heartbeats, self._reporter):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if not self.removed.is_set():  # a removed robot's token no longer opens anything
+            await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_DRAIN_S)
+        drained = await self._drained(SHUTDOWN_DRAIN_S) if self._spool is not None else True
+        await self._supervisor.stop()
+        if self._spool is not None:
+            if not drained:
+                stats = self._spool.stats()
+                self._log.warning("robot.spool_kept", disk_bytes=stats.disk_bytes, reason="herder is unreachable")
+            await asyncio.to_thread(self._spool.close)
+        # Goodbye only once everything was delivered: otherwise the next start delivers it, and herder
+        # keeps counting the robot as cut off rather than gone. A removed robot's token opens nothing.
+        if drained and not self.removed.is_set():
             with contextlib.suppress(HerderError):
                 await self._client.request(RobotGoodbye(session=self.session), timeout=2.0)
         self._log.info("robot.disconnected")
+
+    async def _drained(self, timeout_s: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.spool.empty:
+            if asyncio.get_running_loop().time() >= deadline or not self.nc.is_connected:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    # --- the connection ---
+
+    def connect_options(self) -> dict[str, Any]:
+        """What `client.connection.connect` needs to tell this agent about its connection."""
+        return {
+            "on_disconnected": self.connection_lost,
+            "on_reconnected": self.connection_back,
+            "reconnect_delay": self.reconnect_delay,
+        }
+
+    async def connection_lost(self) -> None:
+        """NATS is gone: say so once; the job goes on, and what it reports waits in the spool."""
+        if self._cut_off_at is None:
+            self._cut_off_at = time.monotonic()
+            job = self.current.command.job_id if self.current else None
+            self._log.warning("robot.cut_off", job_id=job, reason="the connection to NATS is lost; retrying")
+
+    def reconnect_delay(self, attempt: int) -> float:
+        """The pause before the `attempt`-th try in a row to get NATS back (with jitter), said in the log."""
+        pause = backoff(attempt, base_s=RECONNECT_BASE_S, max_s=RECONNECT_MAX_S)
+        self._log.info("robot.reconnecting", attempt=attempt, retry_in_s=round(pause, 2))
+        return pause
+
+    async def connection_back(self) -> None:
+        """NATS is back: heartbeat at once, deliver what waited, and ask whether to go on with the run."""
+        away = time.monotonic() - self._cut_off_at if self._cut_off_at is not None else 0.0
+        self._cut_off_at = None
+        self._log.info("robot.reconnected", away_s=round(away, 1))
+        self._beat_now.set()
+        self._spawn(self._resume("the connection to NATS was back"))
+
+    async def _resume(self, why: str) -> None:
+        """Tell herder what this robot runs (if anything) after being away; kill a run it ended meanwhile."""
+        run = self.current
+        request = JobResume(
+            session=self.session,
+            job_id=run.command.job_id if run else None,
+            attempt=run.command.attempt if run else None,
+        )
+        try:
+            answer = await self._client.request(request)
+        except HerderError as exc:
+            self._log.warning("robot.resume_unanswered", error=exc.message)
+            return
+        if run is None or answer.keep_running or self.current is not run:
+            return
+        self._orphan(run, answer.reason, why=why)
+
+    def _orphan(self, run: JobRun, reason: str, *, why: str) -> None:
+        """Kill a run herder ended without this robot; it is not reported (its outcome no longer counts)."""
+        run.orphaned = True
+        run.orphaned_because = reason
+        self._log.warning("robot.orphan_killed", job_id=run.command.job_id, why=why, reason=reason)
+        self._kill(run, ORPHAN_GRACE_S, because="herder had ended the job")
 
     # --- heartbeats ---
 
     async def _heartbeat_forever(self) -> None:
         subject = subjects.heartbeat(self.tenant, self.robot)
+        last = time.monotonic()
         while True:
             beat = Heartbeat(
                 session=self.session,
@@ -198,13 +310,20 @@ class RobotAgent:
                 current_job=self.current.command.job_id if self.current else None,
                 sent_at=utcnow(),
             )
-            try:
-                await self.nc.publish(subject, codec.dump(beat))
-            except Exception as exc:  # a disconnected client: heartbeats resume when it reconnects
-                self._log.warning("robot.heartbeat_failed", error=repr(exc))
+            if self.nc.is_connected:
+                try:
+                    await self.nc.publish(subject, codec.dump(beat))
+                except Exception as exc:  # the connection just went: heartbeats resume when it is back
+                    self._log.warning("robot.heartbeat_failed", error=repr(exc))
             self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
+            now = time.monotonic()
+            if now - last > FROZEN_INTERVALS * self.heartbeat_interval_s and self.nc.is_connected:
+                # The clock jumped: this process was frozen. herder may have given up on its job.
+                self._log.warning("robot.was_frozen", for_s=round(now - last, 1))
+                self._spawn(self._resume("the robot agent was frozen"))
+            last = now
 
     async def _beat_if_still_idle(self) -> None:
         """Tell the registry the robot is idle, unless its next job comes first (a robot working through
@@ -241,18 +360,18 @@ class RobotAgent:
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, data, headers=headers)
 
+    def _removed(self, command: RemovedCommand) -> None:
+        by = f" by {command.removed_by}" if command.removed_by else ""
+        self.removed_because = f"removed{by}"
+        self._log.error("robot.removed", removed_by=command.removed_by)
+        self.removed.set()
+
     def _ack(
         self, command: StartCommand | StopCommand | KillCommand, *, accepted: bool = True, detail: str = ""
     ) -> CommandAck:
         return CommandAck(
             job_id=command.job_id, attempt=command.attempt, session=self.session, accepted=accepted, detail=detail
         )
-
-    def _removed(self, command: RemovedCommand) -> None:
-        by = f" by {command.removed_by}" if command.removed_by else ""
-        self.removed_because = f"removed{by}"
-        self._log.error("robot.removed", removed_by=command.removed_by)
-        self.removed.set()
 
     def _start(self, command: StartCommand) -> CommandAck:
         run = self.current
@@ -284,7 +403,10 @@ class RobotAgent:
         run = self._running(command)
         if run is None:
             return self._ack(command, accepted=False, detail="not running that job")
-        self._kill(run, command.grace_s, because="")
+        if command.orphan:
+            self._orphan(run, "it ended without this robot", why="herder said so")
+        else:
+            self._kill(run, command.grace_s, because="")
         return self._ack(command)
 
     def _kill(self, run: JobRun, grace_s: float, *, because: str) -> None:
@@ -303,7 +425,7 @@ class RobotAgent:
 
     async def _run(self, run: JobRun) -> None:
         command = run.command
-        logs = JobLog(self.nc, self.tenant, self.robot, command.job_id, command.attempt)
+        logs = JobLog(self.spool, command.job_id, command.attempt)
         work = self.work_dir / "jobs" / f"{command.job_id}-{command.attempt}"
         try:
             result = await self._execute(run, logs, work)
@@ -312,22 +434,18 @@ class RobotAgent:
             result = RunResult(
                 outcome=Outcome.FAULTED, exit_code=None, reason="the robot agent failed", error=repr(exc), output=None
             )
-        logs.agent(f"ended {result.outcome.value}: {result.reason}", level=_LEVELS[result.outcome])
-        await logs.close()
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
         self.current = None
         self._spawn(self._beat_if_still_idle())
-        self._reports.put_nowait(
-            JobReport(
-                job_id=command.job_id,
-                attempt=command.attempt,
-                outcome=result.outcome,
-                reason=result.reason,
-                error=result.error,
-                output=result.output,
-                exit_code=result.exit_code,
+        if run.orphaned:
+            # herder ended this job while the robot was away; it was killed here, and that is all.
+            why = run.orphaned_because
+            logs.agent(
+                f"killed what was left of the job: herder had ended it meanwhile ({why})", level=LogLevel.WARNING
             )
-        )
+            return
+        logs.agent(f"ended {result.outcome.value}: {result.reason}", level=_LEVELS[result.outcome])
+        self._report(_report_of(command, result))
 
     async def _execute(self, run: JobRun, logs: JobLog, work: Path) -> RunResult:
         command = run.command
@@ -337,6 +455,8 @@ class RobotAgent:
             folder = await self._cache.fetch(package)
         except PackageHashMismatch as exc:
             return _faulted("package hash mismatch", str(exc))
+        except PackageTooLarge as exc:
+            return _faulted("the package is too large for this robot", str(exc))
         except PackageFetchError as exc:
             return _faulted("the package could not be fetched", str(exc))
         if run.kill_grace_s is not None or run.stop_asked:
@@ -366,7 +486,7 @@ class RobotAgent:
             return self._explain(run, finished.result())
         because = f"timed out after {command.timeout_s:g} s"
         logs.agent(f"{because}; hard-stopping (SIGKILL after {command.kill_grace_s:g} s)", level=LogLevel.WARNING)
-        self._reports.put_nowait(
+        self._report(
             JobReport(
                 job_id=command.job_id,
                 attempt=command.attempt,
@@ -379,37 +499,102 @@ class RobotAgent:
 
     @staticmethod
     def _explain(run: JobRun, result: RunResult) -> RunResult:
+        """A hard stop the robot made itself says why (a timeout, the agent shutting down) instead of how."""
         if run.killed_because and result.outcome is Outcome.STOPPED:
-            return RunResult(
-                result.outcome, result.exit_code, f"{result.reason} ({run.killed_because})", result.error, result.output
-            )
+            how = result.reason.removeprefix("hard-stopped").strip(" ()")
+            reason = f"hard-stopped: {run.killed_because}" + (f" ({how})" if how and how != "ended on SIGTERM" else "")
+            return RunResult(result.outcome, result.exit_code, reason, result.error, result.output)
         return result
 
-    async def _report_forever(self) -> None:
-        while True:
-            report = await self._reports.get()
-            try:
-                await self._report(report)
-            finally:
-                self._reports.task_done()
+    # --- delivery: reports and log lines, through the spool ---
 
-    async def _report(self, report: JobReport) -> None:
-        """Deliver a report until the jobs service takes it, or refuses it for good."""
-        pause = REPORT_RETRY_S
+    def _report(self, report: JobReport) -> None:
+        """Queue a report: it is delivered after every log line logged before it, in order."""
+        self.spool.append_report(f"{report.job_id}.{report.attempt}.{report.outcome.value}", codec.dump(report))
+
+    async def _deliver_forever(self) -> None:
+        """Deliver the spool in order, for as long as the agent runs; wait (with jitter) while herder is away."""
+        failures = 0
         while True:
+            await self.spool.wait()
+            batch = self.spool.pending()
+            delivered = await self._deliver(batch) if self.nc.is_connected else []
+            if delivered:
+                await asyncio.to_thread(self.spool.ack, delivered)
+            if len(delivered) == len(batch):
+                failures = 0
+                self._note_dropped()
+                continue
+            failures += 1
+            await asyncio.sleep(backoff(failures, base_s=DELIVERY_RETRY_S, max_s=DELIVERY_RETRY_MAX_S))
+
+    async def _deliver(self, batch: list[Entry]) -> list[Entry]:
+        """The first entries of `batch` that were delivered (or refused for good), in order."""
+        delivered: list[Entry] = []
+        index = 0
+        while index < len(batch):
+            if batch[index].kind is Kind.REPORT:
+                if not await self._deliver_report(batch[index]):
+                    return delivered
+                delivered.append(batch[index])
+                index += 1
+                continue
+            lines = list(itertools.takewhile(lambda entry: entry.kind is Kind.LOG, batch[index:]))
+            stored = await self._deliver_lines(lines)
+            delivered += lines[:stored]
+            if stored < len(lines):
+                return delivered
+            index += len(lines)
+        return delivered
+
+    async def _deliver_report(self, entry: Entry) -> bool:
+        report = codec.load(JobReport, entry.payload)
+        try:
+            await self._client.request(report)
+        except Unavailable as exc:
+            self._log.info("robot.report_delayed", job_id=report.job_id, reason=exc.message)
+            return False
+        except Conflict as exc:
+            self._log.warning("robot.report_refused", job_id=report.job_id, reason=exc.message)
+        except HerderError as exc:
+            self._log.error("robot.report_failed", job_id=report.job_id, code=exc.code.value, reason=exc.message)
+        return True
+
+    async def _deliver_lines(self, lines: list[Entry]) -> int:
+        """Publish log lines to the log stream, pipelined; how many, from the first, were stored."""
+        acks = []
+        for entry in lines:
+            record = codec.load(LogRecord, entry.payload)
+            subject = subjects.job_log(self.tenant, self.robot, record.job_id)
             try:
-                await self._client.request(report)
-                return
-            except Unavailable as exc:
-                self._log.warning("robot.report_delayed", job_id=report.job_id, error=exc.message)
-            except Conflict as exc:
-                self._log.warning("robot.report_refused", job_id=report.job_id, reason=exc.message)
-                return
-            except HerderError as exc:
-                self._log.error("robot.report_failed", job_id=report.job_id, code=exc.code.value, reason=exc.message)
-                return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, REPORT_RETRY_MAX_S)
+                acks.append(
+                    await self._js.publish_async(
+                        subject, entry.payload, headers={Header.MSG_ID: entry.key}, wait_stall=LOG_PUBLISH_TIMEOUT_S
+                    )
+                )
+            except Exception as exc:
+                self._log.info("robot.log_delayed", error=repr(exc))
+                break
+        stored = 0
+        for ack in acks:
+            try:
+                await asyncio.wait_for(ack, LOG_PUBLISH_TIMEOUT_S)
+            except Exception as exc:
+                self._log.info("robot.log_delayed", error=repr(exc))
+                break
+            stored += 1
+        return stored
+
+    def _note_dropped(self) -> None:
+        """Once the spool is drained, say in each job's log how many of its lines the bound dropped."""
+        for group, dropped in self.spool.take_dropped().items():
+            job_id, _, attempt = group.partition(".")
+            note = JobLog(self.spool, job_id, int(attempt) if attempt.isdigit() else 0, first_seq=0)
+            note.agent(
+                f"{dropped.count} log lines were dropped while herder was unreachable (the spool was full)",
+                level=LogLevel.WARNING,
+                key=f"{group}.dropped.{dropped.last_key}",
+            )
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -429,61 +614,73 @@ def _faulted(reason: str, error: str) -> RunResult:
     return RunResult(outcome=Outcome.FAULTED, exit_code=None, reason=reason, error=error, output=None)
 
 
-class JobLog:
-    """Streams one job's log lines to `hd.<tenant>.tel.<robot>.log.<job>`, in order, without waiting
-    for each to be stored; `close` waits until all are."""
-
-    def __init__(self, nc: NATS, tenant: str, robot: str, job_id: str, attempt: int) -> None:
-        self._js = nc.jetstream()
-        self._subject = subjects.job_log(tenant, robot, job_id)
-        self._job_id = job_id
-        self._attempt = attempt
-        self._seq = 0
-        self._queue: asyncio.Queue[LogRecord | None] = asyncio.Queue()
-        self._task = asyncio.create_task(self._publish(), name=f"robot.log.{job_id[:12]}")
-
-    def line(self, line: LogLine) -> None:
-        """Queue a line the runner read from the script."""
-        self._put(line.stream, line.level, line.message, line.fields, line.time)
-
-    def agent(self, message: str, level: LogLevel = LogLevel.INFO) -> None:
-        """Queue a line of the agent's own about the job."""
-        self._put(LogStream.AGENT, level, message, {}, datetime.now(UTC))
-
-    def _put(self, stream: LogStream, level: LogLevel, message: str, fields: dict[str, Any], time: datetime) -> None:
-        self._seq += 1
-        self._queue.put_nowait(
-            LogRecord(
-                job_id=self._job_id,
-                attempt=self._attempt,
-                seq=self._seq,
-                time=time,
-                stream=stream,
-                level=level,
-                message=message,
-                fields=fields,
-            )
+def _report_of(command: StartCommand, result: RunResult) -> JobReport:
+    """The report of a run; a run whose facts cannot be reported as they are is reported Faulted, saying
+    why, so that the job ends and the robot goes on."""
+    try:
+        return JobReport(
+            job_id=command.job_id,
+            attempt=command.attempt,
+            outcome=result.outcome,
+            reason=result.reason,
+            error=result.error,
+            output=result.output,
+            exit_code=result.exit_code,
+        )
+    except ValidationError as exc:
+        problem = codec.invalid("the run's report", exc).message
+        return JobReport(
+            job_id=command.job_id,
+            attempt=command.attempt,
+            outcome=Outcome.FAULTED,
+            reason="the run could not be reported as it ended",
+            error=problem[:MAX_REPORT_ERROR_CHARS],
+            exit_code=result.exit_code,
         )
 
-    async def _publish(self) -> None:
-        pending: list[asyncio.Future[Any]] = []
-        while (record := await self._queue.get()) is not None:
-            try:
-                pending.append(
-                    await self._js.publish_async(
-                        self._subject,
-                        codec.dump(record),
-                        headers={Header.MSG_ID: f"{self._job_id}.{self._attempt}.{record.seq}"},
-                        wait_stall=LOG_PUBLISH_STALL_S,
-                    )
-                )
-            except Exception as exc:
-                log.warning("robot.log_lost", job_id=self._job_id, seq=record.seq, error=repr(exc))
-            pending = [future for future in pending if not future.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=LOG_PUBLISH_STALL_S)
 
-    async def close(self) -> None:
-        """Wait until every queued line is stored."""
-        self._queue.put_nowait(None)
-        await self._task
+class JobLog:
+    """One job's log lines, appended to the agent's spool in order (the agent delivers them to
+    `hd.<tenant>.tel.<robot>.log.<job>`, each under `Nats-Msg-Id` `<job>.<attempt>.<seq>`)."""
+
+    def __init__(self, spool: Spool, job_id: str, attempt: int, *, first_seq: int = 1) -> None:
+        self._spool = spool
+        self._job_id = job_id
+        self._attempt = attempt
+        self._seq = first_seq - 1
+
+    def line(self, line: LogLine) -> None:
+        """Keep a line the runner read from the script."""
+        self._put(line.stream, line.level, line.message, line.fields, line.time)
+
+    def agent(self, message: str, level: LogLevel = LogLevel.INFO, *, key: str | None = None) -> None:
+        """Keep a line of the agent's own about the job."""
+        self._put(LogStream.AGENT, level, message, {}, datetime.now(UTC), key=key)
+
+    def _put(
+        self,
+        stream: LogStream,
+        level: LogLevel,
+        message: str,
+        fields: dict[str, Any],
+        time: datetime,
+        *,
+        key: str | None = None,
+    ) -> None:
+        self._seq += 1
+        record = LogRecord(
+            job_id=self._job_id,
+            attempt=self._attempt,
+            seq=self._seq,
+            time=time,
+            stream=stream,
+            level=level,
+            message=message,
+            fields=fields,
+        )
+        try:
+            payload = codec.dump(record)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A field msgpack cannot carry (an integer past 64 bits): the line is kept, its fields not.
+            payload = codec.dump(record.model_copy(update={"fields": {"dropped_fields": repr(exc)[:200]}}))
+        self._spool.append_log(key or f"{self._job_id}.{self._attempt}.{self._seq}", payload)

@@ -77,7 +77,12 @@ class ServiceHost:
                 raise SetupError("the database schema is behind this herder; run 'herder db upgrade' first")
         names = "+".join(service.name for service in config.services) or "none"
         self.nc = await connect(
-            config.nats_url, name=f"herder-{names}", credentials=config.credential.service, ca_pem=config.ca_pem
+            config.nats_url,
+            name=f"herder-{names}",
+            credentials=config.credential.service,
+            ca_pem=config.ca_pem,
+            on_disconnected=self._disconnected,
+            on_reconnected=self._reconnected,
         )
         if not self.nc._server_info.get("auth_required"):
             # A server that lets anyone in lets anyone read tokens, forge events and command robots.
@@ -112,6 +117,14 @@ class ServiceHost:
             self._runners.append(runner)
             self.services[service.name] = service
         self._relay = asyncio.create_task(events.relay_forever(), name="herder.outbox.relay")
+
+    async def _disconnected(self) -> None:
+        self.log.warning("bus.disconnected")
+
+    async def _reconnected(self) -> None:
+        self.log.info("bus.reconnected")
+        if self.runtime is not None:
+            await self.runtime.reconnected()
 
     async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop taking requests, drain those in flight, publish what the outbox holds, close everything.

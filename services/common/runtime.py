@@ -168,6 +168,20 @@ class Runtime:
     events: EventPublisher
     address: BusAddress | None = None
     credential: ServiceCredential | None = None
+    _reconnected: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Have `callback` called whenever the connection to NATS is back after it was lost."""
+        self._reconnected.append(callback)
+
+    async def reconnected(self) -> None:
+        """Tell those who asked that the connection is back (what they raise is logged)."""
+        for callback in list(self._reconnected):
+            try:
+                await callback()
+            except Exception:
+                self.log.exception("runtime.reconnect_listener_failed")
+
     data_dir: Path | None = None
     jetstream: bus.JetStreamSettings = field(default_factory=bus.JetStreamSettings)
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: structlog.get_logger("herder"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -32,19 +31,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from herder.protocol.jobs import (
-    ACTIVE_STATES,
-    DEFAULT_KILL_GRACE_S,
-    JobInfo,
-    JobState,
-    OnRobotLost,
-    Priority,
-)
+from herder.protocol.jobs import ACTIVE_STATES, JobState, OnRobotLost, Priority
 from herder.protocol.packages import PackageRef
 from herder.services.common.database import UtcDateTime
 from herder.services.jobs.allocation import Queued, Target
+from herder.services.jobs.records import JobRecord
 
 metadata = MetaData()
 
@@ -75,6 +69,8 @@ jobs = Table(
     Column("timeout_s", Float()),
     Column("kill_grace_s", Float(), nullable=False),
     Column("on_robot_lost", String(16), nullable=False),
+    Column("lost_after_s", Float(), nullable=False),
+    Column("lost_at", UtcDateTime()),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("created_by", String(128)),
     Column("started_at", UtcDateTime()),
@@ -83,6 +79,7 @@ jobs = Table(
     Index("ix_jobs_jobs_queue", "tenant", "state", "rank", "created_at"),
     Index("ix_jobs_jobs_created", "tenant", "created_at"),
     Index("ix_jobs_jobs_robot", "tenant", "robot", "state"),
+    Index("ix_jobs_jobs_lost", "lost_at"),
     Index(
         "ux_jobs_jobs_robot_active",
         "tenant",
@@ -94,75 +91,6 @@ jobs = Table(
 )
 
 _ACTIVE = [state.value for state in ACTIVE_STATES]
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    """One row of `jobs_jobs`."""
-
-    id: str
-    tenant: str
-    process: str
-    version: str
-    package: PackageRef
-    priority: Priority
-    state: JobState
-    reason: str
-    attempt: int
-    input: dict[str, Any]
-    created_at: datetime
-    target_robot: str | None = None
-    target_group: str | None = None
-    robot: str | None = None
-    host: str | None = None
-    session: str | None = None
-    output: dict[str, Any] | None = None
-    error: str | None = None
-    exit_code: int | None = None
-    timeout_s: float | None = None
-    kill_grace_s: float = DEFAULT_KILL_GRACE_S
-    on_robot_lost: OnRobotLost = OnRobotLost.FAULT
-    created_by: str | None = None
-    started_at: datetime | None = None
-    start_acked_at: datetime | None = None
-    ended_at: datetime | None = None
-
-    @property
-    def target(self) -> Target:
-        """Where the job may run."""
-        return Target(robot=self.target_robot, group=self.target_group)
-
-    @property
-    def queued(self) -> Queued:
-        """The job as the allocator orders it."""
-        return Queued(id=self.id, target=self.target, rank=self.priority.rank, created_at=self.created_at)
-
-    def info(self, reason: str | None = None) -> JobInfo:
-        """The job as shown to people; `reason` replaces the stored one (a Pending job's is worked out when asked)."""
-        return JobInfo(
-            id=self.id,
-            tenant=self.tenant,
-            process=self.process,
-            version=self.version,
-            state=self.state,
-            reason=self.reason if reason is None else reason,
-            priority=self.priority,
-            target_robot=self.target_robot,
-            target_group=self.target_group,
-            robot=self.robot,
-            host=self.host,
-            attempt=self.attempt,
-            input=self.input,
-            output=self.output,
-            error=self.error,
-            timeout_s=self.timeout_s,
-            kill_grace_s=self.kill_grace_s,
-            on_robot_lost=self.on_robot_lost,
-            created_at=self.created_at,
-            created_by=self.created_by,
-            started_at=self.started_at,
-            ended_at=self.ended_at,
-        )
 
 
 def _record(row: RowMapping) -> JobRecord:
@@ -201,6 +129,8 @@ def _row(record: JobRecord) -> dict[str, Any]:
         "timeout_s": record.timeout_s,
         "kill_grace_s": record.kill_grace_s,
         "on_robot_lost": record.on_robot_lost.value,
+        "lost_after_s": record.lost_after_s,
+        "lost_at": record.lost_at,
         "created_at": record.created_at,
         "created_by": record.created_by,
         "started_at": record.started_at,
@@ -262,16 +192,20 @@ class JobRepository:
         states: Sequence[JobState] = (),
         process: str | None = None,
         robot: str | None = None,
+        group: str | None = None,
         limit: int = 100,
     ) -> list[JobRecord]:
-        """The tenant's jobs, newest first."""
+        """The tenant's jobs, newest first: of a robot, those it ran and those aimed at it by name; of a
+        group, those aimed at it."""
         query = select(jobs).where(jobs.c.tenant == tenant)
         if states:
             query = query.where(jobs.c.state.in_([state.value for state in states]))
         if process:
             query = query.where(jobs.c.process == process)
         if robot:
-            query = query.where(jobs.c.robot == robot)
+            query = query.where(or_(jobs.c.robot == robot, jobs.c.target_robot == robot))
+        if group:
+            query = query.where(jobs.c.target_group == group)
         query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         return [_record(row) for row in (await connection.execute(query)).mappings()]
 
@@ -355,6 +289,26 @@ class JobRepository:
         result = await connection.execute(_MOVE, values)
         return result.rowcount == 1
 
+    async def take(self, connection: AsyncConnection, before: JobRecord, after: JobRecord) -> bool:
+        """`move`, for giving a job to a robot: False (and the rest of the transaction intact) when the
+        robot holds an active job already, whichever replica gave it that one.
+
+        The schema's one-active-job-per-robot index refuses the move; the failed statement is undone
+        alone (PostgreSQL, whose failed statements spoil the whole transaction, through a savepoint;
+        SQLite undoes just the statement)."""
+        try:
+            if connection.dialect.name == "postgresql":
+                async with connection.begin_nested():
+                    return await self.move(connection, before, after)
+            return await self.move(connection, before, after)
+        except IntegrityError:
+            return False
+
+    async def held(self, connection: AsyncConnection) -> list[JobRecord]:
+        """Running jobs waiting for their robot to come back (they carry the time contact was lost)."""
+        query = select(jobs).where(jobs.c.state == JobState.RUNNING.value, jobs.c.lost_at.is_not(None))
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
+
     async def acknowledge_starts(self, connection: AsyncConnection, acks: Sequence[tuple[str, int, datetime]]) -> None:
         """Record that robots confirmed they got these starts: (job id, attempt, when)."""
         if not acks:
@@ -378,33 +332,3 @@ class JobRepository:
             jobs.c.started_at <= started_before,
         )
         return [_record(row) for row in (await connection.execute(query)).mappings()]
-
-
-def started(record: JobRecord, *, robot: str, host: str, session: str, at: datetime, reason: str) -> JobRecord:
-    """`record` as it is once given to a robot: Running, with the next attempt."""
-    return replace(
-        record,
-        state=JobState.RUNNING,
-        robot=robot,
-        host=host,
-        session=session,
-        attempt=record.attempt + 1,
-        started_at=at,
-        start_acked_at=None,
-        ended_at=None,
-        reason=reason,
-    )
-
-
-def requeued(record: JobRecord, *, reason: str) -> JobRecord:
-    """`record` back in Pending, holding no robot (its attempt stays: the next start counts on from it)."""
-    return replace(
-        record,
-        state=JobState.PENDING,
-        robot=None,
-        host=None,
-        session=None,
-        started_at=None,
-        start_acked_at=None,
-        reason=reason,
-    )

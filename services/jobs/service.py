@@ -1,8 +1,10 @@
 """The jobs service: creates jobs, gives them to robots, stops them, and records how they end.
 
-Decisions come from the pure modules (`states` for the state machine, `allocation` for who runs
-what and why a job waits); this module reads requests and rows, asks them, writes rows, sends
-commands and publishes events.
+Decisions come from the pure modules (`states` for the state machine, `decisions` for what becomes
+of a job when something happens to it, `allocation` for who runs what and why a job waits); this
+module reads requests and rows, asks them, writes rows, sends commands and publishes events. Work
+after a commit (sending the start, the next allocation) never turns a request that committed into
+an error: it is logged, and the sweep finishes it.
 
 Allocation is safe with any number of replicas: a robot takes its next job in one transaction that
 checks it holds none and moves the job from Pending by a conditional update, and the schema lets a
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import replace
@@ -23,7 +24,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from nats.aio.msg import Msg
-from sqlalchemy.exc import IntegrityError
 
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Permission
@@ -31,14 +31,16 @@ from herder.protocol.codec import Header
 from herder.protocol.errors import BadRequest, Conflict, NotFound
 from herder.protocol.jobs import (
     DEFAULT_KILL_GRACE_S,
-    MAX_INPUT_BYTES,
     CommandAck,
     JobCreatedEvent,
     JobInfo,
     JobKill,
     JobList,
     JobListRequest,
+    JobOutcomeCorrectedEvent,
     JobReport,
+    JobResume,
+    JobResumed,
     JobShow,
     JobStart,
     JobState,
@@ -48,22 +50,22 @@ from herder.protocol.jobs import (
     LogLevel,
     LogRecord,
     LogStream,
-    Outcome,
     StartCommand,
     StopCommand,
 )
 from herder.protocol.messages import Event, new_id, utcnow
-from herder.protocol.registry import RobotPresence, RobotType
+from herder.protocol.registry import RobotPresence, RobotStatus, RobotType
 from herder.services.common import database
 from herder.services.common.bus import ensure_bucket
 from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
-from herder.services.jobs import allocation, commands, states
+from herder.services.jobs import allocation, commands, decisions, states
 from herder.services.jobs.allocation import Target
 from herder.services.jobs.commands import CommandSender
 from herder.services.jobs.directory import RobotDirectory
 from herder.services.jobs.packages import PackageVersions
-from herder.services.jobs.repository import JobRecord, JobRepository, requeued, started
+from herder.services.jobs.records import JobRecord, requeued, started
+from herder.services.jobs.repository import JobRepository
 
 SWEEP_INTERVAL_S = 1.0
 # A start the robot has not confirmed after this long is sent again.
@@ -119,8 +121,6 @@ class JobsService(Service):
         """Create a job and, when a robot it may run on is free, start it there at once."""
         target = Target(robot=request.robot, group=request.group)
         await self._check_target(ctx.tenant, target)
-        if len(json.dumps(request.input)) > MAX_INPUT_BYTES:
-            raise BadRequest(f"the input is larger than {MAX_INPUT_BYTES // 1024} KiB; pass big data by reference")
         package = await self.packages.resolve(ctx.on_behalf(self.runtime.client), request.process, request.version)
         record = JobRecord(
             id=new_id(),
@@ -139,6 +139,7 @@ class JobsService(Service):
             timeout_s=request.timeout_s,
             kill_grace_s=request.kill_grace_s,
             on_robot_lost=request.on_robot_lost,
+            lost_after_s=request.lost_after_s,
             created_by=ctx.actor,
         )
         given: list[JobRecord] = []
@@ -167,6 +168,25 @@ class JobsService(Service):
             if candidates:
                 job = await self._take_next(tx, candidates[0])
                 given += [job] if job is not None else []
+        ctx.log.info("job.created", job_id=record.id, process=record.process, version=record.version)
+        try:
+            return await self._after_start(ctx, record, target, candidates, given, busy, robots)
+        except Exception:
+            # The job exists: say so. Whatever failed here, the sweep finishes (starts, allocation).
+            ctx.log.exception("job.after_create_failed", job_id=record.id)
+            return record.info("created; herder gives it to a robot shortly")
+
+    async def _after_start(
+        self,
+        ctx: RequestContext,
+        record: JobRecord,
+        target: Target,
+        candidates: list[RobotPresence],
+        given: list[JobRecord],
+        busy: dict[str, str],
+        robots: list[RobotPresence],
+    ) -> JobInfo:
+        """What follows a committed start: send it, try the other free robots, and say where the job is."""
         await self._dispatch(given)
         # The first free robot took an older job (or was taken meanwhile): try the others, each in a
         # transaction of its own.
@@ -175,7 +195,6 @@ class JobsService(Service):
                 break
             job = await self.allocate(ctx.tenant, robot.name)
             given += [job] if job is not None else []
-        ctx.log.info("job.created", job_id=record.id, process=record.process, version=record.version)
         for job in given:
             if job.id == record.id:
                 return job.info()
@@ -195,6 +214,7 @@ class JobsService(Service):
                 states=request.states,
                 process=request.process,
                 robot=request.robot,
+                group=request.group,
                 limit=request.limit,
             )
             reasons = await self._pending_reasons(connection, ctx.tenant, records)
@@ -237,47 +257,68 @@ class JobsService(Service):
 
     @endpoint(permission=Permission.ROBOT_AGENT)
     async def report(self, request: JobReport, ctx: RequestContext) -> JobInfo:
-        """A robot reports on the job it runs; a report of another robot's or an older attempt is refused."""
+        """A robot reports on the job it runs; a report of another robot's or an older attempt is refused.
+
+        A late report of the attempt herder ended "robot lost" (the robot was cut off, not dead) is the
+        job's outcome: it replaces what herder recorded, and an event says so."""
         robot = ctx.robot_name()
         now = utcnow()
         async with self.runtime.events.transaction(defer=True) as tx:
             job = await self.repo.get(tx.connection, ctx.tenant, request.job_id)
             if job is None:
                 raise NotFound(f"no job {request.job_id}")
-            if job.robot != robot or request.attempt != job.attempt:
-                raise Conflict(
-                    f"stale report: job {job.id[:12]} is at attempt {job.attempt} on robot {job.robot or 'none'}; "
-                    f"this report is of attempt {request.attempt} from robot {robot}"
-                )
-            state = states.report(job.state, request.outcome)
-            if state is job.state:
+            decision = decisions.report(job, robot, request, now)
+            if decision is None:
                 return job.info()
-            after = replace(
-                job,
-                state=state,
-                reason=_report_reason(job, state, request),
-                start_acked_at=job.start_acked_at or now,
-            )
-            if state.final:
-                after = replace(
-                    after,
-                    ended_at=now,
-                    error=request.error if state is JobState.FAULTED else None,
-                    output=request.output,
-                    exit_code=request.exit_code,
-                )
+            after = decision.after
             if not await self.repo.move(tx.connection, job, after):
                 raise Conflict(f"job {job.id[:12]} changed while the report was read; send it again")
-            self._emit(tx, job, after, actor=robot)
+            if decision.corrected:
+                self._emit_corrected(tx, job, after)
+            elif after.state is not job.state:
+                self._emit(tx, job, after, actor=robot)
             # The robot is free: it takes its next job in the same transaction.
             presence = self.directory.get(ctx.tenant, robot) if after.state.final else None
             following = await self._take_next(tx, presence) if presence is not None else None
-        ctx.log.info("job.reported", job_id=job.id, robot=robot, outcome=request.outcome.value, state=state.value)
-        if following is not None:
-            await self._dispatch([following])
-        if after.state.final:
-            self._spawn(self._end_log(after))
+        ctx.log.info(
+            "job.corrected" if decision.corrected else "job.reported",
+            job_id=job.id,
+            robot=robot,
+            outcome=request.outcome.value,
+            state=after.state.value,
+        )
+        try:
+            if following is not None:
+                await self._dispatch([following])
+            if after.state.final and not decision.corrected:
+                self._spawn(self._end_log(after))
+        except Exception:  # the report is recorded; the sweep sends the next start
+            ctx.log.exception("job.after_report_failed", job_id=job.id)
         return after.info()
+
+    @endpoint(permission=Permission.ROBOT_AGENT)
+    async def resume(self, request: JobResume, ctx: RequestContext) -> JobResumed:
+        """A robot back from an outage (or a freeze) says what it runs: go on, or kill it (a job herder
+        ended meanwhile); a job that waited for it to come back goes on, or runs again elsewhere now."""
+        robot = ctx.robot_name()
+        requeued_jobs: list[JobRecord] = []
+        async with self.runtime.events.transaction(defer=True) as tx:
+            job = await self.repo.get(tx.connection, ctx.tenant, request.job_id) if request.job_id else None
+            answer = decisions.resume(job, robot, request.attempt)
+            if job is not None and answer.after is not None and await self.repo.move(tx.connection, job, answer.after):
+                self._emit(tx, job, answer.after, actor=robot)
+            # Whatever else of this robot waited for it to come back, it does not run: it runs elsewhere now.
+            for other in await self.repo.active_on(tx.connection, ctx.tenant, robot):
+                if job is not None and other.id == job.id and answer.keep_running:
+                    continue
+                moved = decisions.not_running(other, robot)
+                if moved is not None and await self.repo.move(tx.connection, other, moved):
+                    self._emit(tx, other, moved, actor=None)
+                    requeued_jobs.append(moved)
+        ctx.log.info("robot.resumed", robot=robot, job_id=request.job_id, keep_running=answer.keep_running)
+        if requeued_jobs:
+            self._spawn(self._allocate_for(ctx.tenant, [moved.target for moved in requeued_jobs]))
+        return JobResumed(keep_running=answer.keep_running, state=job.state if job else None, reason=answer.reason)
 
     # --- allocation ---
 
@@ -294,12 +335,8 @@ class JobsService(Service):
 
     async def _take_next(self, tx: Transaction, robot: RobotPresence) -> JobRecord | None:
         """Within `tx`, give `robot` its next job if it holds none; the caller sends the start once
-        `tx` commits.
-
-        A robot that holds a job already fails the move on the schema's one-active-job-per-robot
-        index, whether this replica or another gave it that job; the failed move is undone alone and
-        the rest of `tx` stands (on PostgreSQL, whose failed statements spoil the whole transaction,
-        thanks to a savepoint; SQLite undoes just the statement)."""
+        `tx` commits. A robot that holds a job already (given by this replica or another) keeps it,
+        and the rest of `tx` stands."""
         if not allocation.takes_jobs(robot) or not robot.session:
             return None
         job = await self.repo.next_for(tx.connection, robot.tenant, robot.name, robot.groups)
@@ -307,16 +344,8 @@ class JobsService(Service):
             return None
         after = started(job, robot=robot.name, host=robot.host, session=robot.session, at=utcnow(), reason="")
         states.check(job.state, after.state)
-        try:
-            if tx.connection.dialect.name == "postgresql":
-                async with tx.connection.begin_nested():
-                    moved = await self.repo.move(tx.connection, job, after)
-            else:
-                moved = await self.repo.move(tx.connection, job, after)
-        except IntegrityError:
-            return None  # the robot is busy
-        if not moved:
-            return None  # another replica took this job a moment ago
+        if not await self.repo.take(tx.connection, job, after):
+            return None  # the robot is busy, or another replica took this job a moment ago
         self._emit(tx, job, after, actor=None)
         self._last_given[(robot.tenant, robot.name)] = time.monotonic()
         return after
@@ -378,7 +407,9 @@ class JobsService(Service):
         if orphan is None or orphan.state.final or orphan.attempt != ack.busy_attempt or orphan.robot != job.robot:
             self.log.warning("job.orphan_stopped", job_id=ack.busy_job, robot=job.robot, attempt=ack.busy_attempt)
             grace_s = orphan.kill_grace_s if orphan is not None else DEFAULT_KILL_GRACE_S
-            kill = KillCommand(job_id=ack.busy_job, attempt=ack.busy_attempt, session=ack.session, grace_s=grace_s)
+            kill = KillCommand(
+                job_id=ack.busy_job, attempt=ack.busy_attempt, session=ack.session, grace_s=grace_s, orphan=True
+            )
             self._spawn(self.commands.deliver(job.tenant, job.host or "", job.robot or "", kill))
 
     def _acknowledged(self, job: JobRecord) -> None:
@@ -413,22 +444,32 @@ class JobsService(Service):
         self, tenant: str, name: str, before: RobotPresence | None, after: RobotPresence | None
     ) -> None:
         if after is None:
-            await self._lose(tenant, name, f"robot lost: robot {name} was removed")
+            await self._lose(tenant, name, "was removed", certain=True)
             await self._cancel_waiting_for(tenant, name)
             return
         if not after.status.online:
-            await self._lose(tenant, name, f"robot lost: robot {name} is {after.status.value}")
+            # Missed heartbeats may be an outage, not a death; a goodbye says the agent ended its jobs.
+            await self._lose(tenant, name, _gone(after), certain=after.status is RobotStatus.DISCONNECTED)
             return
         if before is not None and before.status.online and before.session == after.session:
             return  # still the same agent, still online
         if before is not None and before.session and before.session != after.session:
-            await self._lose(tenant, name, f"robot lost: robot {name}'s agent restarted", keep_session=after.session)
+            # A new agent: its predecessor's job processes died with it.
+            await self._lose(tenant, name, "had its agent restarted", certain=True, keep_session=after.session)
         await self.allocate(tenant, name)
 
     async def _lose(
-        self, tenant: str, robot: str, why: str, *, keep_session: str | None = None, only: str | None = None
+        self,
+        tenant: str,
+        robot: str,
+        why: str,
+        *,
+        certain: bool,
+        keep_session: str | None = None,
+        only: str | None = None,
     ) -> None:
-        """End or re-queue the active jobs of a robot that is gone (all but those of `keep_session`)."""
+        """Decide the active jobs of a robot that is gone (all but those of `keep_session`): end them,
+        hold them for the robot to come back, or re-queue them (`decisions.lose`)."""
         now = utcnow()
         ended: list[JobRecord] = []
         waiting: list[JobRecord] = []
@@ -436,21 +477,24 @@ class JobsService(Service):
             for job in await self.repo.active_on(tx.connection, tenant, robot):
                 if (keep_session and job.session == keep_session) or (only and job.id != only):
                     continue
-                state = states.lose(job.state, job.on_robot_lost)
-                if state is JobState.PENDING:
-                    after = requeued(job, reason=f"re-queued after {why}")
-                else:
-                    error = why if state is JobState.FAULTED else None
-                    after = replace(job, state=state, reason=why, error=error, ended_at=now)
-                if await self.repo.move(tx.connection, job, after):
+                after = decisions.lose(job, why, now, certain=certain)
+                if after is None or not await self.repo.move(tx.connection, job, after):
+                    continue
+                if after.state is not job.state:
                     self._emit(tx, job, after, actor=None)
-                    (waiting if state is JobState.PENDING else ended).append(after)
+                if after.state.final:
+                    ended.append(after)
+                elif after.state is JobState.PENDING:
+                    waiting.append(after)
+                else:
+                    self.log.warning("job.held", job_id=job.id, robot=robot, reason=after.reason)
         for job in ended:
-            self.log.warning("job.robot_lost", job_id=job.id, robot=robot, state=job.state.value, reason=why)
+            self.log.warning("job.robot_lost", job_id=job.id, robot=robot, state=job.state.value, reason=job.reason)
             self._spawn(self._end_log(job))
         for job in waiting:
-            self.log.warning("job.requeued", job_id=job.id, robot=robot, reason=why)
-            self._spawn(self._allocate_for(tenant, [job.target]))
+            self.log.warning("job.requeued", job_id=job.id, robot=robot, reason=job.reason)
+        if waiting:
+            self._spawn(self._allocate_for(tenant, [job.target for job in waiting]))
 
     async def _cancel_waiting_for(self, tenant: str, robot: str) -> None:
         """A removed robot's Pending jobs would wait forever: end them."""
@@ -485,8 +529,9 @@ class JobsService(Service):
     # --- the sweep: what no event triggered ---
 
     async def sweep(self) -> None:
-        """Resend unconfirmed starts, end the jobs of robots that are gone, and start jobs that wait
-        for a free robot. Every replica sweeps; the conditional updates make it harmless."""
+        """Resend unconfirmed starts, decide the jobs of robots that are gone, re-queue jobs whose robot
+        did not come back in time, and start jobs that wait for a free robot. Every replica sweeps;
+        the conditional updates make it harmless."""
         now = utcnow()
         async with database.read(self.engine) as connection:
             unconfirmed = await self.repo.unacknowledged(connection, now - timedelta(seconds=START_RESEND_AFTER_S))
@@ -496,18 +541,33 @@ class JobsService(Service):
             robot = self.directory.get(job.tenant, job.robot or "")
             if robot is not None and robot.status.online and robot.session == job.session:
                 self._spawn(self._send_start(job))
+        overdue: list[JobRecord] = []
         for job in active:
             robot = self.directory.get(job.tenant, job.robot or "")
-            if robot is None or not robot.status.online:
-                state = robot.status.value if robot is not None else "removed"
-                why = f"robot lost: robot {job.robot} is {state}"
+            if robot is None:
+                await self._lose(job.tenant, job.robot or "", "was removed", certain=True, only=job.id)
+            elif not robot.status.online:
+                certain = robot.status is RobotStatus.DISCONNECTED
+                await self._lose(job.tenant, job.robot or "", _gone(robot), certain=certain, only=job.id)
             elif job.session and robot.session != job.session:
-                why = f"robot lost: robot {job.robot}'s agent restarted"
-            else:
-                continue
-            await self._lose(job.tenant, job.robot or "", why, only=job.id)
+                await self._lose(job.tenant, job.robot or "", "had its agent restarted", certain=True, only=job.id)
+            if decisions.overdue(job, now) is not None:
+                overdue.append(job)
+        for job in overdue:
+            await self._requeue_overdue(job, now)
         for tenant in {tenant for tenant, _target in waiting}:
             await self._allocate_for(tenant, [target for t, target in waiting if t == tenant])
+
+    async def _requeue_overdue(self, job: JobRecord, now: datetime) -> None:
+        """A job that waited long enough for its robot to come back runs again elsewhere."""
+        async with self.runtime.events.transaction(defer=True) as tx:
+            current = await self.repo.get(tx.connection, job.tenant, job.id)
+            after = decisions.overdue(current, now) if current is not None else None
+            if current is None or after is None or not await self.repo.move(tx.connection, current, after):
+                return
+            self._emit(tx, current, after, actor=None)
+        self.log.warning("job.requeued", job_id=job.id, robot=job.robot, reason=after.reason)
+        await self._allocate_for(job.tenant, [after.target])
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -591,6 +651,23 @@ class JobsService(Service):
             reasons[record.id] = f"{record.reason}; {why}" if record.reason else why
         return reasons
 
+    def _emit_corrected(self, tx: Transaction, before: JobRecord, after: JobRecord) -> None:
+        tx.emit(
+            Event.of(
+                JobOutcomeCorrectedEvent(
+                    job_id=after.id,
+                    process=after.process,
+                    state=after.state,
+                    previous=before.state,
+                    robot=after.robot,
+                    attempt=after.attempt,
+                    reason=after.reason,
+                ),
+                tenant=after.tenant,
+                actor=after.robot,
+            )
+        )
+
     def _emit(self, tx: Transaction, before: JobRecord, after: JobRecord, *, actor: str | None) -> None:
         tx.emit(
             Event.of(
@@ -627,23 +704,11 @@ def _stopped_by(job: JobRecord, state: JobState, actor: str | None, *, hard: boo
     return replace(job, state=state, reason=f"{kind} asked by {who}")
 
 
-def _report_reason(job: JobRecord, state: JobState, report: JobReport) -> str:
-    if state is JobState.FAULTED and report.error and report.error.strip():
-        # The error says more than "exited with code 1": its last line names the exception.
-        reason = report.error.strip().splitlines()[-1][:200]
-    elif state is JobState.SUCCESSFUL:
-        reason = "completed"
-    elif report.reason:
-        reason = report.reason
-    elif state is JobState.FAULTED:
-        reason = "the script failed"
-    elif state is JobState.TERMINATING:
-        reason = "the robot is hard-stopping it"
-    else:
-        reason = "stopped"
-    if job.state is JobState.TERMINATING and report.outcome is not Outcome.STOPPED:
-        reason = f"hard-stopped; the script had ended {report.outcome.value} meanwhile"
-    return reason
+def _gone(robot: RobotPresence) -> str:
+    """Why an offline robot is gone, in words that follow its name."""
+    if robot.status is RobotStatus.UNRESPONSIVE:
+        return "is Unresponsive (it missed its heartbeats)"
+    return f"is {robot.status.value}"
 
 
 def _start_command(job: JobRecord) -> StartCommand:

@@ -3,6 +3,10 @@
 A robot is Available or Busy while it heartbeats (Busy when its heartbeat names a job),
 Unresponsive once it has missed MISSED_HEARTBEATS heartbeats in a row, and Disconnected when it
 said goodbye on a clean shutdown (or has never connected).
+
+Heartbeats that did not arrive while no registry listened prove nothing: a registry that starts,
+or comes back to NATS, gives every online robot a full grace (`grace`) before it may be declared
+Unresponsive, so that an orchestrator outage is never taken for the robots' death.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ class Seen:
     last_heartbeat: datetime | None
     interval_s: float
     current_job: str | None
+    # Not Unresponsive before this, whatever the last heartbeat says (a grace after the registry was away).
+    grace_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,17 @@ def on_sweep(seen: Seen, now: datetime) -> Change | None:
         return None
     if now < deadline(seen.last_heartbeat, seen.interval_s):
         return None
+    if seen.grace_until is not None and now < seen.grace_until:
+        return None
     return Change(
         RobotStatus.UNRESPONSIVE,
         f"missed {MISSED_HEARTBEATS} heartbeats (every {seen.interval_s:g} s)",
     )
+
+
+def grace(seen: Seen, now: datetime) -> datetime | None:
+    """Until when an online robot may not be declared Unresponsive, given a registry that starts (or comes
+    back to NATS) at `now`: MISSED_HEARTBEATS of its intervals from then; None for a robot that is offline."""
+    if not seen.status.online:
+        return None
+    return deadline(now, seen.interval_s)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     insert,
+    or_,
     select,
     update,
 )
@@ -92,6 +93,7 @@ class RobotRecord:
             last_heartbeat=self.last_heartbeat,
             interval_s=self.heartbeat_interval_s,
             current_job=self.current_job,
+            grace_until=self.deadline,
         )
 
     def info(self) -> RobotInfo:
@@ -224,6 +226,30 @@ class RobotRepository:
         query = query.order_by(robots.c.deadline).limit(1)
         value: datetime | None = (await connection.execute(query)).scalar()
         return value
+
+    async def extend_deadlines(self, connection: AsyncConnection, deadlines: dict[float, datetime]) -> int:
+        """Push the heartbeat deadline of every online robot heartbeating every `interval` (a key) out to
+        at least its value; how many robots that moved."""
+        moved = 0
+        for interval_s, until in deadlines.items():
+            result = await connection.execute(
+                update(robots)
+                .where(
+                    robots.c.status.in_([RobotStatus.AVAILABLE.value, RobotStatus.BUSY.value]),
+                    robots.c.heartbeat_interval_s == interval_s,
+                    or_(robots.c.deadline.is_(None), robots.c.deadline < until),
+                )
+                .values(deadline=until)
+            )
+            moved += result.rowcount
+        return moved
+
+    async def online_intervals(self, connection: AsyncConnection) -> list[float]:
+        """The heartbeat intervals of the online robots, once each."""
+        query = select(robots.c.heartbeat_interval_s).where(
+            robots.c.status.in_([RobotStatus.AVAILABLE.value, RobotStatus.BUSY.value])
+        )
+        return [row[0] for row in await connection.execute(query.distinct())]
 
     async def save(self, connection: AsyncConnection, record: RobotRecord) -> RobotRecord:
         """Write a changed robot back."""

@@ -78,6 +78,9 @@ class RegistryService(Service):
         self._heartbeats: Subscription = await self.runtime.nc.subscribe(
             subjects.heartbeat_listen(), queue=self.name, cb=self._on_heartbeat
         )
+        # Heartbeats sent while no registry listened prove nothing: every online robot gets a full grace.
+        await self.grant_grace()
+        self.runtime.on_reconnected(self.grant_grace)
         self._tasks = [
             asyncio.create_task(self._sweep_forever(), name="registry.sweep"),
             asyncio.create_task(self._reconcile_forever(), name="registry.reconcile"),
@@ -267,6 +270,22 @@ class RegistryService(Service):
 
     # --- presence ---
 
+    async def grant_grace(self) -> None:
+        """Give every online robot a full grace of MISSED_HEARTBEATS intervals from now before it may
+        be declared Unresponsive: what happened while this registry was away proves nothing."""
+        now = utcnow()
+        async with self.runtime.events.transaction() as tx:
+            intervals = await self.repo.online_intervals(tx.connection)
+            probe = presence.Seen(RobotStatus.AVAILABLE, None, now, 0.0, None)
+            deadlines = {
+                interval: until
+                for interval in intervals
+                if (until := presence.grace(replace(probe, interval_s=interval), now)) is not None
+            }
+            moved = await self.repo.extend_deadlines(tx.connection, deadlines)
+        if moved:
+            self.log.info("registry.grace_granted", robots=moved)
+
     async def sweep(self, now: datetime | None = None) -> int:
         """Mark online robots that missed their heartbeats Unresponsive; return how many."""
         now = now or utcnow()
@@ -287,9 +306,18 @@ class RegistryService(Service):
         return marked
 
     async def _sweep_forever(self) -> None:
+        away = False
         while True:
             delay = SWEEP_MAX_S
+            if not self.runtime.nc.is_connected:
+                # No heartbeat can arrive while NATS is away: missing ones prove nothing until it is back.
+                away = True
+                await asyncio.sleep(delay)
+                continue
             try:
+                if away:
+                    await self.grant_grace()  # before anything is judged, whoever notices first
+                    away = False
                 async with database.read(self.engine) as connection:
                     next_deadline = await self.repo.next_deadline(connection)
                 now = utcnow()

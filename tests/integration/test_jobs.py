@@ -23,6 +23,7 @@ from herder.protocol import codec, subjects
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from herder.protocol.jobs import (
+    JobInfo,
     JobKill,
     JobListRequest,
     JobReport,
@@ -116,6 +117,12 @@ async def lite(nats_url: str, sqlite_url: str, tmp_path: Path, credential: Servi
     """The whole of herder on SQLite, for what does not depend on the database."""
     async with running_fleet(nats_url, sqlite_url, tmp_path, credential) as fleet:
         yield fleet
+
+
+async def _held(fleet: Fleet, job_id: str) -> JobInfo | None:
+    """The job, once it waits for its lost robot to come back."""
+    job = await fleet.job(job_id)
+    return job if job.lost_at is not None else None
 
 
 def ran(marker: Path) -> list[str]:
@@ -292,6 +299,8 @@ async def test_robot_killed_mid_job_faults_it_within_three_heartbeats(fleet: Fle
 
 
 async def test_a_job_that_asks_to_be_requeued_runs_again_with_a_new_attempt(fleet: Fleet) -> None:
+    """Its robot is lost: the job first waits for the robot to come back (it may only be cut off), and
+    runs again elsewhere once the wait is over."""
     first = await fleet.run_robot("r1", groups=["pool"])
     await fleet.publish(python_process(fleet.root, "loop", LOOP))
     marker = fleet.root / "marker"
@@ -301,12 +310,16 @@ async def test_a_job_that_asks_to_be_requeued_runs_again_with_a_new_attempt(flee
             group="pool",
             input={"marker": str(marker), "steps": 20},
             on_robot_lost=OnRobotLost.REQUEUE,
+            lost_after_s=3.0,
         )
     )
     await eventually(lambda: ran(marker), timeout=20)
     first.kill9()
+    held = await eventually(lambda: _held(fleet, job.id), timeout=10)
+    assert held.state is JobState.RUNNING and held.robot == "r1"
+    assert "robot r1 lost contact at" in held.reason and "unless it comes back" in held.reason
     requeued = await fleet.wait_job(job.id, JobState.PENDING, timeout=10)
-    assert "re-queued after robot lost" in requeued.reason
+    assert "did not come back within 3 s" in requeued.reason
 
     await fleet.run_robot("r2", groups=["pool"])
     done = await fleet.wait_job(job.id, JobState.SUCCESSFUL)
@@ -334,8 +347,8 @@ async def test_a_robot_back_with_a_lost_job_still_running_is_cleaned_up_before_i
         os.kill(robot.process.pid, signal.SIGCONT)
     done = await fleet.wait_job(following.id, JobState.SUCCESSFUL, timeout=40)
     assert done.robot == "r1" and ran(fleet.root / "m2") == [following.id]
-    # The lost job's script did not run on: the robot stopped it when told its job had ended.
-    assert await eventually(lambda: _logged(fleet, lost.id, "hard-stopped"), timeout=10)
+    # The lost job's script did not run on: the robot killed it once it knew the job had ended.
+    assert await eventually(lambda: _logged(fleet, lost.id, "herder had ended it meanwhile"), timeout=10)
     assert (await fleet.job(lost.id)).state is JobState.FAULTED  # its late report was refused
 
 

@@ -15,7 +15,8 @@ from herder.protocol.messages import new_id, utcnow
 from herder.protocol.packages import EntryKind, EntryPoint, PackageRef
 from herder.protocol.values import MAX_DEPTH, MAX_SAFE_INTEGER, check_value
 from herder.services.common import database
-from herder.services.jobs.repository import JobRecord, JobRepository
+from herder.services.jobs.records import JobRecord
+from herder.services.jobs.repository import JobRepository
 from tests.json_values import nasty_text, safe_objects, safe_text, same
 
 EXAMPLES = 40
