@@ -388,9 +388,12 @@ async def _service_run(
                 if ca_pem is not None:
                     ca_path = folder / "ca.pem"
                     ca_path.write_text(ca_pem)
-                Context(nats_url=nats_url, token=admin, ca_file=str(ca_path) if ca_path else None).write(
-                    folder / CONTEXT_FILE
-                )
+                Context(
+                    nats_url=nats_url,
+                    token=admin,
+                    ca_file=str(ca_path) if ca_path else None,
+                    advertised_urls=[server.strip() for server in nats_url.split(",")],
+                ).write(folder / CONTEXT_FILE)
                 print(f"created the first admin token; it is in {folder / CONTEXT_FILE}", flush=True)
         print(
             f"herder {VERSION}: {', '.join(host.services)} serving on {display_nats_url(nats_url)}; Ctrl-C stops.",

@@ -246,6 +246,13 @@ def _reissue_reason(
     if certificate.not_valid_after_utc - now < timedelta(days=RENEW_BEFORE_DAYS):
         return f"expires on {certificate.not_valid_after_utc:%Y-%m-%d}"
     try:
+        usages = set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = set()
+    # Cluster routes authenticate both ways: a certificate made before they did lacks client auth.
+    if not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages:
+        return "not usable for both ends of a connection (server and client authentication)"
+    try:
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return "names nothing"

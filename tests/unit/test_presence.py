@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -13,6 +14,7 @@ from herder.services.registry.presence import (
     Seen,
     accepts,
     deadline,
+    grace,
     on_connect,
     on_goodbye,
     on_heartbeat,
@@ -286,3 +288,29 @@ def test_a_robots_life() -> None:
         Change(DI, "the agent shut down"),
     ]
     assert on_sweep(state, T0 + timedelta(days=1)) is None
+
+
+# --- grace: a registry that starts, or comes back to NATS ---
+
+
+@pytest.mark.parametrize("status", [AV, BU])
+def test_a_registry_back_gives_every_online_robot_a_full_grace(status: RobotStatus) -> None:
+    """Heartbeats that nobody heard prove nothing: a robot last heard of long ago is not Unresponsive
+    until three of its intervals after the registry is back."""
+    robot = seen(status)
+    back = T0 + timedelta(minutes=5)  # an outage of five minutes: far past the heartbeat deadline
+    until = grace(robot, back)
+    assert until == back + timedelta(seconds=MISSED_HEARTBEATS * INTERVAL_S)
+    held = replace(robot, grace_until=until)
+    assert on_sweep(held, until - timedelta(microseconds=1)) is None
+    assert on_sweep(held, until) == Change(UN, f"missed 3 heartbeats (every {INTERVAL_S:g} s)")
+
+
+@pytest.mark.parametrize("status", [UN, DI])
+def test_an_offline_robot_gets_no_grace(status: RobotStatus) -> None:
+    assert grace(seen(status), T0) is None
+
+
+def test_a_grace_never_shortens_what_a_heartbeat_gave() -> None:
+    robot = replace(seen(AV, last_heartbeat=T0), grace_until=T0 - timedelta(hours=1))
+    assert on_sweep(robot, deadline(T0, INTERVAL_S) - timedelta(microseconds=1)) is None
