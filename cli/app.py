@@ -7,7 +7,7 @@ import sys
 import typer
 
 from herder.cli import fence, jobs, packages, robots, stack, status, tap, tokens
-from herder.cli.output import refuse_tokens_in_arguments, report_errors
+from herder.cli.output import asks_for_json, refuse_tokens_in_arguments, report_errors
 
 app = typer.Typer(
     name="herder",
@@ -37,8 +37,10 @@ app.add_typer(service_app, name="service")
 
 def main() -> None:
     """Entry point of the `herder` script."""
-    refuse_tokens_in_arguments(sys.argv[1:])
-    with report_errors():
+    args = sys.argv[1:]
+    # A program that asked for JSON gets its errors as JSON too, whatever stage fails.
+    with report_errors(json_errors=asks_for_json(args)):
+        refuse_tokens_in_arguments(args)
         # Not standalone: usage errors reach report_errors, which says them in one line.
         status = app(standalone_mode=False)
     if isinstance(status, int) and status:

@@ -23,7 +23,7 @@ from herder.cli.context import (
     connected,
     resolve,
 )
-from herder.cli.output import fail, print_json, print_table, run, when
+from herder.cli.output import Column, WideOption, fail, print_json, print_table, run, when
 from herder.client.follow import JobFollower
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
@@ -46,6 +46,18 @@ from herder.protocol.jobs import (
 from herder.protocol.values import parse_json_object
 
 SHORT_ID = 12
+# `job list` on a narrow terminal: PRIORITY goes first, then CREATED, VERSION and ROBOT; REASON is cut
+# to the room left; ID, PROCESS and STATE are always whole.
+JOB_COLUMNS = (
+    Column("ID"),
+    Column("PROCESS"),
+    Column("VERSION", drop=3),
+    Column("STATE"),
+    Column("ROBOT", drop=4),
+    Column("PRIORITY", drop=1),
+    Column("CREATED (UTC)", drop=2),
+    Column("REASON", cut=True, min_width=20),
+)
 
 job_app = typer.Typer(help="Jobs: start, watch, stop and kill processes on unattended robots.", no_args_is_help=True)
 
@@ -125,10 +137,12 @@ async def _start_and_follow(target: Target, request: JobStart, json_out: bool) -
         # Listen for state changes before the job exists, so none is missed.
         await follower.listen()
         job = await client.request(request)
-        printer.show(f"job {job.id} {job.process} {job.version}: {_state_line(job)}")
+        printer.started(job)
         final = await follower.follow(job)
     if json_out:
-        print_json(final)
+        print_json(final)  # its output and error are in it
+    else:
+        printer.ended(final)
     return final
 
 
@@ -138,8 +152,12 @@ def list_jobs(
         list[JobState] | None, typer.Option("--state", help="Only jobs in this state; repeat for several.")
     ] = None,
     process: Annotated[str | None, typer.Option("--process", help="Only jobs of this process.")] = None,
-    robot: Annotated[str | None, typer.Option("--robot", help="Only jobs that ran on this robot.")] = None,
+    robot: Annotated[
+        str | None, typer.Option("--robot", help="Only jobs of this robot: those it ran and those aimed at it.")
+    ] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Only jobs aimed at this group.")] = None,
     limit: Annotated[int, typer.Option("--limit", help="At most this many, newest first.", min=1, max=1000)] = 50,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
@@ -147,13 +165,13 @@ def list_jobs(
     json_out: JsonOption = False,
 ) -> None:
     """List jobs, newest first; a Pending job says why it has not started."""
-    request = JobListRequest(states=states or [], process=process, robot=robot, limit=limit)
+    request = JobListRequest(states=states or [], process=process, robot=robot, group=group, limit=limit)
     listed = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(request))
     if json_out:
         print_json(listed.jobs)
         return
     print_table(
-        ["ID", "PROCESS", "VERSION", "STATE", "ROBOT", "PRIORITY", "CREATED (UTC)", "REASON"],
+        JOB_COLUMNS,
         [
             (
                 job.id[:SHORT_ID],
@@ -167,6 +185,7 @@ def list_jobs(
             )
             for job in listed.jobs
         ],
+        wide=wide,
     )
 
 
@@ -346,6 +365,18 @@ def _describe_state(state: JobState, robot: str | None, reason: str) -> str:
     return f"{state.value} on robot {robot}" if robot and state.active else state.value
 
 
+# Where a state stands within one attempt of a job: an attempt starts Running and moves forward; a
+# robot lost (or still busy) puts the job back to Pending at the same attempt, and the next start is
+# the next attempt. A new job is Pending at attempt 0.
+_STEP = {JobState.RUNNING: 1, JobState.STOPPING: 2, JobState.TERMINATING: 3, JobState.PENDING: 4}
+_STEP_FINAL = 5
+
+
+def _progress(state: JobState, attempt: int) -> tuple[int, int]:
+    """How far a job in `state` at `attempt` has come: a later state compares greater."""
+    return attempt, _STEP_FINAL if state.final else _STEP[state]
+
+
 class _Printer:
     """Prints what a `JobFollower` delivers: state changes and log lines, as people or programs read them."""
 
@@ -353,16 +384,32 @@ class _Printer:
         self.out = out
         self.json_lines = json_lines
         self.show_states = show_states
+        self._shown: tuple[int, int] | None = None  # how far the job had come in the line that started it
 
     def show(self, line: str) -> None:
         """Print a line of the follower's own."""
         print(line, file=self.out, flush=True)
 
+    def started(self, job: JobInfo) -> None:
+        """The job as the reply to its start has it: its id, process, version and state."""
+        self._shown = _progress(job.state, job.attempt)
+        self.show(f"job {job.id} {job.process} {job.version}: {_state_line(job)}")
+
     def state(self, change: JobStateChangedEvent) -> None:
-        """A state change of the job."""
-        if self.show_states:
-            now = _describe_state(change.state, change.robot, change.reason)
-            self.show(f"job {change.job_id[:SHORT_ID]}: {change.previous.value} → {now}")
+        """A state change of the job, unless the start line has said it already (the reply is often Running)."""
+        if not self.show_states:
+            return
+        if self._shown is not None and _progress(change.state, change.attempt) <= self._shown:
+            return
+        now = _describe_state(change.state, change.robot, change.reason)
+        self.show(f"job {change.job_id[:SHORT_ID]}: {change.previous.value} → {now}")
+
+    def ended(self, job: JobInfo) -> None:
+        """What the ended job left: its output on one line, and a Faulted job's error (its first line)."""
+        if job.output is not None:
+            self.show(f"  output {json.dumps(job.output)}")
+        if job.state is JobState.FAULTED and job.error:
+            self.show(f"  error {job.error.splitlines()[0]}")
 
     def log(self, record: LogRecord) -> None:
         """A log line of the job."""

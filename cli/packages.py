@@ -27,7 +27,7 @@ from herder.cli.context import (
     connected,
     resolve,
 )
-from herder.cli.output import print_json, print_table, run, when
+from herder.cli.output import Column, WideOption, print_json, print_table, run, when
 from herder.client.connection import refused
 from herder.client.requests import Client
 from herder.packaging.archive import object_digest, pack, sha256_hex
@@ -46,6 +46,15 @@ from herder.protocol.subjects import packages_bucket
 # Uploads larger than this show their progress on stderr.
 PROGRESS_MIN_BYTES = 1024 * 1024
 SHORT_SHA_CHARS = 12
+# `package list` on a narrow terminal: UPDATED goes first, then VERSIONS; DESCRIPTION is cut to the room
+# left; NAME and LATEST are always whole.
+PROCESS_COLUMNS = (
+    Column("NAME"),
+    Column("LATEST"),
+    Column("VERSIONS", drop=2),
+    Column("UPDATED (UTC)", drop=1),
+    Column("DESCRIPTION", cut=True, min_width=20),
+)
 
 package_app = typer.Typer(help="Processes (automation scripts) and their versions.", no_args_is_help=True)
 
@@ -219,6 +228,7 @@ def publish(
 
 @package_app.command("list")
 def list_processes(
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
@@ -234,7 +244,7 @@ def list_processes(
         print("no processes yet; publish one with 'herder package publish DIR'", file=sys.stderr)
         return
     rows = [(p.name, p.latest, p.versions, when(p.updated_at), p.description) for p in listed.processes]
-    print_table(["NAME", "LATEST", "VERSIONS", "UPDATED (UTC)", "DESCRIPTION"], rows)
+    print_table(PROCESS_COLUMNS, rows, wide=wide)
 
 
 @package_app.command("versions")

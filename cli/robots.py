@@ -29,7 +29,18 @@ from herder.cli.context import (
     read_token_file,
     resolve,
 )
-from herder.cli.output import ago, check_new_file, fail, parse_size, print_json, print_table, run, when
+from herder.cli.output import (
+    Column,
+    WideOption,
+    ago,
+    check_new_file,
+    fail,
+    parse_size,
+    print_json,
+    print_table,
+    run,
+    when,
+)
 from herder.client import logs
 from herder.client.backoff import backoff
 from herder.client.bundle import Bundle, read_bundle, write_bundle
@@ -152,6 +163,19 @@ def _create_secret_file(path: Path) -> TextIO:
     return os.fdopen(fd, "w")
 
 
+# `robot list` on a narrow terminal: LAST HEARTBEAT goes first, then CURRENT JOB; GROUPS is cut to the
+# room left; NAME, TYPE, HOST and STATUS are always whole.
+ROBOT_COLUMNS = (
+    Column("NAME"),
+    Column("TYPE"),
+    Column("HOST"),
+    Column("STATUS"),
+    Column("LAST HEARTBEAT", drop=1),
+    Column("CURRENT JOB", drop=2),
+    Column("GROUPS", cut=True, min_width=12),
+)
+
+
 def _rows(robots: list[RobotInfo]) -> list[tuple[object, ...]]:
     return [
         (
@@ -171,6 +195,7 @@ def _rows(robots: list[RobotInfo]) -> list[tuple[object, ...]]:
 def list_robots(
     group: Annotated[str | None, typer.Option("--group", help="Only the robots of this group.")] = None,
     host: Annotated[str | None, typer.Option("--host", help="Only the robots of this host.")] = None,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
@@ -183,7 +208,7 @@ def list_robots(
     if json_out:
         print_json(listed.robots)
         return
-    print_table(["NAME", "TYPE", "HOST", "STATUS", "LAST HEARTBEAT", "CURRENT JOB", "GROUPS"], _rows(listed.robots))
+    print_table(ROBOT_COLUMNS, _rows(listed.robots), wide=wide)
 
 
 @robot_app.command("show")

@@ -20,7 +20,7 @@ from herder.cli.context import (
     call,
     resolve,
 )
-from herder.cli.output import check_new_file, print_json, print_table, when
+from herder.cli.output import Column, WideOption, check_new_file, print_json, print_table, when
 from herder.client.bundle import Bundle, write_bundle
 from herder.protocol.auth import Principal, Role, TokenCreate, TokenListRequest, TokenRevoke, WhoAmI
 
@@ -79,9 +79,20 @@ def create(
     print(created.secret)
 
 
+# `token list` on a narrow terminal: CREATED goes first, then BY; NAME, ROLE and STATE are always whole.
+TOKEN_COLUMNS = (
+    Column("NAME"),
+    Column("ROLE"),
+    Column("CREATED (UTC)", drop=1),
+    Column("BY", drop=2),
+    Column("STATE"),
+)
+
+
 @token_app.command("list")
 def list_tokens(
     all_tokens: Annotated[bool, typer.Option("--all", help="Include revoked tokens.")] = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
     token_file: TokenFileOption = None,
@@ -105,7 +116,7 @@ def list_tokens(
         )
         for t in listed.tokens
     ]
-    print_table(["NAME", "ROLE", "CREATED (UTC)", "BY", "STATE"], rows)
+    print_table(TOKEN_COLUMNS, rows, wide=wide)
 
 
 @token_app.command("revoke")

@@ -132,8 +132,14 @@ def pending_reason(
     # As many jobs ahead as free robots take them all; one fewer leaves a robot for this one.
     if ahead >= len(idle):
         jobs = "job" if ahead == 1 else "jobs"
-        return f"waiting behind {ahead} older or higher-priority {jobs} for {target.describe()}"
+        return f"{ordinal(ahead + 1)} in line for {target.describe()}, behind {ahead} older or higher-priority {jobs}"
     return f"starting on {target.describe()}"
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th … 11th, 12th, 13th … 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _count_statuses(robots: Sequence[RobotPresence]) -> str:

@@ -394,13 +394,19 @@ def test_hello_runs_to_successful_with_its_states_logs_and_output(up: Stack, fle
     waited = up.herder("job", "start", "hello", "--robot", "rj-hello", "--input", '{"name": "Ada"}', "--wait")
     assert waited.returncode == 0, waited.stdout + waited.stderr
     out = waited.stdout
-    assert "Pending → Running on robot rj-hello" in out
-    assert "Running → Successful (completed)" in out
-    assert "Hello, Ada!" in out and "hello.greeting name=Ada" in out
-    assert out.index("Pending → Running") < out.index("Hello, Ada!") < out.index("→ Successful")
-    first = out.splitlines()[0]
+    lines = out.splitlines()
+    first = lines[0]
     assert first.startswith("job ") and " hello 1.0.0: " in first
     job_id = first.split()[1]
+    # Each state once: the start line says Running, or Pending and then the change to Running.
+    states = [line for line in lines if line.startswith(f"job {job_id[:12]}")]
+    assert sum("Running on robot rj-hello" in line for line in states) == 1, out
+    assert first.endswith(": Running on robot rj-hello") or "Pending → Running on robot rj-hello" in out, out
+    assert "Running → Successful (completed)" in out
+    assert "Hello, Ada!" in out and "hello.greeting name=Ada" in out
+    assert out.index("Running on robot rj-hello") < out.index("Hello, Ada!") < out.index("→ Successful")
+    # Last, what the job left.
+    assert lines[-1] == '  output {"greeting": "Hello, Ada!"}', out
 
     as_json = up.herder(
         "job", "start", "hello", "--robot", "rj-hello", "--input", '{"name": "Ada"}', "--wait", "--json"
@@ -409,6 +415,7 @@ def test_hello_runs_to_successful_with_its_states_logs_and_output(up: Stack, fle
     assert (job["state"], job["output"], job["robot"]) == ("Successful", {"greeting": "Hello, Ada!"}, "rj-hello")
     assert job["input"] == {"name": "Ada"} and job["error"] is None
     assert "→ Successful" in as_json.stderr and "Hello, Ada!" in as_json.stderr
+    assert "  output " not in as_json.stderr  # the output is in the job printed
 
     shown = up.herder("job", "show", job_id[:8])
     assert shown.returncode == 0, shown.stderr
@@ -447,6 +454,8 @@ def test_a_failing_script_faults_and_says_why(up: Stack, fleet: Fleet, tmp_path:
     assert waited.returncode == 1, waited.stdout + waited.stderr
     assert "Running → Faulted (ValueError: bad)" in waited.stdout
     assert 'raise ValueError("bad")' in waited.stdout  # the script's traceback, from its stderr
+    assert waited.stdout.splitlines()[-1] == "  error ValueError: bad", waited.stdout
+    assert "  output " not in waited.stdout  # a Faulted job has none
     job_id = waited.stdout.split()[1]
     job = up.job(job_id)
     assert (job["state"], job["error"], job["output"]) == ("Faulted", "ValueError: bad", None)
@@ -496,6 +505,44 @@ def test_job_start_refusals(up: Stack, fleet: Fleet) -> None:
     assert parsed(up.herder("job", "list", "--robot", "rs-robot", "--json")) == []
     mine = [job for job in parsed(up.herder("job", "list", "--json")) if job["target_robot"] in ("rs-robot", "rs-desk")]
     assert mine == []
+
+
+def json_error(result: subprocess.CompletedProcess[str], code: str) -> str:
+    """A failure under --json: non-zero exit, exactly one JSON line on stderr with `code`; its message."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    error = json.loads(lines[0])
+    assert list(error) == ["error"] and sorted(error["error"]) == ["code", "message"], error
+    assert error["error"]["code"] == code, error
+    message: str = error["error"]["message"]
+    assert message and "\n" not in message
+    return message
+
+
+def test_errors_under_json_are_one_json_line_with_their_code(up: Stack, fleet: Fleet, tmp_path: Path) -> None:
+    fleet.add("re-robot")
+    missing = up.herder("job", "show", "0000", "--json")
+    assert json_error(missing, "not_found") == "no job 0000"
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert_one_line_error(up.herder("job", "show", "0000"), "no job 0000", "[not_found]")  # and without --json
+
+    assert "not valid JSON" in json_error(
+        up.herder("job", "start", "hello", "--robot", "re-robot", "--input", "{", "--json"), "bad_request"
+    )
+    assert "no process named 're-nothing'" in json_error(
+        up.herder("job", "start", "re-nothing", "--robot", "re-robot", "--wait", "--json"), "not_found"
+    )
+    unplaced = up.herder("job", "start", "hello", "--json")
+    assert "--robot NAME or --group NAME" in json_error(unplaced, "usage") and unplaced.returncode == 2
+    assert "--limit" in json_error(up.herder("job", "list", "--limit", "0", "--json"), "usage")
+    token = up.herder("robot", "list", "--json", "--token", "hd_secret")
+    assert "--token-file" in json_error(token, "usage") and "hd_secret" not in token.stderr
+    nowhere = up.herder("package", "list", "--json", "--data-dir", str(tmp_path / "nowhere"))
+    assert "herder up" in json_error(nowhere, "setup")
+    # After `--` it is an argument, not the option: the error is a line for people.
+    assert_one_line_error(up.herder("job", "show", "0000", "--", "--json"), "unexpected extra argument")
 
 
 def test_a_long_task_stops_softly_and_its_logs_read_back(up: Stack, fleet: Fleet) -> None:

@@ -16,6 +16,7 @@ from herder.services.jobs.allocation import (
     ahead,
     idle_candidates,
     members,
+    ordinal,
     pending_reason,
     positions,
     takes_jobs,
@@ -461,15 +462,15 @@ def test_busy_robots_are_listed_in_the_order_given() -> None:
 @pytest.mark.parametrize(
     ("target", "robots", "busy", "count", "expected"),
     [
-        (ROBOT_R1, [bot("r1")], {}, 1, "waiting behind 1 older or higher-priority job for robot r1"),
-        (ROBOT_R1, [bot("r1")], {}, 2, "waiting behind 2 older or higher-priority jobs for robot r1"),
-        (GROUP_G, [bot("r1", "g")], {}, 1, "waiting behind 1 older or higher-priority job for group g"),
+        (ROBOT_R1, [bot("r1")], {}, 1, "2nd in line for robot r1, behind 1 older or higher-priority job"),
+        (ROBOT_R1, [bot("r1")], {}, 2, "3rd in line for robot r1, behind 2 older or higher-priority jobs"),
+        (GROUP_G, [bot("r1", "g")], {}, 1, "2nd in line for group g, behind 1 older or higher-priority job"),
         (
             GROUP_G,
             [bot("r1", "g"), bot("r2", "g"), bot("r3", "g", status=DI)],
             {"r1": JOB_ID},
             12,
-            "waiting behind 12 older or higher-priority jobs for group g",
+            "13th in line for group g, behind 12 older or higher-priority jobs",
         ),
     ],
 )
@@ -482,7 +483,7 @@ def test_reason_when_waiting_behind_other_jobs(
 def test_jobs_ahead_wait_only_when_they_take_every_free_robot() -> None:
     two_free = [bot("r1", "g"), bot("r2", "g")]
     assert pending_reason(GROUP_G, two_free, {}, 1) == "starting on group g"
-    assert pending_reason(GROUP_G, two_free, {}, 2) == "waiting behind 2 older or higher-priority jobs for group g"
+    assert pending_reason(GROUP_G, two_free, {}, 2) == "3rd in line for group g, behind 2 older or higher-priority jobs"
 
 
 @pytest.mark.parametrize(
@@ -521,3 +522,22 @@ def test_group_sentences_do_not_overlook_online_attended_robots(
     reason = pending_reason(GROUP_G, robots, busy)
     assert untrue not in reason
     assert "unattended" in reason
+
+
+@pytest.mark.parametrize(
+    ("n", "said"),
+    [
+        (1, "1st"),
+        (2, "2nd"),
+        (3, "3rd"),
+        (4, "4th"),
+        (11, "11th"),
+        (12, "12th"),
+        (13, "13th"),
+        (21, "21st"),
+        (102, "102nd"),
+        (111, "111th"),
+    ],
+)
+def test_places_in_line_read_as_people_say_them(n: int, said: str) -> None:
+    assert ordinal(n) == said
