@@ -51,11 +51,30 @@ def status(
 
 async def _gather(target: Target) -> dict[str, Any]:
     async with connected(target, "herder-cli") as nc:
+        services = [s.as_dict() for s in discovery.summarize(await discovery.gather(nc))]
         return {
             "nats": await _nats_health(nc),
-            "services": [s.as_dict() for s in discovery.summarize(await discovery.gather(nc))],
+            "services": services,
             "database": await _database_health(nc, target),
+            "components": await _troubled_components(nc, target, [s["name"] for s in services]),
         }
+
+
+async def _troubled_components(nc: NATS, target: Target, services: list[str]) -> list[dict[str, Any]]:
+    """Background components (sweeps, bucket mirrors) of the services that are not running as they
+    should: restarting after a failure, or stopped. One instance of each service answers."""
+    client = Client(nc, token=target.token, tenant=target.tenant, timeout=2.0)
+    troubled = []
+    for name in services:
+        try:
+            health = await client.request(HealthCheck(), service=name)
+        except HerderError:
+            continue
+        assert isinstance(health, HealthReply)
+        for component in health.components:
+            if component.status != "running":
+                troubled.append({"service": name, "instance": health.instance, **component.model_dump(mode="json")})
+    return troubled
 
 
 async def _nats_health(nc: NATS) -> dict[str, Any]:
@@ -124,6 +143,12 @@ def _show(report: dict[str, Any]) -> None:
         for s in report["services"]
     ]
     print_table(["SERVICE", "VERSION", "INSTANCES", "REQUESTS", "ERRORS", "AVG LATENCY"], rows)
+    for component in report.get("components", []):
+        error = f"; last error: {component['last_error']}" if component.get("last_error") else ""
+        print(
+            f"{component['service']} {component['instance']}: {component['name']} is {component['status']} "
+            f"({component['restarts']} restarts){error}"
+        )
 
 
 def version(json_out: JsonOption = False) -> None:

@@ -129,14 +129,26 @@ class DatabaseHealth(Model):
     error: str | None = None
 
 
+class ComponentHealth(Model):
+    """One background component of a service instance (a sweep, a mirror of a bucket): running,
+    restarting after a failure, or stopped; with its last failure, in one line."""
+
+    name: str
+    status: str
+    restarts: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+
 class HealthReply(Model):
-    """What `health` answers: the instance, its uptime and its database."""
+    """What `health` answers: the instance, its uptime, its database and its background components."""
 
     service: str
     version: str
     instance: str
     uptime_s: float
     database: DatabaseHealth | None = None
+    components: list[ComponentHealth] = Field(default_factory=list)
 
 
 class HealthCheck(Request[HealthReply]):

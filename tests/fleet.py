@@ -7,6 +7,7 @@ be killed with SIGKILL like any real robot), publishes process folders, and wait
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -49,15 +50,17 @@ class RobotProcess:
     log: Path
 
     def kill9(self) -> None:
-        """SIGKILL the agent: no goodbye, no report; its presence must speak for it."""
+        """SIGKILL the agent: no goodbye, no report; its presence must speak for it. (Waiting for a
+        killed process is immediate: blocking the event loop for it costs nothing.)"""
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as a service manager would, and wait for the exit code."""
+    async def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, as a service manager would, and wait for the exit code without blocking the event
+        loop: the agent's last report and goodbye go to services that run on it."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        return await asyncio.to_thread(self.process.wait, timeout)
 
     def output(self) -> str:
         """What the agent logged."""
@@ -189,15 +192,18 @@ class Fleet:
             await subscription.unsubscribe()
         return found
 
-    def stop_robots(self) -> None:
-        """Stop every robot agent still running (SIGKILL if SIGTERM is not enough)."""
-        for robot in self.robots:
+    async def stop_robots(self) -> None:
+        """Stop every robot agent still running, together (SIGKILL if SIGTERM is not enough)."""
+
+        async def stop(robot: RobotProcess) -> None:
             if robot.process.poll() is None:
                 try:
-                    robot.stop(timeout=15)
+                    await robot.stop(timeout=15)
                 except subprocess.TimeoutExpired:
                     robot.process.kill()
-                    robot.process.wait()
+                    await asyncio.to_thread(robot.process.wait)
+
+        await asyncio.gather(*(stop(robot) for robot in self.robots))
 
 
 @asynccontextmanager
@@ -222,7 +228,7 @@ async def running_fleet(
         try:
             yield fleet
         finally:
-            fleet.stop_robots()
+            await fleet.stop_robots()
 
 
 def python_process(root: Path, name: str, body: str, *, version: str = "1.0.0") -> Path:

@@ -85,18 +85,14 @@ class AuthService(Service):
         await self.callout.start()
         self._rechecks: set[asyncio.Task[None]] = set()
         runtime.tokens.on_removed(self._token_removed)
-        self._tasks = [
-            asyncio.create_task(self._reconcile_forever(), name="auth.reconcile"),
-            asyncio.create_task(self._sweep_connections_forever(), name="auth.connections"),
-        ]
+        self.tasks.periodic("auth.reconcile", self.reconcile, RECONCILE_INTERVAL_S)
+        self.tasks.periodic("auth.connections", self.sweep_connections, CONNECTION_SWEEP_S)
 
     async def teardown(self) -> None:
         await self.callout.stop()
-        for task in [*self._tasks, *self._rechecks]:
+        await self.tasks.stop()
+        for task in self._rechecks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         with contextlib.suppress(Exception):
             await self._system.close()
 
@@ -268,19 +264,3 @@ class AuthService(Service):
         if closed:
             self.log.info("fence.swept", connections=closed)
         return closed
-
-    async def _sweep_connections_forever(self) -> None:
-        while True:
-            await asyncio.sleep(CONNECTION_SWEEP_S)
-            try:
-                await self.sweep_connections()
-            except Exception as exc:
-                self.log.warning("fence.sweep_failed", error=repr(exc))
-
-    async def _reconcile_forever(self) -> None:
-        while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
-            try:
-                await self.reconcile()
-            except Exception as exc:
-                self.log.warning("auth.reconcile_failed", error=repr(exc))

@@ -201,12 +201,3 @@ class EventPublisher:
         if sent:
             log.info("event.relayed", count=sent)
         return sent
-
-    async def relay_forever(self, interval_s: float = RELAY_INTERVAL_S) -> None:
-        """Relay the outbox every `interval_s` until cancelled."""
-        while True:
-            try:
-                await self.relay_once()
-            except Exception as exc:
-                log.warning("event.relay_failed", error=repr(exc))
-            await asyncio.sleep(interval_s)

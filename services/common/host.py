@@ -14,11 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herder.client.connection import connect, display_nats_url
 from herder.client.errors import SetupError
+from herder.client.tasks import Supervisor
 from herder.protocol import subjects
 from herder.services.common import database, migrate
 from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_tenant
 from herder.services.common.credentials import ServiceCredential
-from herder.services.common.events import EventPublisher
+from herder.services.common.events import RELAY_INTERVAL_S, EventPublisher
 from herder.services.common.runtime import BusAddress, Runtime, Service, ServiceRunner
 from herder.services.common.tokens import TokenResolver
 
@@ -52,7 +53,7 @@ class ServiceHost:
         self.services: dict[str, Service] = {}
         self._runners: list[ServiceRunner] = []
         self._tokens: TokenResolver | None = None
-        self._relay: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
 
     async def start(self) -> None:
         """Bring every service up; on failure, undo what was done and raise `SetupError`."""
@@ -95,7 +96,9 @@ class ServiceHost:
         # Tenants arrive with a later issue; until then every principal belongs to the default tenant.
         await ensure_tenant(js, subjects.DEFAULT_TENANT, config.jetstream)
         bucket = await ensure_bucket(js, subjects.TOKENS_BUCKET, config.jetstream)
-        self._tokens = TokenResolver(bucket)
+        supervisor = Supervisor(log=self.log)
+        self._supervisor = supervisor
+        self._tokens = TokenResolver(bucket, supervisor=supervisor)
         await self._tokens.start()
         events = EventPublisher(js, self.engine)
         self.runtime = Runtime(
@@ -109,6 +112,7 @@ class ServiceHost:
             data_dir=config.data_dir,
             jetstream=config.jetstream,
             log=self.log,
+            supervisor=supervisor,
         )
         for service_class in config.services:
             service = service_class(self.runtime)
@@ -116,7 +120,7 @@ class ServiceHost:
             await runner.start()
             self._runners.append(runner)
             self.services[service.name] = service
-        self._relay = asyncio.create_task(events.relay_forever(), name="herder.outbox.relay")
+        supervisor.periodic("herder.outbox.relay", events.relay_once, RELAY_INTERVAL_S)
 
     async def _disconnected(self) -> None:
         self.log.warning("bus.disconnected")
@@ -136,18 +140,18 @@ class ServiceHost:
             with contextlib.suppress(Exception):
                 await runner.stop(timeout)
         self._runners.clear()
-        if self._relay is not None:
-            self._relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relay
-            self._relay = None
-            if self.runtime is not None:
-                await self.runtime.events.close()
-                with contextlib.suppress(Exception):
-                    await self.runtime.events.relay_once(grace_s=0)
+        if self._supervisor is not None:
+            await self._supervisor.cancel("herder.outbox.relay")
+        if self.runtime is not None:
+            await self.runtime.events.close()
+            with contextlib.suppress(Exception):
+                await self.runtime.events.relay_once(grace_s=0)
         if self._tokens is not None:
             await self._tokens.stop()
             self._tokens = None
+        if self._supervisor is not None:
+            await self._supervisor.stop()
+            self._supervisor = None
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), timeout)

@@ -41,11 +41,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from herder.client import connection
 from herder.client.requests import Client
+from herder.client.tasks import Supervisor
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Principal, PrincipalKind
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Forbidden, HerderError, Internal, Unauthenticated
-from herder.protocol.messages import HealthCheck, HealthReply, Model, Request, new_id
+from herder.protocol.messages import ComponentHealth, HealthCheck, HealthReply, Model, Request, new_id
 from herder.protocol.version import SCHEMA_VERSION, VERSION
 from herder.services.common import bus, database
 from herder.services.common.credentials import ServiceCredential
@@ -168,6 +169,8 @@ class Runtime:
     events: EventPublisher
     address: BusAddress | None = None
     credential: ServiceCredential | None = None
+    # The process's own background work (the token mirror, the outbox relay): `health` reports it too.
+    supervisor: Supervisor = field(default_factory=Supervisor)
     _reconnected: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
@@ -205,6 +208,8 @@ class Service:
         self.log: structlog.stdlib.BoundLogger = runtime.log.bind(service=self.name)
         self.instance_id = new_id()[:12]
         self._started = time.monotonic()
+        # The instance's background work: logged when it fails, restarted, stopped after `teardown`.
+        self.tasks = Supervisor(log=self.log)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -223,12 +228,23 @@ class Service:
     async def health(self, request: HealthCheck, ctx: RequestContext) -> HealthReply:
         """Every service answers `health`: its instance, uptime and database."""
         engine = self.runtime.engine
+        states = [*self.runtime.supervisor.states().values(), *self.tasks.states().values()]
         return HealthReply(
             service=self.name,
             version=self.version,
             instance=self.instance_id,
             uptime_s=round(time.monotonic() - self._started, 3),
             database=await database.check(engine) if engine is not None else None,
+            components=[
+                ComponentHealth(
+                    name=state.name,
+                    status=state.status.value,
+                    restarts=state.restarts,
+                    failures=state.failures,
+                    last_error=state.last_error,
+                )
+                for state in states
+            ],
         )
 
     @classmethod
@@ -359,6 +375,7 @@ class ServiceRunner:
             if pending:
                 self._log.warning("service.drain_timeout", cancelled=len(pending))
         await self.service.teardown()
+        await self.service.tasks.stop()
         self._log.info("service.stopped", instance=self.service.instance_id)
 
     async def _accept(self, route: _Route, request: MicroRequest) -> None:

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from herder.client.backoff import backoff
 from herder.protocol import codec, subjects
 from herder.protocol.errors import HerderError
 from herder.protocol.jobs import Command, CommandAck, KillCommand, StartCommand, StopCommand
@@ -29,6 +30,7 @@ from herder.protocol.jobs import Command, CommandAck, KillCommand, StartCommand,
 ACK_TIMEOUT_S = 2.0
 SEND_ATTEMPTS = 4
 RESEND_BACKOFF_S = 0.5
+RESEND_BACKOFF_MAX_S = 4.0
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
 
@@ -97,7 +99,6 @@ class CommandSender:
         sent), sending it again when none comes; None when the robot is not listening or never answers.
 
         The robot may acknowledge with `accepted=False` and a reason (busy with another job)."""
-        pause = RESEND_BACKOFF_S
         for attempt in range(1, attempts + 1):
             try:
                 reply = posted if posted is not None else await self.post(tenant, host, robot, command)
@@ -111,8 +112,7 @@ class CommandSender:
                     "command.unacknowledged", robot=robot, kind=command.kind, job_id=command.job_id, send=attempt
                 )
                 if attempt < attempts:
-                    await asyncio.sleep(pause)
-                    pause *= 2
+                    await asyncio.sleep(backoff(attempt, base_s=RESEND_BACKOFF_S, max_s=RESEND_BACKOFF_MAX_S))
                 continue
             if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
                 log.info("command.no_robot", robot=robot, kind=command.kind, job_id=command.job_id)

@@ -86,7 +86,7 @@ class JobsService(Service):
         await self.commands.start()
         js = self.runtime.js
         robots_kv = await ensure_bucket(js, subjects.ROBOTS_BUCKET, self.runtime.jetstream)
-        self.directory = RobotDirectory(robots_kv, on_change=self._robot_changed)
+        self.directory = RobotDirectory(robots_kv, on_change=self._robot_changed, supervisor=self.tasks)
         await self.directory.start()
         self.packages = PackageVersions(self.runtime.nc)
         await self.packages.start()
@@ -94,12 +94,10 @@ class JobsService(Service):
         self._background: set[asyncio.Task[Any]] = set()
         self._acks: list[tuple[str, int, datetime]] = []
         self._ack_writer: asyncio.Task[None] | None = None
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="jobs.sweep")
+        self.tasks.periodic("jobs.sweep", self.sweep, SWEEP_INTERVAL_S)
 
     async def teardown(self) -> None:
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
+        await self.tasks.cancel("jobs.sweep")
         await self.directory.stop()
         if self._background:
             await asyncio.wait(set(self._background), timeout=commands.ACK_TIMEOUT_S)
@@ -568,14 +566,6 @@ class JobsService(Service):
             self._emit(tx, current, after, actor=None)
         self.log.warning("job.requeued", job_id=job.id, robot=job.robot, reason=after.reason)
         await self._allocate_for(job.tenant, [after.target])
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            try:
-                await self.sweep()
-            except Exception as exc:
-                self.log.warning("jobs.sweep_failed", error=repr(exc))
 
     # --- helpers ---
 

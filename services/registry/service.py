@@ -81,19 +81,13 @@ class RegistryService(Service):
         # Heartbeats sent while no registry listened prove nothing: every online robot gets a full grace.
         await self.grant_grace()
         self.runtime.on_reconnected(self.grant_grace)
-        self._tasks = [
-            asyncio.create_task(self._sweep_forever(), name="registry.sweep"),
-            asyncio.create_task(self._reconcile_forever(), name="registry.reconcile"),
-        ]
+        self.tasks.watch("registry.sweep", self._sweep_forever)
+        self.tasks.periodic("registry.reconcile", self.reconcile, RECONCILE_INTERVAL_S)
 
     async def teardown(self) -> None:
         with contextlib.suppress(Exception):
             await self._heartbeats.unsubscribe()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.tasks.stop()
 
     # --- people and programs ---
 
@@ -424,11 +418,3 @@ class RegistryService(Service):
                 entry = await self.robots_kv.get(key)
                 found[key] = codec.load(RobotPresence, entry.value) if entry.value else None
         return found
-
-    async def _reconcile_forever(self) -> None:
-        while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
-            try:
-                await self.reconcile()
-            except Exception as exc:
-                self.log.warning("registry.reconcile_failed", error=repr(exc))
