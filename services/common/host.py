@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from herder.client.connection import connect, display_nats_url
 from herder.client.errors import SetupError
 from herder.protocol import subjects
-from herder.services.common import database, migrate
+from herder.services.common import database, idempotency, migrate
 from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_tenant
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import EventPublisher
@@ -53,6 +53,7 @@ class ServiceHost:
         self._runners: list[ServiceRunner] = []
         self._tokens: TokenResolver | None = None
         self._relay: asyncio.Task[None] | None = None
+        self._purge: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bring every service up; on failure, undo what was done and raise `SetupError`."""
@@ -112,6 +113,10 @@ class ServiceHost:
             self._runners.append(runner)
             self.services[service.name] = service
         self._relay = asyncio.create_task(events.relay_forever(), name="herder.outbox.relay")
+        # Every host purges; a delete of expired rows is harmless to repeat.
+        self._purge = asyncio.create_task(
+            idempotency.IdempotencyStore(self.engine).purge_forever(), name="herder.idempotency.purge"
+        )
 
     async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop taking requests, drain those in flight, publish what the outbox holds, close everything.
@@ -123,6 +128,11 @@ class ServiceHost:
             with contextlib.suppress(Exception):
                 await runner.stop(timeout)
         self._runners.clear()
+        if self._purge is not None:
+            self._purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purge
+            self._purge = None
         if self._relay is not None:
             self._relay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
