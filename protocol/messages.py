@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -52,6 +52,8 @@ class Request(Model, Generic[ReplyT]):
     service: ClassVar[str]
     verb: ClassVar[str]
     reply_model: ClassVar[type[Model]]
+    # Whether the verb creates something, and so honours an idempotency key: see `Creating`.
+    creates: ClassVar[bool] = False
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -61,6 +63,33 @@ class Request(Model, Generic[ReplyT]):
             if metadata and metadata["origin"] is Request and metadata["args"]:
                 cls.reply_model = metadata["args"][0]
                 break
+        # Set here rather than inherited, so the order of the bases cannot hide the mixin.
+        cls.creates = issubclass(cls, Creating)
+
+
+IDEMPOTENCY_KEY_PATTERN = r"[A-Za-z0-9._:-]{1,64}"
+IDEMPOTENCY_KEY_RULE = "must be 1 to 64 letters, digits or . _ : - (a random one: 32 hex digits will do)"
+
+
+class Creating(Model):
+    """The mixin of every request that creates something (a job, a robot, a token, a package version).
+
+    A creating verb honours an idempotency key: a repeat of the request under the same key, within
+    24 hours, returns the first reply instead of creating a second object. The key rides in the
+    `Nats-Msg-Id` header, or, for JSON callers whose NATS client makes headers awkward, in this
+    `request_id` field; when both are given, the header wins. The key should be random (herder's
+    client sends 128 random bits): whoever presents it gets the first reply back, secrets included.
+
+        class JobStart(Creating, Request[JobInfo]):
+            ...
+    """
+
+    # Requests refuse unknown fields; said here too, so the mixin can stand on either side of `Request`.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    creates: ClassVar[bool] = True
+
+    request_id: Annotated[str, matching(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE)] | None = None
 
 
 class Empty(Model):

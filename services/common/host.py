@@ -16,7 +16,7 @@ from herder.client.connection import connect, display_nats_url
 from herder.client.errors import SetupError
 from herder.client.tasks import Supervisor
 from herder.protocol import subjects
-from herder.services.common import database, migrate
+from herder.services.common import database, idempotency, migrate
 from herder.services.common.bus import JetStreamSettings, ensure_bucket, ensure_tenant
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import RELAY_INTERVAL_S, EventPublisher
@@ -121,6 +121,9 @@ class ServiceHost:
             self._runners.append(runner)
             self.services[service.name] = service
         supervisor.periodic("herder.outbox.relay", events.relay_once, RELAY_INTERVAL_S)
+        # Every host purges; a delete of expired rows is harmless to repeat.
+        store = idempotency.IdempotencyStore(self.engine)
+        supervisor.periodic("herder.idempotency.purge", store.purge, idempotency.PURGE_INTERVAL_S)
 
     async def _disconnected(self) -> None:
         self.log.warning("bus.disconnected")
@@ -141,6 +144,7 @@ class ServiceHost:
                 await runner.stop(timeout)
         self._runners.clear()
         if self._supervisor is not None:
+            await self._supervisor.cancel("herder.idempotency.purge")
             await self._supervisor.cancel("herder.outbox.relay")
         if self.runtime is not None:
             await self.runtime.events.close()

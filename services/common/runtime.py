@@ -17,6 +17,21 @@ the size, the message type and schema headers, the bearer token, the tenant and
 the permission, and decodes the body; anything wrong gets an error reply with a
 stable code and the service keeps serving. An unexpected exception gets
 `internal` with a correlation id, and its traceback goes to the log.
+
+A verb that creates something is declared `@endpoint(idempotent=True)`, its request model inherits
+`Creating`, and its handler claims the caller's idempotency key in the transaction that creates the
+object; a repeat of the request then gets the first reply (see `herder.services.common.idempotency`):
+
+    @endpoint(permission=Permission.JOBS_START, idempotent=True)
+    async def start(self, request: JobStart, ctx: RequestContext) -> JobInfo:
+        job_id = new_id()
+        async with self.runtime.events.transaction() as tx:
+            await ctx.claim(tx.connection, job_id)  # first: a duplicate fails here, before any work
+            await self.repo.insert(tx.connection, ...)
+        return JobInfo(...)
+
+    async def replay(self, verb: str, object_id: str, ctx: RequestContext) -> Model | None:
+        return await self.job_info(ctx.tenant, object_id)  # when the first reply was never stored
 """
 
 from __future__ import annotations
@@ -37,26 +52,40 @@ from nats.js import JetStreamContext
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointConfig, ServiceConfig, ServiceStats
 from nats.micro.service import Service as MicroService
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from herder.client import connection
+from herder.client.backoff import backoff
 from herder.client.requests import Client
 from herder.client.tasks import Supervisor
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Principal, PrincipalKind
 from herder.protocol.codec import BEARER, Header
-from herder.protocol.errors import BadRequest, Forbidden, HerderError, Internal, Unauthenticated
-from herder.protocol.messages import ComponentHealth, HealthCheck, HealthReply, Model, Request, new_id
+from herder.protocol.errors import BadRequest, Conflict, Forbidden, HerderError, Internal, Unauthenticated
+from herder.protocol.messages import (
+    IDEMPOTENCY_KEY_PATTERN,
+    IDEMPOTENCY_KEY_RULE,
+    ComponentHealth,
+    Creating,
+    HealthCheck,
+    HealthReply,
+    Model,
+    Request,
+    new_id,
+    utcnow,
+)
 from herder.protocol.version import SCHEMA_VERSION, VERSION
-from herder.services.common import bus, database
+from herder.services.common import bus, database, idempotency
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.events import EventPublisher
+from herder.services.common.idempotency import Repeat
 from herder.services.common.tokens import TokenResolver
 
 # Requests one service instance works on at once; past this, NATS buffers them.
 MAX_IN_FLIGHT = 256
 DRAIN_TIMEOUT_S = 10.0
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 Handler = Callable[[Any, "RequestContext"], Awaitable[Model]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Model]])
@@ -69,12 +98,18 @@ class EndpointSpec:
     request_model: type[Request[Any]]
     permission: str | None
     authenticated: bool
+    idempotent: bool = False
 
 
-def endpoint(*, permission: str | None = None, authenticated: bool = True) -> Callable[[F], F]:
+def endpoint(
+    *, permission: str | None = None, authenticated: bool = True, idempotent: bool = False
+) -> Callable[[F], F]:
     """Mark a service method as the handler of the verb of its request model.
 
     `permission` is demanded of the caller; `authenticated=False` lets callers without a token in.
+    `idempotent=True` (for verbs that create; the request model must inherit `Creating`) makes a repeat
+    under the same idempotency key answer the first reply: the handler claims the key with
+    `ctx.claim` in its creating transaction, and the service may rebuild lost replies in `replay`.
     """
 
     def mark(handler: F) -> F:
@@ -85,10 +120,16 @@ def endpoint(*, permission: str | None = None, authenticated: bool = True) -> Ca
         request_model = hints.get(parameters[1])
         if not (isinstance(request_model, type) and issubclass(request_model, Request)):
             raise TypeError(f"{handler.__qualname__}: annotate the request with its Request model")
+        if idempotent and not issubclass(request_model, Creating):
+            raise TypeError(
+                f"{handler.__qualname__}: an idempotent endpoint's request must inherit Creating "
+                f"(so that JSON callers can send request_id); {request_model.__name__} does not"
+            )
         handler.__herder_endpoint__ = EndpointSpec(  # type: ignore[attr-defined]
             request_model=request_model,
             permission=None if permission is None else str(permission),
             authenticated=authenticated,
+            idempotent=idempotent,
         )
         return handler
 
@@ -98,7 +139,16 @@ def endpoint(*, permission: str | None = None, authenticated: bool = True) -> Ca
 class RequestContext:
     """Who asked, for which tenant, under which correlation id; with a logger bound to them."""
 
-    __slots__ = ("_correlation_id", "_log", "_service_log", "bearer", "idempotency_key", "principal", "tenant")
+    __slots__ = (
+        "_claim",
+        "_correlation_id",
+        "_log",
+        "_service_log",
+        "bearer",
+        "idempotency_key",
+        "principal",
+        "tenant",
+    )
 
     def __init__(
         self,
@@ -118,6 +168,19 @@ class RequestContext:
         self._correlation_id = correlation_id
         self._service_log = service_log
         self._log: structlog.stdlib.BoundLogger | None = None
+        # Set by the runtime for an idempotent endpoint's request that carries a key.
+        self._claim: idempotency.Claim | None = None
+
+    async def claim(self, connection: AsyncConnection, object_id: str) -> None:
+        """Claim this request's idempotency key for `object_id`, in the transaction that creates it.
+
+        Call it first in that transaction: the key and the object then commit together or not at
+        all, and a concurrent duplicate fails here with `AlreadyClaimed` (let it propagate: the
+        transaction rolls back, and the runtime answers the duplicate with the first request's reply).
+        A no-op when the request carries no key or the endpoint is not idempotent.
+        """
+        if self._claim is not None:
+            await self._claim.take(connection, object_id)
 
     @property
     def correlation_id(self) -> str:
@@ -224,6 +287,15 @@ class Service:
     async def teardown(self) -> None:
         """Release what `setup` took, after the last request."""
 
+    async def replay(self, verb: str, object_id: str, ctx: RequestContext) -> Model | None:
+        """Rebuild the reply of an idempotent `verb` from the object it created, for a repeat whose
+        first request committed but never stored its reply (it crashed, or is still running after
+        the wait). None (the default) means it cannot: the repeat is told to retry in a moment.
+
+        A secret shown once (a token) cannot be rebuilt: answer without it.
+        """
+        return None
+
     @endpoint()
     async def health(self, request: HealthCheck, ctx: RequestContext) -> HealthReply:
         """Every service answers `health`: its instance, uptime and database."""
@@ -326,9 +398,14 @@ class ServiceRunner:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._counters: dict[str, EndpointCounters] = {}
         self._micro: _MicroService | None = None
+        self._idempotency: idempotency.IdempotencyStore | None = None
 
     async def start(self) -> None:
         """Run the service's setup, then register it and its endpoints with the NATS service API."""
+        endpoints = self.service.endpoints()
+        if any(spec.idempotent for _attribute, spec in endpoints.values()):
+            # Claims live in the database: an idempotent endpoint without one would create duplicates.
+            self._idempotency = idempotency.IdempotencyStore(self.service.engine)
         await self.service.setup()
         name = self.service.name
         self._micro = _MicroService(
@@ -343,7 +420,7 @@ class ServiceRunner:
             self._counters,
         )
         await self._micro.start()
-        for verb, (attribute, spec) in self.service.endpoints().items():
+        for verb, (attribute, spec) in endpoints.items():
             counters = self._counters.setdefault(verb, EndpointCounters())
             route = _Route(
                 verb=verb,
@@ -465,7 +542,87 @@ class ServiceRunner:
         elif route.spec.authenticated:
             raise Unauthenticated("this request needs a token: send the header 'Authorization: Bearer <token>'")
         model = codec.load(route.spec.request_model, data or _EMPTY[content_type], content_type)
+        if route.spec.idempotent:
+            return await self._create(route, model, ctx)
         return await route.handler(model, ctx)
+
+    async def _create(self, route: _Route, request: Request[Any], ctx: RequestContext) -> Model:
+        """Run an idempotent endpoint: answer a repeat from its first reply, else run the handler and keep its reply."""
+        # The header wins over the body's request_id.
+        key = ctx.idempotency_key or (request.request_id if isinstance(request, Creating) else None)
+        if not key:
+            return await route.handler(request, ctx)
+        if _IDEMPOTENCY_KEY.fullmatch(key) is None:
+            raise BadRequest(f"the idempotency key (header {Header.MSG_ID}) {IDEMPOTENCY_KEY_RULE}")
+        store = self._idempotency
+        assert store is not None  # made in `start` for every service with an idempotent endpoint
+        ctx.idempotency_key = key
+        claim = idempotency.Claim(
+            scope=idempotency.Scope(ctx.tenant, self.service.name, route.verb),
+            key=key,
+            digest=idempotency.request_digest(request, ctx.principal),
+        )
+        repeated = await self._repeat(route, store, claim, ctx)
+        if repeated is not None:
+            return repeated
+        ctx._claim = claim
+        try:
+            reply = await route.handler(request, ctx)
+        except HerderError:
+            if claim.object_id is not None:
+                raise  # this request claimed the key: the error is its own
+            # A duplicate that lost the race (`AlreadyClaimed`), or that failed on what the first one
+            # created (a name now taken), answers as a repeat of the first.
+            repeated = await self._repeat(route, store, claim, ctx)
+            if repeated is None:
+                raise
+            return repeated
+        if claim.object_id is None:
+            ctx.log.warning("idempotency.unclaimed", verb=route.verb, key=idempotency.shown(key))
+        else:
+            await store.save_reply(claim, codec.dump(reply))
+        return reply
+
+    async def _repeat(
+        self, route: _Route, store: idempotency.IdempotencyStore, claim: idempotency.Claim, ctx: RequestContext
+    ) -> Model | None:
+        """The answer to a repeat of an earlier request with the key of `claim`; None when there was none."""
+        deadline = time.monotonic() + idempotency.REPLY_WAIT_S
+        polls = 0
+        while True:
+            record = await store.lookup(claim)
+            verdict = idempotency.judge(record, claim.digest, utcnow(), wait_s=idempotency.REPLY_WAIT_S)
+            if verdict is Repeat.NEW:
+                return None
+            assert record is not None
+            if verdict is Repeat.DIFFERENT:
+                raise Conflict(
+                    f"idempotency key {idempotency.shown(claim.key)!r} was used for a different request; "
+                    "send a new key with a new request"
+                )
+            if verdict is Repeat.REPLY:
+                assert record.reply is not None
+                opened = idempotency.unseal(claim.scope, claim.key, record.reply)
+                if opened is not None:
+                    try:
+                        return codec.load(route.spec.request_model.reply_model, opened)
+                    except BadRequest:
+                        pass  # stored by a version whose reply this one cannot read: rebuild it
+                ctx.log.warning("idempotency.reply_unreadable", verb=route.verb, object_id=record.object_id)
+            elif verdict is Repeat.WAIT and time.monotonic() < deadline:
+                polls += 1
+                pause = backoff(polls, base_s=idempotency.REPLY_POLL_BASE_S, max_s=idempotency.REPLY_POLL_MAX_S)
+                await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+                continue
+            rebuilt = await self.service.replay(route.verb, record.object_id, ctx)
+            if rebuilt is None:
+                raise idempotency.AlreadyClaimed()
+            if not isinstance(rebuilt, route.spec.request_model.reply_model):
+                raise TypeError(
+                    f"{type(self.service).__name__}.replay({route.verb!r}) returned a {type(rebuilt).__name__}, "
+                    f"not a {route.spec.request_model.reply_model.__name__}"
+                )
+            return rebuilt
 
 
 def _bearer_secret(authorization: str) -> str:

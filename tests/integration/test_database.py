@@ -12,7 +12,7 @@ from sqlalchemy import MetaData, text
 
 from herder.client.errors import SetupError
 from herder.services.auth import repository
-from herder.services.common import database, events, migrate
+from herder.services.common import database, events, idempotency, migrate
 from herder.services.jobs import repository as jobs_repository
 from herder.services.packages import repository as packages_repository
 from herder.services.registry import repository as registry_repository
@@ -23,6 +23,7 @@ def _metadata() -> MetaData:
     sources = (
         repository.metadata,
         events.metadata,
+        idempotency.metadata,
         packages_repository.metadata,
         registry_repository.metadata,
         jobs_repository.metadata,
@@ -42,7 +43,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
             set(revisions)
             == migrate.heads()
             == {
-                "common_0001",
+                "common_0002",
                 "auth_0001",
                 "registry_0001",
                 "packages_0001",
