@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import StringConstraints, field_validator
 
-from herder.protocol.messages import EventData, Model, Request
+from herder.protocol.messages import Creating, EventData, Model, Request
 from herder.protocol.subjects import DEFAULT_TENANT
 
 SERVICE = "auth"
@@ -106,7 +106,7 @@ class TokenCreated(Model):
     secret: str
 
 
-class TokenCreate(Request[TokenCreated]):
+class TokenCreate(Creating, Request[TokenCreated]):
     """Create an API token for an integrator or operator."""
 
     service = SERVICE

@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from herder.protocol.messages import EventData, Model, Request, matching
+from herder.protocol.messages import Creating, EventData, Model, Request, matching
 from herder.protocol.packages import PackageRef, ProcessName, Version
 from herder.protocol.registry import Name, RemovedCommand
 from herder.protocol.values import MAX_VALUE_BYTES, NUL_FREE, SafeText, json_safe
@@ -137,7 +137,7 @@ class JobInfo(Model):
     ended_at: datetime | None = None
 
 
-class JobStart(Request[JobInfo]):
+class JobStart(Creating, Request[JobInfo]):
     """Start a process on a robot, or on any available robot of a group."""
 
     service = SERVICE

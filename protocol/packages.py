@@ -14,7 +14,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field, StringConstraints
 
 from herder.protocol.errors import Conflict
-from herder.protocol.messages import EventData, Model, Request, matching
+from herder.protocol.messages import Creating, EventData, Model, Request, matching
 from herder.protocol.values import SafeText
 
 SERVICE = "packages"
@@ -88,7 +88,7 @@ class ProcessInfo(Model):
     updated_at: datetime
 
 
-class PackagePublish(Request[VersionInfo]):
+class PackagePublish(Creating, Request[VersionInfo]):
     """Record a version whose archive is already in the tenant's object store, named by its sha256.
 
     Versions are immutable: publishing one that exists is refused with `conflict`."""

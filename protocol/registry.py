@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StringConstraints
 
-from herder.protocol.messages import EventData, Model, Request, matching
+from herder.protocol.messages import Creating, EventData, Model, Request, matching
 from herder.protocol.values import NUL_FREE, SafeText
 
 SERVICE = "registry"
@@ -90,7 +90,7 @@ class RobotAdded(Model):
     token: str
 
 
-class RobotAdd(Request[RobotAdded]):
+class RobotAdd(Creating, Request[RobotAdded]):
     """Register a robot on a host, in groups (pools) of robots."""
 
     service = SERVICE

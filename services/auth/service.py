@@ -36,8 +36,8 @@ from herder.protocol.auth import (
     TokenRevokedEvent,
     WhoAmI,
 )
-from herder.protocol.errors import NotFound, Unauthenticated
-from herder.protocol.messages import Event, new_id, utcnow
+from herder.protocol.errors import Conflict, NotFound, Unauthenticated
+from herder.protocol.messages import Event, Model, new_id, utcnow
 from herder.services.auth.callout import Callout
 from herder.services.auth.connections import Connection, Connections
 from herder.services.auth.core import (
@@ -96,10 +96,10 @@ class AuthService(Service):
         with contextlib.suppress(Exception):
             await self._system.close()
 
-    @endpoint(permission=Permission.TOKENS_MANAGE)
+    @endpoint(permission=Permission.TOKENS_MANAGE, idempotent=True)
     async def token_create(self, request: TokenCreate, ctx: RequestContext) -> TokenCreated:
         """Create a token; its secret is in this reply and nowhere else."""
-        secret, record = await self._create(ctx.tenant, request.name, request.role, actor=ctx.actor)
+        secret, record = await self._create(ctx.tenant, request.name, request.role, actor=ctx.actor, ctx=ctx)
         ctx.log.info("token.created", token=record.name, role=record.role.value)
         return TokenCreated(token=record.info(), secret=secret)
 
@@ -155,7 +155,17 @@ class AuthService(Service):
         self.log.info("auth.admin_token_created", action=action.value, token=name)
         return secret
 
-    async def _create(self, tenant: str, name: str, role: Role, *, actor: str | None) -> tuple[str, TokenRecord]:
+    async def replay(self, verb: str, object_id: str, ctx: RequestContext) -> Model | None:
+        """A repeated `token_create` whose first reply was never stored: the secret was shown to nobody
+        and cannot be shown now (herder keeps only its hash)."""
+        raise Conflict(
+            "the token was made by an earlier attempt of this request, whose reply (with the secret) was lost; "
+            "revoke it ('herder token revoke NAME') and create it again"
+        )
+
+    async def _create(
+        self, tenant: str, name: str, role: Role, *, actor: str | None, ctx: RequestContext | None = None
+    ) -> tuple[str, TokenRecord]:
         secret = new_secret()
         record = TokenRecord(
             id=new_id(),
@@ -167,9 +177,15 @@ class AuthService(Service):
             created_by=actor,
         )
         async with self.runtime.events.transaction() as tx:
+            if ctx is not None:
+                await ctx.claim(tx.connection, record.id)
             await self.repo.insert(tx.connection, record)
             tx.emit(Event.of(TokenCreatedEvent(token_id=record.id, name=name, role=role), tenant=tenant, actor=actor))
-        await self._project(record)
+        try:
+            await self._project(record)
+        except Exception:
+            # The token exists and its secret is in this reply; the reconcile projects it shortly.
+            self.log.exception("token.projection_delayed", token=record.name)
         return secret, record
 
     async def _revoke(self, tenant: str, name: str, *, actor: str | None, guard_last_admin: bool = True) -> TokenRecord:

@@ -53,7 +53,7 @@ from herder.protocol.jobs import (
     StartCommand,
     StopCommand,
 )
-from herder.protocol.messages import Event, new_id, utcnow
+from herder.protocol.messages import Event, Model, new_id, utcnow
 from herder.protocol.registry import RobotPresence, RobotStatus, RobotType
 from herder.services.common import database
 from herder.services.common.bus import ensure_bucket
@@ -114,7 +114,7 @@ class JobsService(Service):
 
     # --- people and programs ---
 
-    @endpoint(permission=Permission.JOBS_START)
+    @endpoint(permission=Permission.JOBS_START, idempotent=True)
     async def start(self, request: JobStart, ctx: RequestContext) -> JobInfo:
         """Create a job and, when a robot it may run on is free, start it there at once."""
         target = Target(robot=request.robot, group=request.group)
@@ -142,6 +142,7 @@ class JobsService(Service):
         )
         given: list[JobRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
+            await ctx.claim(tx.connection, record.id)
             await self.repo.insert(tx.connection, record)
             busy = await self.repo.busy(tx.connection, ctx.tenant)
             tx.emit(
@@ -201,6 +202,12 @@ class JobsService(Service):
             # No robot is free: why it waits follows from what this transaction read.
             return record.info((await self._pending_reasons(None, ctx.tenant, [record], busy))[record.id])
         return await self._info(record)
+
+    async def replay(self, verb: str, object_id: str, ctx: RequestContext) -> Model | None:
+        """The job a repeated start created, as it is now (its first reply was never stored)."""
+        async with database.read(self.engine) as connection:
+            record = await self.repo.get(connection, ctx.tenant, object_id)
+        return await self._info(record) if record is not None else None
 
     @endpoint(permission=Permission.JOBS_READ)
     async def list_jobs(self, request: JobListRequest, ctx: RequestContext) -> JobList:

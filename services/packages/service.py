@@ -15,7 +15,7 @@ from nats.js.object_store import ObjectStore
 from herder.protocol import subjects
 from herder.protocol.auth import Permission
 from herder.protocol.errors import Unavailable
-from herder.protocol.messages import Event, new_id, utcnow
+from herder.protocol.messages import Event, Model, new_id, utcnow
 from herder.protocol.packages import (
     PackagePublish,
     PackageRef,
@@ -64,7 +64,7 @@ class PackagesService(Service):
             self._stores[tenant] = store
         return store
 
-    @endpoint(permission=Permission.PACKAGES_PUBLISH)
+    @endpoint(permission=Permission.PACKAGES_PUBLISH, idempotent=True)
     async def publish(self, request: PackagePublish, ctx: RequestContext) -> VersionInfo:
         """Record a version whose archive is already in the object store; versions never change."""
         async with database.read(self.engine) as connection:
@@ -93,6 +93,7 @@ class PackagesService(Service):
         )
         # A publish racing this one for the same version fails here, on the unique constraint.
         async with self.runtime.events.transaction() as tx:
+            await ctx.claim(tx.connection, record.id)
             await self.repo.insert(tx.connection, record)
             tx.emit(
                 Event.of(
@@ -112,6 +113,14 @@ class PackagesService(Service):
             entry=record.entry.describe(),
         )
         return record.info()
+
+    async def replay(self, verb: str, object_id: str, ctx: RequestContext) -> Model | None:
+        """The version a repeated publish recorded (its first reply was never stored)."""
+        async with database.read(self.engine) as connection:
+            for record in await self.repo.for_tenant(connection, ctx.tenant):
+                if record.id == object_id:
+                    return record.info()
+        return None
 
     @endpoint(permission=Permission.PACKAGES_READ)
     async def list_processes(self, request: ProcessListRequest, ctx: RequestContext) -> ProcessList:

@@ -25,7 +25,7 @@ from herder.protocol import codec, subjects
 from herder.protocol.auth import Permission, PrincipalKind
 from herder.protocol.errors import Conflict, Forbidden, HerderError, NotFound
 from herder.protocol.jobs import Command
-from herder.protocol.messages import Event, utcnow
+from herder.protocol.messages import Event, Model, utcnow
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Heartbeat,
@@ -91,7 +91,7 @@ class RegistryService(Service):
 
     # --- people and programs ---
 
-    @endpoint(permission=Permission.ROBOTS_MANAGE)
+    @endpoint(permission=Permission.ROBOTS_MANAGE, idempotent=True)
     async def robot_add(self, request: RobotAdd, ctx: RequestContext) -> RobotAdded:
         """Register a robot; its token is in this reply and nowhere else."""
         secret = new_secret()
@@ -110,6 +110,7 @@ class RegistryService(Service):
             created_by=ctx.actor,
         )
         async with self.runtime.events.transaction() as tx:
+            await ctx.claim(tx.connection, f"{record.tenant}.{record.name}")
             await self.repo.insert(tx.connection, record)
             tx.emit(
                 Event.of(
@@ -118,10 +119,23 @@ class RegistryService(Service):
                     actor=ctx.actor,
                 )
             )
-        await self._project_token(record)
-        await self._project(record)
+        try:
+            await self._project_token(record)
+            await self._project(record)
+        except Exception:
+            # The robot exists and its token is in this reply; the reconcile projects both shortly.
+            ctx.log.exception("robot.projection_delayed", robot=record.name)
         ctx.log.info("robot.added", robot=record.name, type=record.type.value, host=record.host)
         return RobotAdded(robot=record.info(), token=secret)
+
+    async def replay(self, verb: str, object_id: str, ctx: RequestContext) -> Model | None:
+        """A repeated `robot_add` whose first reply was never stored: its token was shown to nobody and
+        cannot be shown now (herder keeps only its hash)."""
+        name = object_id.partition(".")[2]
+        raise Conflict(
+            f"robot {name!r} was added by an earlier attempt of this request, whose reply (with the robot's "
+            f"token) was lost; remove the robot ('herder robot remove {name}') and add it again"
+        )
 
     @endpoint(permission=Permission.ROBOTS_READ)
     async def robot_list(self, request: RobotListRequest, ctx: RequestContext) -> RobotList:

@@ -126,8 +126,8 @@ def test_db_upgrade(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert sorted(json.loads(result.stdout)["revisions"]) == [
         "auth_0001",
-        "common_0001",
-        "jobs_0001",
+        "common_0002",
+        "jobs_0002",
         "packages_0001",
         "registry_0001",
     ]

@@ -47,7 +47,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "auth_0001",
                 "registry_0001",
                 "packages_0001",
-                "jobs_0001",
+                "jobs_0002",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing

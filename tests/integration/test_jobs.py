@@ -505,3 +505,36 @@ async def test_a_corrupted_package_is_never_run(lite: Fleet) -> None:
     faulted = await lite.wait_job(job.id, JobState.FAULTED)
     assert "package hash mismatch" in faulted.reason
     assert not marker.exists()
+
+
+# --- idempotency ---
+
+
+async def test_a_start_sent_five_times_under_one_key_makes_one_job_also_across_a_restart(fleet: Fleet) -> None:
+    """An integrator that retries a start (it timed out during a crash, say) never makes a second job."""
+    request = JobStart(process="record", robot="r1", input={"marker": "unused"})
+    key = "0123456789abcdef0123456789abcdef"
+    await fleet.add_robot("r1")  # not running: the job waits for it
+    await fleet.publish(python_process(fleet.root, "record", RECORD))
+    replies = [await fleet.client.request(request, idempotency_key=key) for _ in range(5)]
+    assert len({reply.id for reply in replies}) == 1
+    assert all(reply == replies[0] for reply in replies)
+    assert len((await fleet.client.request(JobListRequest())).jobs) == 1
+    # The key in the body, as a JSON caller sends it, is the same key.
+    as_json = Client(fleet.nc, token=fleet.admin_token, content_type="application/json")
+    assert (await as_json.request(request.model_copy(update={"request_id": key}))).id == replies[0].id
+
+    # The services restart on the same database: the key still holds.
+    await fleet.host.stop()
+    restarted = ServiceHost(fleet.host.config)
+    await restarted.start()
+    try:
+        again = await fleet.client.request(request, idempotency_key=key)
+        assert again == replies[0]
+        assert len((await fleet.client.request(JobListRequest())).jobs) == 1
+        # Another request under the same key is refused, and creates nothing.
+        with pytest.raises(Conflict, match="was used for a different request"):
+            await fleet.client.request(request.model_copy(update={"priority": Priority.HIGH}), idempotency_key=key)
+        assert len((await fleet.client.request(JobListRequest())).jobs) == 1
+    finally:
+        await restarted.stop()
