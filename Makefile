@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install herder with its dev tools (quick when already done)
 
 test: $(STAMP) ## Run the whole suite (unit, integration against a real NATS and SQLite/PostgreSQL, e2e)
-	$(BIN)/python -m pytest
+	@# One worker per core: much of the suite waits on processes, servers and heartbeats.
+	$(BIN)/python -m pytest -n auto
 
 test-unit: $(STAMP) ## Run only the pure unit tests
 	$(BIN)/python -m pytest tests/unit
@@ -32,6 +33,9 @@ lint: $(STAMP) ## ruff and mypy
 	@rm -rf .mypy-path && mkdir -p .mypy-path/herder
 	@for pkg in protocol services robot coordinator cli client packaging; do ln -s ../../$$pkg .mypy-path/herder/$$pkg; done
 	$(BIN)/mypy -p herder.protocol -p herder.services -p herder.robot -p herder.coordinator -p herder.cli -p herder.client -p herder.packaging
+	$(BIN)/mypy -p tests --exclude tests/bench
+	@# The benchmarks run as scripts and import benchlib from their own folder.
+	cd tests/bench && $(abspath $(BIN))/mypy --config-file ../../pyproject.toml --cache-dir ../../.mypy_cache benchlib.py bench_rpc.py bench_dispatch.py
 
 demo: $(STAMP) ## An embedded stack in a temporary folder, a robot, four jobs (run, stopped, killed)
 	HERDER=$(BIN)/herder deploy/demo.sh

@@ -42,7 +42,6 @@ from herder.cli.output import (
     when,
 )
 from herder.client import logs
-from herder.client.backoff import backoff
 from herder.client.bundle import Bundle, read_bundle, write_bundle
 from herder.client.errors import SetupError
 from herder.protocol.errors import Unauthenticated
@@ -359,7 +358,7 @@ def _robot_target(
 
 
 async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int) -> None:
-    from herder.robot.agent import RobotAgent
+    from herder.robot.agent import ConnectionEvents, RobotAgent
 
     assert target.token is not None
     stop = asyncio.Event()
@@ -372,22 +371,8 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_
         f"with --bundle FILE, --token-file FILE or {ENV_ROBOT_TOKEN}"
     )
     # The agent hears of its connection's losses and returns; it exists once the connection does.
-    made: list[RobotAgent] = []
-
-    async def lost() -> None:
-        if made:
-            await made[0].connection_lost()
-
-    async def back() -> None:
-        if made:
-            await made[0].connection_back()
-
-    def pace(attempt: int) -> float:
-        return made[0].reconnect_delay(attempt) if made else backoff(attempt, base_s=0.25, max_s=30.0)
-
-    async with connected(
-        target, f"herder-robot-{name}", refused=refused, on_disconnected=lost, on_reconnected=back, reconnect_delay=pace
-    ) as nc:
+    events = ConnectionEvents()
+    async with connected(target, f"herder-robot-{name}", refused=refused, **events.options()) as nc:
         agent = RobotAgent(
             nc,
             robot=name,
@@ -397,7 +382,7 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_
             heartbeat_interval_s=heartbeat,
             max_package_bytes=max_package_bytes,
         )
-        made.append(agent)
+        events.attach(agent)
         try:
             info = await agent.start()
         except Unauthenticated:

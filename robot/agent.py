@@ -81,7 +81,7 @@ from herder.robot.spool import Entry, Kind, Spool
 DELIVERY_RETRY_S = 0.5
 DELIVERY_RETRY_MAX_S = 15.0
 RECONNECT_BASE_S = 0.25
-RECONNECT_MAX_S = 30.0
+RECONNECT_MAX_S = 10.0
 LOG_PUBLISH_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
 # How long a clean shutdown waits for the spool to empty before leaving the rest to the next start.
@@ -91,6 +91,8 @@ IDLE_BEAT_DELAY_S = 0.25
 # A heartbeat this many intervals late means the process was frozen (SIGSTOP, a sleeping laptop).
 FROZEN_INTERVALS = 3
 SPOOL_DIR = "spool"
+# A robot runs one job at a time, so only a few end reports can wait in its spool; the newest counts.
+SPOOL_REPORTS_SCANNED = 100
 # A run herder ended while the robot was away is killed at once: its outcome no longer counts.
 ORPHAN_GRACE_S = 0.0
 
@@ -122,8 +124,8 @@ class JobRun:
 class RobotAgent:
     """Runs one robot: its session, heartbeats, commands, jobs and reports.
 
-    Give the connection's events to `connection_lost` and `connection_back` (and pace its reconnects
-    with `reconnect_delay`); `connect_options` returns all three for `client.connection.connect`.
+    Give the connection's events to `connection_lost` and `connection_back`, and pace its reconnects
+    with `reconnect_delay`: `ConnectionEvents` does that for a connection opened before the agent.
     """
 
     def __init__(
@@ -150,6 +152,8 @@ class RobotAgent:
         self._cache = PackageCache(work_dir / "packages", self._js, tenant, max_unpacked_bytes=max_package_bytes)
         self._subscription: Subscription | None = None
         self._beat_now = asyncio.Event()
+        self._stopped = False
+        self._connected_again = asyncio.Event()  # wakes the delivery of the spool when NATS is back
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spool: Spool | None = None
         self._supervisor = Supervisor(log=log.bind(robot=robot))
@@ -233,6 +237,7 @@ class RobotAgent:
         if drained and not self.removed.is_set():
             with contextlib.suppress(HerderError):
                 await self._client.request(RobotGoodbye(session=self.session), timeout=2.0)
+        self._stopped = True
         self._log.info("robot.disconnected")
 
     async def _drained(self, timeout_s: float) -> bool:
@@ -245,17 +250,9 @@ class RobotAgent:
 
     # --- the connection ---
 
-    def connect_options(self) -> dict[str, Any]:
-        """What `client.connection.connect` needs to tell this agent about its connection."""
-        return {
-            "on_disconnected": self.connection_lost,
-            "on_reconnected": self.connection_back,
-            "reconnect_delay": self.reconnect_delay,
-        }
-
     async def connection_lost(self) -> None:
         """NATS is gone: say so once; the job goes on, and what it reports waits in the spool."""
-        if self._cut_off_at is None:
+        if self._cut_off_at is None and not self._stopped:  # closing the connection is no outage
             self._cut_off_at = time.monotonic()
             job = self.current.command.job_id if self.current else None
             self._log.warning("robot.cut_off", job_id=job, reason="the connection to NATS is lost; retrying")
@@ -272,16 +269,16 @@ class RobotAgent:
         self._cut_off_at = None
         self._log.info("robot.reconnected", away_s=round(away, 1))
         self._beat_now.set()
+        self._connected_again.set()
         self._spawn(self._resume("the connection to NATS was back"))
 
     async def _resume(self, why: str) -> None:
         """Tell herder what this robot runs (if anything) after being away; kill a run it ended meanwhile."""
         run = self.current
-        request = JobResume(
-            session=self.session,
-            job_id=run.command.job_id if run else None,
-            attempt=run.command.attempt if run else None,
-        )
+        # A run that ended while herder was away still counts as this robot's until its report is in:
+        # said to run nothing, herder would run that job again elsewhere before the report arrives.
+        ran = (run.command.job_id, run.command.attempt) if run else await asyncio.to_thread(self._spooled_end)
+        request = JobResume(session=self.session, job_id=ran[0] if ran else None, attempt=ran[1] if ran else None)
         try:
             answer = await self._client.request(request)
         except HerderError as exc:
@@ -290,6 +287,14 @@ class RobotAgent:
         if run is None or answer.keep_running or self.current is not run:
             return
         self._orphan(run, answer.reason, why=why)
+
+    def _spooled_end(self) -> tuple[str, int] | None:
+        """The job and attempt of the newest end report still waiting in the spool, if any."""
+        reports = self.spool.pending(SPOOL_REPORTS_SCANNED, kind=Kind.REPORT)
+        if not reports:
+            return None
+        report = codec.load(JobReport, reports[-1].payload)
+        return report.job_id, report.attempt
 
     def _orphan(self, run: JobRun, reason: str, *, why: str) -> None:
         """Kill a run herder ended without this robot; it is not reported (its outcome no longer counts)."""
@@ -526,7 +531,11 @@ class RobotAgent:
                 self._note_dropped()
                 continue
             failures += 1
-            await asyncio.sleep(backoff(failures, base_s=DELIVERY_RETRY_S, max_s=DELIVERY_RETRY_MAX_S))
+            # The next try comes after the backoff, or at once when NATS is back.
+            self._connected_again.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff(failures, base_s=DELIVERY_RETRY_S, max_s=DELIVERY_RETRY_MAX_S)):
+                    await self._connected_again.wait()
 
     async def _deliver(self, batch: list[Entry]) -> list[Entry]:
         """The first entries of `batch` that were delivered (or refused for good), in order."""
@@ -684,3 +693,31 @@ class JobLog:
             # A field msgpack cannot carry (an integer past 64 bits): the line is kept, its fields not.
             payload = codec.dump(record.model_copy(update={"fields": {"dropped_fields": repr(exc)[:200]}}))
         self._spool.append_log(key or f"{self._job_id}.{self._attempt}.{self._seq}", payload)
+
+
+class ConnectionEvents:
+    """The connection's callbacks for an agent made once the connection is open: `options()` go to
+    `client.connection.connect`, and they reach the agent from `attach` on (a connection lost before
+    there is an agent is nothing to tell; its reconnects are paced alike)."""
+
+    def __init__(self) -> None:
+        self._agent: RobotAgent | None = None
+
+    def attach(self, agent: RobotAgent) -> None:
+        self._agent = agent
+
+    def options(self) -> dict[str, Any]:
+        return {"on_disconnected": self._lost, "on_reconnected": self._back, "reconnect_delay": self._pace}
+
+    async def _lost(self) -> None:
+        if self._agent is not None:
+            await self._agent.connection_lost()
+
+    async def _back(self) -> None:
+        if self._agent is not None:
+            await self._agent.connection_back()
+
+    def _pace(self, attempt: int) -> float:
+        if self._agent is not None:
+            return self._agent.reconnect_delay(attempt)
+        return backoff(attempt, base_s=RECONNECT_BASE_S, max_s=RECONNECT_MAX_S)

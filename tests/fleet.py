@@ -87,8 +87,10 @@ class Fleet:
         added = await self.client.request(RobotAdd(name=name, type=robot_type, host=host, groups=list(groups)))
         return added.token
 
-    def start_robot(self, name: str, token: str, *, heartbeat_s: float = HEARTBEAT_S) -> RobotProcess:
-        """Start `herder robot run NAME` as a child process."""
+    def start_robot(
+        self, name: str, token: str, *, heartbeat_s: float = HEARTBEAT_S, options: Sequence[str] = ()
+    ) -> RobotProcess:
+        """Start `herder robot run NAME` (with `options`) as a child process."""
         work = self.root / "robots" / name
         work.mkdir(parents=True, exist_ok=True)
         log = self.root / f"robot-{name}-{len(self.robots)}.log"
@@ -111,6 +113,7 @@ class Fleet:
                     str(work),
                     "--log-format",
                     "json",
+                    *options,
                 ],
                 cwd=self.root,
                 env=env,
@@ -123,11 +126,17 @@ class Fleet:
         return robot
 
     async def run_robot(
-        self, name: str, *, groups: Sequence[str] = (), heartbeat_s: float = HEARTBEAT_S, host: str = "box1"
+        self,
+        name: str,
+        *,
+        groups: Sequence[str] = (),
+        heartbeat_s: float = HEARTBEAT_S,
+        host: str = "box1",
+        options: Sequence[str] = (),
     ) -> RobotProcess:
-        """Register a robot, start its agent, and wait until it is Available."""
+        """Register a robot, start its agent (with `options` of `herder robot run`), and wait until it is Available."""
         token = await self.add_robot(name, groups=groups, host=host)
-        robot = self.start_robot(name, token, heartbeat_s=heartbeat_s)
+        robot = self.start_robot(name, token, heartbeat_s=heartbeat_s, options=options)
         await self.wait_robot(name, RobotStatus.AVAILABLE, agent=robot)
         return robot
 

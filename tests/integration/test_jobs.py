@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
 
 from herder.client import discovery
 from herder.client.requests import Client
@@ -26,6 +27,7 @@ from herder.protocol.jobs import (
     JobInfo,
     JobKill,
     JobListRequest,
+    JobOutcomeCorrectedEvent,
     JobReport,
     JobStart,
     JobState,
@@ -35,6 +37,7 @@ from herder.protocol.jobs import (
     Outcome,
     Priority,
 )
+from herder.protocol.messages import Event
 from herder.protocol.registry import RobotStatus, RobotType
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.host import HostConfig, ServiceHost
@@ -65,10 +68,14 @@ from herder.robot import sdk
 def main(data):
     with open(data["marker"], "a") as marker:
         marker.write(os.environ["HERDER_JOB_ID"] + "\\n")
+    ignored = False
     for step in range(int(data.get("steps", 600))):
         if data.get("honour", True) and sdk.should_stop():
             sdk.log.info("stopping", step=step)
             return {"stopped_at": step}
+        if not data.get("honour", True) and os.path.exists(os.environ["HERDER_JOB_STOP_FILE"]) and not ignored:
+            ignored = True
+            sdk.log.info("ignoring the soft stop", step=step)
         time.sleep(0.05)
     return {"steps": step + 1}
 """
@@ -220,8 +227,8 @@ async def test_a_soft_stop_the_script_ignores_then_a_kill(lite: Fleet) -> None:
     )
     await eventually(lambda: ran(marker), timeout=20)
     await lite.client.request(JobStop(id=job.id))
-    await asyncio.sleep(1.0)
-    assert (await lite.job(job.id)).state is JobState.STOPPING  # the script ignores it
+    assert await eventually(lambda: _logged(lite, job.id, "ignoring the soft stop"), timeout=20)
+    assert (await lite.job(job.id)).state is JobState.STOPPING  # the script saw it, and runs on
     terminating = await lite.client.request(JobKill(id=job.id))
     assert terminating.state is JobState.TERMINATING
     stopped = await lite.wait_job(job.id, JobState.STOPPED)
@@ -350,6 +357,109 @@ async def test_a_robot_back_with_a_lost_job_still_running_is_cleaned_up_before_i
     # The lost job's script did not run on: the robot killed it once it knew the job had ended.
     assert await eventually(lambda: _logged(fleet, lost.id, "herder had ended it meanwhile"), timeout=10)
     assert (await fleet.job(lost.id)).state is JobState.FAULTED  # its late report was refused
+
+
+async def test_an_unstorable_output_faults_its_job_and_the_robot_reports_on(lite: Fleet) -> None:
+    """A script returns a value no database can hold: the job is Faulted saying why, and the agent's
+    report loop lives on to report the next job."""
+    await lite.run_robot("r1")
+    await lite.publish(python_process(lite.root, "huge", "def main(data):\n    return {'total': 10**30}\n"))
+    await lite.publish(python_process(lite.root, "record", RECORD))
+    job = await lite.client.request(JobStart(process="huge", robot="r1"))
+    faulted = await lite.wait_job(job.id, JobState.FAULTED)
+    assert faulted.reason.startswith("output is not storable: output.total: ") and faulted.output is None
+    following = await lite.client.request(
+        JobStart(process="record", robot="r1", input={"marker": str(lite.root / "m")})
+    )
+    assert (await lite.wait_job(following.id, JobState.SUCCESSFUL)).robot == "r1"
+
+
+async def test_a_package_past_the_robots_limit_faults_its_job_and_leaves_nothing(lite: Fleet) -> None:
+    robot_work = lite.root / "robots" / "r1"
+    await lite.run_robot("r1", options=["--max-package-size", "64KiB"])
+    folder = python_process(lite.root, "bulky", "def main(data):\n    return {}\n")
+    (folder / "data.bin").write_bytes(os.urandom(256 * 1024))  # random: the archive stays as large
+    await lite.publish(folder)
+    job = await lite.client.request(JobStart(process="bulky", robot="r1"))
+    faulted = await lite.wait_job(job.id, JobState.FAULTED)
+    assert "unpacks to more than 64 KiB (the robot's limit)" in faulted.reason, faulted.reason
+    assert not [path for path in robot_work.rglob("data.bin")]  # nothing of it was left on the robot
+    await lite.publish(python_process(lite.root, "record", RECORD))
+    following = await lite.client.request(
+        JobStart(process="record", robot="r1", input={"marker": str(lite.root / "m")})
+    )
+    assert (await lite.wait_job(following.id, JobState.SUCCESSFUL)).robot == "r1"
+
+
+async def test_a_frozen_robot_kills_its_orphan_at_once_with_nothing_else_queued(fleet: Fleet) -> None:
+    """Frozen past three heartbeats with no next job: once it thaws, the robot learns its job was
+    ended and hard-stops the script there and then, rather than letting it run to its end."""
+    robot = await fleet.run_robot("r1")
+    await fleet.publish(python_process(fleet.root, "loop", LOOP))
+    # 600 steps of 50 ms: half a minute of work the script would go on doing.
+    job = await fleet.client.request(JobStart(process="loop", robot="r1", input={"marker": str(fleet.root / "m")}))
+    await eventually(lambda: ran(fleet.root / "m"), timeout=20)
+    os.kill(robot.process.pid, signal.SIGSTOP)
+    try:
+        faulted = await fleet.wait_job(job.id, JobState.FAULTED, timeout=10)
+        assert faulted.reason.startswith("robot lost")
+    finally:
+        os.kill(robot.process.pid, signal.SIGCONT)
+    assert await eventually(lambda: _logged(fleet, job.id, "herder had ended it meanwhile"), timeout=15)
+    await fleet.wait_robot("r1", RobotStatus.AVAILABLE, timeout=15)
+    # The script is gone: no process of the robot's work folder runs it any more.
+    assert await eventually(lambda: not _scripts_of(robot.process.pid), timeout=10)
+    after = await fleet.job(job.id)
+    assert after.state is JobState.FAULTED and after.output is None  # the orphan reported nothing
+
+
+def _scripts_of(pid: int) -> list[int]:
+    """Child processes of `pid` still alive (the scripts an agent runs)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()] if children.exists() else []
+
+
+async def test_a_late_report_of_the_same_attempt_corrects_robot_lost(fleet: Fleet) -> None:
+    """herder recorded "robot lost" without the robot; the robot's own report of that attempt is the
+    truth and replaces it, once, with an event saying so. The agent itself is killed, so the report is
+    sent as it would have sent it from its spool."""
+    token = await fleet.add_robot("r1")
+    robot = fleet.start_robot("r1", token)
+    await fleet.wait_robot("r1", RobotStatus.AVAILABLE)
+    await fleet.publish(python_process(fleet.root, "loop", LOOP))
+    job = await fleet.client.request(JobStart(process="loop", robot="r1", input={"marker": str(fleet.root / "m")}))
+    await eventually(lambda: ran(fleet.root / "m"), timeout=20)
+    robot.kill9()
+    lost = await fleet.wait_job(job.id, JobState.FAULTED, timeout=10)
+    assert lost.reason.startswith("robot lost")
+
+    corrections: asyncio.Queue[Event] = asyncio.Queue()
+
+    async def keep(msg: Msg) -> None:
+        await corrections.put(codec.load(Event, msg.data))
+
+    subject = subjects.event_type_subject("default", JobOutcomeCorrectedEvent.event_type)
+    # As a client reads events: from the tenant's stream (it may not listen on the events' subjects).
+    await fleet.nc.jetstream().subscribe(
+        subject, stream=subjects.events_stream("default"), cb=keep, ordered_consumer=True
+    )
+    as_r1 = Client(fleet.nc, token=token)
+    report = JobReport(job_id=job.id, attempt=1, outcome=Outcome.SUCCESSFUL, output={"steps": 600}, exit_code=0)
+    await as_r1.request(report)
+    with pytest.raises(Conflict):
+        await as_r1.request(report)
+
+    corrected = await fleet.job(job.id)
+    assert corrected.state is JobState.SUCCESSFUL and corrected.output == {"steps": 600}
+    assert corrected.error is None
+    assert "reported late: herder had lost contact with robot r1 at" in corrected.reason
+    event = await asyncio.wait_for(corrections.get(), timeout=5)
+    assert event.data["job_id"] == job.id
+    assert (event.data["previous"], event.data["state"]) == ("Faulted", "Successful")
+    # Corrected once: the same report again (above), or another outcome, is refused.
+    with pytest.raises(Conflict):
+        await as_r1.request(report.model_copy(update={"outcome": Outcome.FAULTED}))
+    assert (await fleet.job(job.id)).state is JobState.SUCCESSFUL
 
 
 async def test_two_robots_of_a_group_share_twenty_jobs_and_none_runs_twice(fleet: Fleet) -> None:
@@ -482,14 +592,14 @@ async def test_unknown_names_attended_robots_and_bad_input_are_refused(lite: Fle
             headers={Header.AUTHORIZATION: BEARER + lite.admin_token, Header.CONTENT_TYPE: codec.JSON},
         )
         with pytest.raises(BadRequest):
-            codec.raise_error_reply(reply.data, reply.headers)
+            codec.raise_error_reply(reply.data, reply.headers or {})
     reply = await lite.nc.request(
         subjects.service(lite.tenant, "jobs", "start"),
         b"{not json",
         headers={Header.AUTHORIZATION: BEARER + lite.admin_token, Header.CONTENT_TYPE: codec.JSON},
     )
     with pytest.raises(BadRequest):
-        codec.raise_error_reply(reply.data, reply.headers)
+        codec.raise_error_reply(reply.data, reply.headers or {})
     assert (await lite.client.request(JobListRequest())).jobs == []
 
 
