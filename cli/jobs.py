@@ -29,7 +29,10 @@ from herder.client.requests import Client
 from herder.protocol import codec, subjects
 from herder.protocol.errors import BadRequest
 from herder.protocol.jobs import (
+    DEFAULT_LOST_AFTER_S,
     MAX_INPUT_BYTES,
+    MAX_LOST_AFTER_S,
+    MIN_LOST_AFTER_S,
     JobInfo,
     JobKill,
     JobListRequest,
@@ -66,6 +69,12 @@ IdArgument = Annotated[
 ]
 
 
+def _if_lost(job: JobInfo) -> str:
+    if job.on_robot_lost is OnRobotLost.FAULT:
+        return "fault"
+    return f"re-queue once the robot is known not to run it, or after {job.lost_after_s:g} s"
+
+
 @job_app.command("start")
 def start(
     process: Annotated[str, typer.Argument(help="The process to run.")],
@@ -85,6 +94,16 @@ def start(
     requeue: Annotated[
         bool, typer.Option("--requeue", help="If its robot is lost mid-run, run the job again instead of Faulting it.")
     ] = False,
+    lost_after: Annotated[
+        float,
+        typer.Option(
+            "--lost-after",
+            help="With --requeue: how many seconds a lost robot has to come back (it may only be cut off, "
+            "still running the job) before the job runs again elsewhere.",
+            min=MIN_LOST_AFTER_S,
+            max=MAX_LOST_AFTER_S,
+        ),
+    ] = DEFAULT_LOST_AFTER_S,
     wait: Annotated[
         bool,
         typer.Option("--wait", help="Follow its states and log lines until it ends; exit 0 only if it is Successful."),
@@ -108,6 +127,7 @@ def start(
         timeout_s=timeout,
         kill_grace_s=kill_grace,
         on_robot_lost=OnRobotLost.REQUEUE if requeue else OnRobotLost.FAULT,
+        lost_after_s=lost_after,
     )
     target = resolve(data_dir, url, token_file, bundle)
     if not wait:
@@ -216,7 +236,7 @@ def show(
         ("priority", job.priority.value),
         ("timeout", f"{job.timeout_s:g} s" if job.timeout_s else "none"),
         ("kill grace", f"{job.kill_grace_s:g} s"),
-        ("if robot lost", "re-queue" if job.on_robot_lost is OnRobotLost.REQUEUE else "fault"),
+        ("if robot lost", _if_lost(job)),
         ("created", f"{when(job.created_at)} UTC by {job.created_by or '-'}"),
         ("started", f"{when(job.started_at)} UTC" if job.started_at else "-"),
         ("ended", f"{when(job.ended_at)} UTC" if job.ended_at else "-"),

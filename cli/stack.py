@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import io
 import ipaddress
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import structlog
 import typer
 
 from herder.cli.context import CONTEXT_FILE, Context, DataDirOption, default_data_dir
@@ -33,6 +37,12 @@ ENV_DB = "HERDER_DB"
 ENV_CREDENTIAL = "HERDER_SERVICE_CREDENTIAL"
 CREDENTIAL_FILE = "service-credential.json"
 TLS_DIR = "tls"
+# A stop that takes longer than STOP_SLOW_S logs what it still waits for; one that takes longer than
+# STOP_DEADLINE_S dumps every thread's stack and exits, so that a hung stop never blocks a restart.
+STOP_SLOW_S = 15.0
+STOP_DEADLINE_S = 60.0
+
+log = structlog.get_logger("herder")
 
 LogLevelOption = Annotated[
     str, typer.Option("--log-level", help="debug, info, warning or error.", case_sensitive=False)
@@ -79,6 +89,30 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.asynccontextmanager
+async def _bounded_stop() -> AsyncIterator[None]:
+    """Around a stop: say what it waits for when it is slow, and end the process when it hangs."""
+    faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
+    watch = asyncio.create_task(_report_slow_stop())
+    try:
+        yield
+    finally:
+        watch.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+async def _report_slow_stop() -> None:
+    await asyncio.sleep(STOP_SLOW_S)
+    me = asyncio.current_task()
+    waiting = []
+    for task in asyncio.all_tasks():
+        if task is not me:
+            stack = io.StringIO()
+            task.print_stack(limit=8, file=stack)
+            waiting.append(stack.getvalue())
+    log.warning("host.stop_slow", after_s=STOP_SLOW_S, deadline_s=STOP_DEADLINE_S, waiting=waiting)
 
 
 async def _wait_for_signal() -> None:
@@ -240,10 +274,11 @@ async def _up(folder: Path, previous: Context | None, db: str | None, nats_url: 
         await _wait_for_signal()
         print("herder is stopping…", file=sys.stderr, flush=True)
     finally:
-        if host is not None:
-            await host.stop()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        async with _bounded_stop():
+            if host is not None:
+                await host.stop()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
         _clear_pid(context_path)
 
 
@@ -401,7 +436,8 @@ async def _service_run(
         )
         await _wait_for_signal()
     finally:
-        await host.stop()
+        async with _bounded_stop():
+            await host.stop()
 
 
 db_app = typer.Typer(help="The database: schema migrations.", no_args_is_help=True)

@@ -23,6 +23,7 @@ from herder.cli.context import (
 from herder.cli.output import Column, WideOption, check_new_file, print_json, print_table, when
 from herder.client.bundle import Bundle, write_bundle
 from herder.protocol.auth import Principal, Role, TokenCreate, TokenListRequest, TokenRevoke, WhoAmI
+from herder.protocol.fence import inbox_prefix
 
 token_app = typer.Typer(help="API tokens for integrators and operators.", no_args_is_help=True)
 
@@ -144,10 +145,15 @@ def whoami(
     json_out: JsonOption = False,
 ) -> None:
     """Show who the token you use stands for."""
-    principal: Principal = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(WhoAmI()))
+    target = resolve(data_dir, url, token_file, bundle)
+    principal: Principal = call(target, lambda c: c.request(WhoAmI()))
+    # The one inbox nats-server lets this token's connections listen on: other programs need it.
+    inbox = inbox_prefix(target.token) if target.token else None
     if json_out:
-        print_json(principal)
+        print_json({**principal.model_dump(mode="json"), "inbox_prefix": inbox})
         return
     permissions = ", ".join(sorted(principal.permissions)) or "none beyond its role"
     print(f"{principal.name} ({principal.kind.value}, role {principal.role.value}) in tenant {principal.tenant}")
     print(f"permissions: {permissions}")
+    if inbox is not None:
+        print(f"inbox prefix: {inbox} (a NATS client using this token must set it)")

@@ -161,13 +161,16 @@ async def connect(
             hopeless.set()
 
     # nats-py retries the first connection for as long as reconnecting is allowed: watch its errors.
+    # The client is made here so that a connection given up on can still be closed, sockets and all.
+    nc = NATS()
     attempt = asyncio.ensure_future(
-        nats.connect(
+        nc.connect(
             servers,
             name=name,
-            connect_timeout=CONNECT_TIMEOUT_S,
+            # nats-py's hints say int; it takes seconds as any number (nats.connect is untyped).
+            connect_timeout=CONNECT_TIMEOUT_S,  # type: ignore[arg-type]
             max_reconnect_attempts=max_reconnect_attempts,
-            reconnect_time_wait=RECONNECT_WAIT_S,
+            reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]
             error_cb=remember,
             token=credentials.token,
             user=credentials.user,
@@ -187,7 +190,6 @@ async def connect(
     if attempt.done():
         failure = attempt.exception()
         if failure is None:
-            nc = attempt.result()
             _refusals[nc] = kept
             return nc
         seen.append(failure)
@@ -195,6 +197,8 @@ async def connect(
         attempt.cancel()
         with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
             await attempt
+    with contextlib.suppress(Exception):
+        await nc.close()
     cause = _most_telling(seen)
     where = display_nats_url(url)
     if cause is not None and _refuses_credentials(cause):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,8 @@ RESTART_MAX_S = 30.0
 RESTART_RESET_S = 60.0
 # `TaskState.last_error` is one line of at most this many characters.
 ERROR_LINE_CHARS = 200
+# How long stopping waits for a cancelled task to end before logging it as stuck and going on.
+STOP_TIMEOUT_S = 10.0
 
 RestartDelay = Callable[[int], float]
 
@@ -95,6 +98,13 @@ def _cancelled_by_owner() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def _stop_if_cancelled() -> None:
+    """End a loop whose cancellation was swallowed below it (Python 3.11's `wait_for` can do that
+    when what it waits for completes in the same instant); otherwise its owner would wait forever."""
+    if _cancelled_by_owner():
+        raise asyncio.CancelledError
+
+
 class Supervisor:
     """Owns a process's long-lived background tasks, each under a unique name: logs their failures,
     restarts them, reports their states, and stops them all.
@@ -158,9 +168,7 @@ class Supervisor:
         """Cancel every task and wait for them to end. The supervisor takes no new tasks afterwards."""
         self._stopped = True
         tasks = [record.task for record in self._records.values() if record.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(_cancel(task) for task in tasks))
         for record in self._records.values():
             record.status = TaskStatus.STOPPED
 
@@ -178,6 +186,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         in_a_row = 0
         while True:
+            _stop_if_cancelled()
             record.status = TaskStatus.RUNNING
             started = loop.time()
             try:
@@ -212,6 +221,7 @@ class Supervisor:
         if not start_now:
             await asyncio.sleep(interval_s)
         while True:
+            _stop_if_cancelled()
             try:
                 await fn()
             except asyncio.CancelledError as exc:
@@ -228,6 +238,17 @@ class Supervisor:
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for it to end, for at most STOP_TIMEOUT_S: a task that will not end
+    is logged with where it is stuck and left behind, so that stopping never hangs."""
     task.cancel()
     # Our own cancellation ends the task; anything else it raised has already been logged.
-    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+    if not task.done():
+        stack = io.StringIO()
+        task.print_stack(limit=8, file=stack)
+        structlog.get_logger("herder").error(
+            "task.stuck", task=task.get_name(), waited_s=STOP_TIMEOUT_S, stack=stack.getvalue()
+        )
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()  # retrieved, so that asyncio does not warn of it

@@ -89,7 +89,10 @@ class Creating(Model):
 
     creates: ClassVar[bool] = True
 
-    request_id: Annotated[str, matching(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE)] | None = None
+    # Left out of the encoded request when absent: most callers key by the header.
+    request_id: Annotated[str, matching(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE)] | None = Field(
+        None, exclude_if=lambda key: key is None
+    )
 
 
 class Empty(Model):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TypeVar, cast, overload
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -21,17 +22,28 @@ T = TypeVar("T")
 POSTGRES_URL = os.environ.get("HERDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-async def eventually(check: Callable[[], Awaitable[T] | T], *, timeout: float = 5.0, interval: float = 0.02) -> T:
-    """Call `check` until it returns something truthy without raising; fail after `timeout` seconds."""
+@overload
+async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = ..., interval: float = ...) -> T: ...
+
+
+@overload
+async def eventually(check: Callable[[], T | None], *, timeout: float = ..., interval: float = ...) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]] | Callable[[], T | None], *, timeout: float = 5.0, interval: float = 0.02
+) -> T:
+    """Call `check` (a function, or a coroutine function) until it returns something truthy without
+    raising; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
         try:
             result = check()
-            if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-                result = await result  # type: ignore[misc]
+            if inspect.isawaitable(result):
+                result = await result
             if result:
-                return result  # type: ignore[return-value]
+                return cast(T, result)
             last = None
         except AssertionError as exc:
             last = exc

@@ -17,7 +17,7 @@ credential, each robot and the caller with their own tokens, admitted by the aut
 callout. The benchmark's own instruments (the robots' stamps, the caller's view of job events) use
 connections of a service's rights, apart from the ones measured.
 
-It measures three things:
+It measures four things:
 
 1. dispatch latency: from the moment the caller sends a start request for a job aimed at an idle
    robot, to the moment that robot's agent receives the start command (its clock, stamped before
@@ -30,6 +30,10 @@ It measures three things:
 3. connection set-up: from opening a connection through the fence to the first successful reply,
    for a CLI client (its token, then `whoami`) and for a robot (its token, then `robot_connect`);
    p50 and p99 over CONNECTIONS connections each.
+4. a restarted stack: nats-server and the services stopped cleanly and started again on the same
+   store and database while the robots run on, RESTARTS times; from the services being ready until
+   every robot is Available by a heartbeat to the new stack (the robots reconnect with their own
+   backoff); p50 and max.
 
 Targets (dispatch on SQLite): p50 under 5 ms, p99 under 25 ms. The script reports whether they are
 met and exits 0 either way on a completed run: it measures, it does not test.
@@ -49,6 +53,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +77,7 @@ from herder.protocol.registry import (
     RobotStatus,
     RobotType,
 )
-from herder.robot.agent import RobotAgent
+from herder.robot.agent import ConnectionEvents, RobotAgent
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.natsserver import EmbeddedNats
 
@@ -83,6 +88,8 @@ DEFAULT_ROBOTS = 10
 DEFAULT_WARMUP = 50
 DEFAULT_CONCURRENCY = 16
 DEFAULT_CONNECTIONS = 100
+DEFAULT_RESTARTS = 5
+RESTART_POLL_S = 0.05
 GROUP = "bench"
 PROCESS = "noop"
 STAMPS_SUBJECT = "bench.robots.stamps"
@@ -93,7 +100,7 @@ SERVICES_FLAG = "--serve-services"  # hidden: runs herder's services, in a child
 ROBOTS_FLAG = "--serve-robot"  # hidden: runs one robot agent, in a child process
 SCRIPT = Path(__file__).resolve()
 CREDENTIAL_FILE = "service-credential.json"
-CONFIG_KEYS = ("jobs", "robots", "warmup", "concurrency", "entry", "connections")
+CONFIG_KEYS = ("jobs", "robots", "warmup", "concurrency", "entry", "connections", "restarts")
 POSTGRES_URL = os.environ.get("HERDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -155,11 +162,14 @@ async def serve_robot(nats_url: str, work_dir: str) -> None:
     name, token = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
     stamps: dict[str, int] = {}
     # The robot is on the bus as itself; the benchmark's stamps travel on an instrument connection.
-    nc = await connect(nats_url, name=f"bench-robot-{name}", credentials=Credentials(token=token))
+    # It hears of its connection's losses as `herder robot run` does: it rides out a restarted stack.
+    events = ConnectionEvents()
+    nc = await connect(nats_url, name=f"bench-robot-{name}", credentials=Credentials(token=token), **events.options())
     credential = ServiceCredential.read(credential_file(Path(work_dir).parent))
     instrument = await connect(nats_url, name=f"bench-stamps-{name}", credentials=credential.service)
     agent = StampingAgent(nc, robot=name, token=token, work_dir=Path(work_dir) / name)
     agent.stamps = stamps
+    events.attach(agent)
 
     async def report(msg: Msg) -> None:
         await msg.respond(json.dumps(stamps).encode())
@@ -216,6 +226,17 @@ class ConnectionSetup:
 
 
 @dataclass
+class Restart:
+    """A restarted stack until every robot is Available again: nats-server and the services stopped
+    (cleanly) and started on the same store and database, timed from the services being ready until
+    each robot has heartbeated to the new stack."""
+
+    restarts: int
+    p50_s: float
+    max_s: float
+
+
+@dataclass
 class Result:
     """The measurements on one database."""
 
@@ -223,6 +244,7 @@ class Result:
     dispatch: dict[str, Dispatch]  # by load: one job at a time, every robot busy
     throughput: Throughput
     connect: dict[str, ConnectionSetup]  # by principal: a CLI client, a robot
+    restart: Restart
 
 
 class Child:
@@ -321,13 +343,20 @@ async def prepare(nc: NATS, client: Client, root: Path, robots: int, entry: str)
     return tokens
 
 
-async def wait_available(client: Client, robots: int) -> None:
+async def wait_available(client: Client, robots: int, *, heard_after: datetime | None = None) -> None:
+    """Until every robot of the group is Available (and, with `heard_after`, heartbeated since)."""
     deadline = time.monotonic() + CHILD_START_TIMEOUT_S
     while time.monotonic() < deadline:
         listed = (await client.request(RobotListRequest(group=GROUP))).robots
-        if sum(robot.status is RobotStatus.AVAILABLE for robot in listed) == robots:
+        available = [
+            robot
+            for robot in listed
+            if robot.status is RobotStatus.AVAILABLE
+            and (heard_after is None or (robot.last_heartbeat is not None and robot.last_heartbeat > heard_after))
+        ]
+        if len(available) == robots:
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(RESTART_POLL_S)
     raise RuntimeError("the robots did not all become Available")
 
 
@@ -433,8 +462,35 @@ async def measure_connect(nats_url: str, client: Client, admin: str, connections
     return found
 
 
-async def run_database(database: str, db_url: str, nats_url: str, root: Path, args: argparse.Namespace) -> Result:
-    services, token = await Child.start("services", SERVICES_FLAG, nats_url, db_url, str(root / "services"))
+async def measure_restart(
+    server: EmbeddedNats, services: list[Child], services_args: tuple[str, ...], token: str, args: argparse.Namespace
+) -> Restart:
+    """Restart the whole stack `args.restarts` times while the robots stay up; `services` holds the
+    services' child, replaced at each restart."""
+    times = []
+    for _ in range(args.restarts):
+        await services[0].stop()
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)  # the same port and store
+        services[0], _ = await Child.start("services", *services_args)
+        ready, started = datetime.now(UTC), time.perf_counter()
+        # A connection of its own: the caller's would be on its own reconnect backoff.
+        async with contextlib.AsyncExitStack() as stack:
+            nc = await connect(server.url, name="bench-restart", credentials=Credentials(token=token))
+            stack.push_async_callback(nc.close)
+            await wait_available(Client(nc, token=token, timeout=30.0), args.robots, heard_after=ready)
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return Restart(restarts=len(times), p50_s=round(percentile(times, 0.5), 2), max_s=round(times[-1], 2))
+
+
+async def run_database(
+    database: str, db_url: str, server: EmbeddedNats, root: Path, args: argparse.Namespace
+) -> Result:
+    nats_url = server.url
+    services_args = (SERVICES_FLAG, nats_url, db_url, str(root / "services"))
+    child, token = await Child.start("services", *services_args)
+    services = [child]
     robot_children: list[Child] = []
     # The caller is a client, as an integrator would be; the benchmark watches events through a
     # connection of its own.
@@ -482,12 +538,13 @@ async def run_database(database: str, db_url: str, nats_url: str, root: Path, ar
             )
         throughput = await measure_throughput(client, watcher, args.jobs, args.concurrency)
         connections = await measure_connect(nats_url, client, token, args.connections)
-        return Result(database=database, dispatch=dispatch, throughput=throughput, connect=connections)
+        restart = await measure_restart(server, services, services_args, token, args)
+        return Result(database=database, dispatch=dispatch, throughput=throughput, connect=connections, restart=restart)
     finally:
         await nc.close()
         await instrument.close()
         await asyncio.gather(*(child.stop() for child in robot_children))
-        await services.stop()
+        await services[0].stop()
 
 
 @contextlib.contextmanager
@@ -506,18 +563,18 @@ def postgres_database() -> Any:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def measure(args: argparse.Namespace, nats_url: str, root: Path) -> list[Result]:
+async def measure(args: argparse.Namespace, server: EmbeddedNats, root: Path) -> list[Result]:
     results = []
     for database in ("sqlite", "postgres") if args.db == "both" else (args.db,):
         folder = root / database
         folder.mkdir()
         shutil.copy(credential_file(root), credential_file(folder))
         if database == "sqlite":
-            results.append(await run_database(database, f"sqlite:///{folder / 'herder.db'}", nats_url, folder, args))
+            results.append(await run_database(database, f"sqlite:///{folder / 'herder.db'}", server, folder, args))
             continue
         try:
             with postgres_database() as url:
-                results.append(await run_database(database, url, nats_url, folder, args))
+                results.append(await run_database(database, url, server, folder, args))
         except ImportError:
             raise
         except Exception as exc:
@@ -564,6 +621,14 @@ def render(results: list[Result], args: argparse.Namespace, env: dict[str, Any])
     for result in results:
         for principal, c in result.connect.items():
             lines.append(f"  {result.database:<9} {principal:<10} {c.p50_ms:>6.2f} ms {c.p99_ms:>6.2f} ms")
+    lines += [
+        "",
+        f"  a restarted stack until every robot is Available again ({args.robots} robots, {args.restarts} restarts)",
+        f"  {'database':<9} {'p50':>9} {'max':>9}",
+    ]
+    for result in results:
+        r = result.restart
+        lines.append(f"  {result.database:<9} {r.p50_s:>7.2f} s {r.max_s:>7.2f} s")
     lines.append("")
     for result in results:
         for load, d in result.dispatch.items():
@@ -589,8 +654,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--connections", type=int, default=DEFAULT_CONNECTIONS, help="connections timed per principal (%(default)s)"
     )
+    parser.add_argument(
+        "--restarts", type=int, default=DEFAULT_RESTARTS, help="stack restarts timed at the end (%(default)s)"
+    )
     args = parser.parse_args(argv)
-    for option in ("jobs", "robots", "concurrency", "connections"):
+    for option in ("jobs", "robots", "concurrency", "connections", "restarts"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1")
     if args.warmup < 0:
@@ -612,9 +680,9 @@ def main(argv: list[str]) -> int:
         credential = ServiceCredential.generate()
         credential.write(credential_file(root))
         server = EmbeddedNats(root / "nats", credential=credential)
-        nats_url = server.start()
+        server.start()
         try:
-            results = asyncio.run(measure(args, nats_url, root))
+            results = asyncio.run(measure(args, server, root))
         finally:
             server.stop()
     env = environment()
@@ -622,9 +690,7 @@ def main(argv: list[str]) -> int:
         document = {
             "benchmark": "job_dispatch",
             "targets": {"dispatch_p50_ms": TARGET_P50_MS, "dispatch_p99_ms": TARGET_P99_MS},
-            "config": {
-                k: getattr(args, k) for k in ("jobs", "robots", "warmup", "concurrency", "entry", "connections")
-            },
+            "config": {k: getattr(args, k) for k in CONFIG_KEYS},
             "environment": env,
             "results": {result.database: asdict(result) for result in results},
         }

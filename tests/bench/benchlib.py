@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 from herder.services.common.natsserver import server_binary
 
+N = TypeVar("N", int, float)
 
-def percentile(ordered: list[int], fraction: float) -> int:
+
+def percentile(ordered: Sequence[N], fraction: float) -> N:
     """Nearest-rank percentile of sorted values."""
     index = max(0, min(len(ordered) - 1, round(fraction * len(ordered)) - 1))
     return ordered[index]

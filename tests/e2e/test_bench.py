@@ -53,7 +53,17 @@ DISPATCH = BENCH.parent / "bench_dispatch.py"
 
 def test_the_dispatch_benchmark_completes_and_reports_every_figure() -> None:
     done = subprocess.run(
-        [sys.executable, str(DISPATCH), "--json", "--db=sqlite", "--jobs=12", "--robots=2", "--warmup=2"],
+        [
+            sys.executable,
+            str(DISPATCH),
+            "--json",
+            "--db=sqlite",
+            "--jobs=12",
+            "--robots=2",
+            "--warmup=2",
+            "--connections=5",
+            "--restarts=1",
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -70,6 +80,10 @@ def test_the_dispatch_benchmark_completes_and_reports_every_figure() -> None:
     throughput = sqlite["throughput"]
     assert (throughput["jobs"], throughput["failed"]) == (12, 0)
     assert throughput["jobs_per_s"] > 0
+    assert set(sqlite["connect"]) == {"cli", "robot"}
+    assert all(0 < c["p50_ms"] <= c["p99_ms"] and c["connections"] == 5 for c in sqlite["connect"].values())
+    restart = sqlite["restart"]
+    assert restart["restarts"] == 1 and 0 < restart["p50_s"] <= restart["max_s"]
 
 
 def test_the_dispatch_benchmark_refuses_nonsense_options() -> None:

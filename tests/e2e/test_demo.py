@@ -52,7 +52,9 @@ def test_the_demo_runs_every_step_and_leaves_nothing_behind(tmp_path: Path) -> N
 
     hello = _section(out, "herder job start hello")
     assert any(line.endswith("stdout Hello, herder!") for line in hello), hello
-    assert hello[-1].endswith("Running → Successful (completed)")
+    # --wait ends with the job's end and then its output.
+    assert hello[-2].endswith("Running → Successful (completed)")
+    assert hello[-1] == '  output {"greeting": "Hello, herder!"}'
     assert _section(out, "herder job start rf-hello")[-1].endswith("Running → Successful (completed)")
 
     soft = _section(out, "herder job stop")

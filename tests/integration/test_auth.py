@@ -39,7 +39,7 @@ async def stored_events(stack: Stack) -> list[Event]:
     found = []
     for sequence in range(info.state.first_seq, info.state.last_seq + 1):
         message = await js.get_msg(subjects.events_stream("default"), sequence)
-        found.append(codec.load(Event, message.data))
+        found.append(codec.load(Event, message.data or b""))
     return found
 
 
@@ -80,14 +80,14 @@ async def test_bad_requests_and_missing_tokens(stack: Stack) -> None:
     # Without a token the request is refused before its (empty, invalid) body is even read.
     reply = await stack.nc.request(subjects.service("default", "auth", "token_create"), b"")
     with pytest.raises(Unauthenticated):
-        codec.raise_error_reply(reply.data, reply.headers)
+        codec.raise_error_reply(reply.data, reply.headers or {})
     reply = await stack.nc.request(
         subjects.service("default", "auth", "token_create"),
         codec.dump(TokenCreate.model_construct(name="Not Valid", role=Role.ADMIN)),
         headers={codec.Header.AUTHORIZATION: f"Bearer {stack.admin_token}"},
     )
     with pytest.raises(BadRequest, match="name"):
-        codec.raise_error_reply(reply.data, reply.headers)
+        codec.raise_error_reply(reply.data, reply.headers or {})
 
 
 async def test_the_last_admin_token_stays(stack: Stack) -> None:
@@ -137,7 +137,8 @@ async def test_a_new_token_works_at_once_on_another_process(
         resolved = await other.runtime.tokens.resolve(created.secret)
         assert resolved is not None and resolved.name == "fresh"
         await stack.client.request(TokenRevoke(name="fresh"))
-        await eventually(lambda: other.runtime.tokens.snapshot().get(token_hash(created.secret)) is None)  # type: ignore[union-attr]
+        tokens = other.runtime.tokens
+        await eventually(lambda: tokens.snapshot().get(token_hash(created.secret)) is None)
         assert await other.runtime.tokens.resolve(created.secret) is None
     finally:
         await other.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, text
+from sqlalchemy import Connection, MetaData, text
 
 from herder.client.errors import SetupError
 from herder.services.auth import repository
@@ -52,8 +52,9 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing
 
-        def differences(connection: object) -> list[object]:
-            return compare_metadata(MigrationContext.configure(connection), _metadata())  # type: ignore[arg-type]
+        def differences(connection: Connection) -> list[object]:
+            found: list[object] = compare_metadata(MigrationContext.configure(connection), _metadata())
+            return found
 
         async with engine.connect() as connection:
             assert await connection.run_sync(differences) == []

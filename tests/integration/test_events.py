@@ -45,7 +45,7 @@ async def stream_events(js: JetStreamContext) -> list[Event]:
     if info.state.messages == 0:
         return []
     return [
-        codec.load(Event, (await js.get_msg(subjects.events_stream("acme"), seq)).data)
+        codec.load(Event, (await js.get_msg(subjects.events_stream("acme"), seq)).data or b"")
         for seq in range(info.state.first_seq, info.state.last_seq + 1)
     ]
 

@@ -227,7 +227,7 @@ async def test_a_published_version_is_an_event(stack: Stack, tmp_path: Path) -> 
         found[:] = [e for e in await stored_events(stack) if e.type == "packages.version_published"]
         return bool(found)
 
-    await eventually(event_stored, timeout=15)  # type: ignore[arg-type]  # eventually is typed for sync checks
+    await eventually(event_stored, timeout=15)
     (event,) = found
     assert event.tenant == TENANT and event.actor == "admin"
     assert event.subject == "hd.default.evt.packages.version_published"

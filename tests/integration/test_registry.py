@@ -96,7 +96,7 @@ async def status_events(fleet: Fleet, robot: str) -> list[tuple[str, str]]:
     info = await js.stream_info(subjects.events_stream("default"))
     found = []
     for sequence in range(info.state.first_seq, info.state.last_seq + 1):
-        event = codec.load(Event, (await js.get_msg(subjects.events_stream("default"), sequence)).data)
+        event = codec.load(Event, (await js.get_msg(subjects.events_stream("default"), sequence)).data or b"")
         if event.type == "registry.robot_status_changed" and event.data["robot"] == robot:
             found.append((event.data["previous"], event.data["status"]))
     return found
@@ -152,7 +152,7 @@ async def test_malformed_robots_are_refused_and_nothing_is_stored(fleet: Fleet, 
         headers={Header.AUTHORIZATION: BEARER + fleet.admin_token, Header.CONTENT_TYPE: codec.JSON},
     )
     with pytest.raises(BadRequest):
-        codec.raise_error_reply(reply.data, reply.headers)
+        codec.raise_error_reply(reply.data, reply.headers or {})
     assert (await fleet.client.request(RobotListRequest())).robots == []
 
 
@@ -178,7 +178,7 @@ async def test_robot_tokens_are_hashed_and_only_open_the_robots_own_doors(fleet:
         headers={Header.AUTHORIZATION: BEARER + fleet.admin_token, Header.CONTENT_TYPE: codec.JSON},
     )
     with pytest.raises(BadRequest, match="robot tokens are issued by 'herder robot add'"):
-        codec.raise_error_reply(reply.data, reply.headers)
+        codec.raise_error_reply(reply.data, reply.headers or {})
 
     engine = fleet.host.engine
     assert engine is not None
@@ -239,7 +239,7 @@ async def test_a_new_session_takes_over_and_the_old_one_no_longer_counts(fleet: 
 
     # The bucket other services read says the same, with the new session.
     kv = await nc.jetstream().key_value(subjects.ROBOTS_BUCKET)
-    presence = codec.load(RobotPresence, (await kv.get(subjects.robot_key(fleet.tenant, "r1"))).value)
+    presence = codec.load(RobotPresence, (await kv.get(subjects.robot_key(fleet.tenant, "r1"))).value or b"")
     assert (presence.status, presence.session, presence.host) == (RobotStatus.AVAILABLE, "new", "box1")
 
 

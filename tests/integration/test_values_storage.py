@@ -39,7 +39,7 @@ def deepest() -> dict[str, Any]:
     return value
 
 
-NASTY = [
+NASTY: list[dict[str, Any]] = [
     {},
     {"separators": "\u2028\u2029", "emoji": "😀👍🏽", "astral": "\U0010ffff", "rtl": "שלום", "bom": "\ufeff"},
     {"controls": "\x01\x1f\x7f\n\r\t", "quotes": "\"\\'", "escaped_nul_text": "\\u0000", "json": '{"a": 1}'},

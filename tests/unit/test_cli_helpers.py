@@ -72,7 +72,7 @@ def test_an_event_line_has_time_tenant_subject_actor_and_fields() -> None:
 
 
 def test_summarize_folds_instances_by_service() -> None:
-    replies = [
+    replies: list[dict[str, Any]] = [
         {
             "name": "auth",
             "version": "0.1.0",

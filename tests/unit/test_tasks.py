@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
+from herder.client import tasks
 from herder.client.tasks import Supervisor, TaskStatus, error_line
 from tests.support import eventually
 
@@ -224,6 +226,48 @@ async def test_one_task_can_be_cancelled_and_its_name_taken_again(supervisor: Su
 
     supervisor.watch("mirror.watch", forever)
     assert supervisor.states()["mirror.watch"].status is TaskStatus.RUNNING
+
+
+async def test_a_periodic_task_whose_cancellation_is_swallowed_still_ends() -> None:
+    """Something under the task catches the cancellation and returns (as Python 3.11's `wait_for`
+    may): the loop sees that it is being cancelled and ends instead of ticking on."""
+    supervisor = Supervisor(restart_delay=quick)
+    inside = asyncio.Event()
+
+    async def tick() -> None:
+        inside.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return  # swallowed
+
+    supervisor.periodic("sweep", tick, TICK_S, start_now=True)
+    await asyncio.wait_for(inside.wait(), 5.0)
+    await asyncio.wait_for(supervisor.stop(), 5.0)
+    assert supervisor.states()["sweep"].status is TaskStatus.STOPPED
+
+
+async def test_a_task_that_will_not_end_is_logged_as_stuck_and_stopping_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "STOP_TIMEOUT_S", 0.05)
+    supervisor = Supervisor(restart_delay=quick)
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        inside.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    supervisor.watch("stubborn", stubborn)
+    await asyncio.wait_for(inside.wait(), 5.0)
+    with capture_logs() as logs:
+        await asyncio.wait_for(supervisor.stop(), 5.0)
+    stuck = [entry for entry in logs if entry["event"] == "task.stuck"]
+    assert [entry["task"] for entry in stuck] == ["stubborn"] and "stubborn" in stuck[0]["stack"]
+    release.set()  # let it end, so that the test leaves no task behind
 
 
 def test_an_error_line_is_one_short_line() -> None:
