@@ -46,7 +46,13 @@ class Permission(StrEnum):
     JOBS_READ = "jobs.read"
     JOBS_START = "jobs.start"
     JOBS_STOP = "jobs.stop"
-    # What a robot agent may do with its own token: connect, heartbeat, report on its jobs.
+    QUEUES_READ = "queues.read"
+    # Create queues, change their settings, delete and retry items by hand.
+    QUEUES_MANAGE = "queues.manage"
+    # Add items to queues (robots may too, with their own token).
+    QUEUES_ADD = "queues.add"
+    # What a robot agent may do with its own token: connect, heartbeat, report on its jobs, take,
+    # add and finish queue items.
     ROBOT_AGENT = "robot.agent"
 
 
@@ -62,10 +68,20 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.JOBS_READ,
             Permission.JOBS_START,
             Permission.JOBS_STOP,
+            Permission.QUEUES_READ,
+            Permission.QUEUES_MANAGE,
+            Permission.QUEUES_ADD,
         }
     ),
     Role.INTEGRATOR: frozenset(
-        {Permission.ROBOTS_READ, Permission.PACKAGES_READ, Permission.JOBS_READ, Permission.JOBS_START}
+        {
+            Permission.ROBOTS_READ,
+            Permission.PACKAGES_READ,
+            Permission.JOBS_READ,
+            Permission.JOBS_START,
+            Permission.QUEUES_READ,
+            Permission.QUEUES_ADD,
+        }
     ),
     Role.ROBOT: frozenset({Permission.ROBOT_AGENT}),
 }

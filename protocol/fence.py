@@ -41,6 +41,11 @@ ROBOT_VERBS: tuple[tuple[str, str], ...] = (
     ("registry", "robot_goodbye"),
     ("jobs", "report"),
     ("jobs", "resume"),
+    ("queues", "item_add"),
+    ("queues", "item_next"),
+    ("queues", "item_result"),
+    ("queues", "item_postpone"),
+    ("queues", "item_progress"),
 )
 
 # The NATS service API's discovery subjects: a client may ask who serves what (`herder status`).
