@@ -23,17 +23,37 @@ Run by hand (`python -c "import hello; print(hello.main({}))"`), the same script
 herder: `job_input()` is `{}`, `should_stop()` is `False`, `sdk.log` prints readable lines to
 stderr and `set_output` prints the output there too.
 
+Work queues, through the robot that runs the script (it holds the token; the script never does):
+
+    invoices = sdk.queue("invoices")
+    invoices.add({"number": "INV-7", "amount": 120.5}, reference="INV-7", priority="High")
+    while (item := invoices.next()) is not None:
+        try:
+            book(item.content)
+        except InvoiceRefused as exc:
+            item.fail(str(exc), kind="business")  # the data is wrong: never retried
+        else:
+            item.complete({"booked": True})
+
+herder's refusals raise `QueueError` (its `code` is herder's error code, `str()` its one-line
+message). Queues need a robot: run by hand, outside herder, a queue call raises `NotOnRobot`.
+
 Only the standard library is imported here: scripts start fast and need nothing else installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import socket
 import stat
 import sys
 import threading
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 # The variables the robot sets for the script; the runner and this module share these names.
@@ -46,6 +66,8 @@ ENV_STOP_FILE = "HERDER_JOB_STOP_FILE"
 ENV_ERROR_FILE = "HERDER_JOB_ERROR_FILE"
 ENV_LOG_FD = "HERDER_JOB_LOG_FD"
 ENV_PACKAGE_DIR = "HERDER_PACKAGE_DIR"
+# The Unix socket of the run's channel to its robot agent (see herder.robot.channel).
+ENV_CHANNEL = "HERDER_JOB_CHANNEL"
 
 # The output travels in the job's report over NATS: keep it well inside a message.
 MAX_OUTPUT_BYTES = 256 * 1024
@@ -54,8 +76,23 @@ MAX_RECORD_BYTES = 8 * 1024
 _MAX_MESSAGE_CHARS = 1024
 _MAX_FIELD_CHARS = 256
 LEVELS = ("debug", "info", "warning", "error")
+# One request or answer on the channel is one line of at most this; the agent refuses longer ones.
+MAX_CHANNEL_LINE_BYTES = 1_200_000
 
-__all__ = ["Log", "job_input", "log", "set_output", "should_stop"]
+__all__ = [
+    "Item",
+    "Log",
+    "NotOnRobot",
+    "Queue",
+    "QueueError",
+    "Queues",
+    "job_input",
+    "log",
+    "queue",
+    "queues",
+    "set_output",
+    "should_stop",
+]
 
 
 def stop_seen_marker(stop_file: str) -> str:
@@ -236,3 +273,585 @@ def _readable(now: datetime, level: str, event: str, fields: dict[str, Any]) -> 
         shown = value if isinstance(value, bool | int | float) or value is None else repr(value)
         words.append(f"{key}={shown}")
     return " ".join(words)
+
+
+# --- work queues, through the run's channel to its robot agent ---
+
+# How long the SDK waits to reach the agent's socket, and for an answer. The agent answers every call
+# within its own client's timeout (an add, retried under its idempotency key, within about 20 s): this
+# only bounds the wait on an agent that stopped answering at all.
+CHANNEL_CONNECT_TIMEOUT_S = 5.0
+CHANNEL_CALL_TIMEOUT_S = 120.0
+PRIORITIES = ("High", "Normal", "Low")
+EXCEPTION_KINDS = ("business", "application")
+# As herder.protocol.queues takes them: longer reasons and progress texts are cut to fit, not refused.
+MAX_REASON_CHARS = 2000
+MAX_PROGRESS_CHARS = 2000
+_MAX_JSON_DEPTH = 32
+_ITEM_KEYS = frozenset({"content", "reference", "priority", "deadline", "postpone", "tags"})
+
+
+class QueueError(Exception):
+    """herder refused a queue call, or could not serve it.
+
+    `code` is herder's error code (`bad_request`, `not_found`, `conflict`, `forbidden`, `unavailable`,
+    `internal`, …), `str()` is the one-line message, and `details` holds what else herder said (for
+    `bad_request`, the fields that failed under `errors`). `unavailable` means herder could not be
+    reached in time: the call may be tried again later.
+    """
+
+    def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+
+    def __repr__(self) -> str:
+        return f"QueueError({self.code!r}, {self.message!r})"
+
+
+class NotOnRobot(RuntimeError):
+    """A queue call from a script that no robot runs: queues are reached through the robot only."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "queues need a robot: run this script as a herder job, or by hand on an attended robot with "
+            f"'herder robot run ROBOT --run PROCESS' ({ENV_CHANNEL} is not set: no robot runs this script)"
+        )
+
+
+def queue(name: str) -> Queue:
+    """The work queue `name`, reached through the robot that runs the script."""
+    if not isinstance(name, str):
+        raise TypeError(f"a queue's name is a str, not {type(name).__name__}")
+    return Queue(name)
+
+
+def queues(
+    names: Sequence[str], *, order: str = "strict", weights: Sequence[int] | Mapping[str, int] | None = None
+) -> Queues:
+    """Several queues to take items from: in the order given (`order="strict"`: the first queue with an
+    item gives it), or by weight (`order="weighted"`: a queue of weight 3 is tried first three times as
+    often as one of weight 1; `weights` lists them in the order of `names`, or maps names to them)."""
+    return Queues(names, order=order, weights=weights)
+
+
+@dataclass(eq=False)
+class Item:
+    """A queue item the robot now holds, under `lease`.
+
+    Finish it once: `complete` (Successful), `fail` (Failed: `business` when the data is wrong, never
+    retried; `application` when a system misbehaved, retried while the queue allows) or `postpone`
+    (back to New until a later time). `progress` says how far it has got and renews the lease: an item
+    whose lease lapses is taken away (Abandoned). A finished item cannot be finished again.
+    """
+
+    id: str
+    queue: str
+    content: dict[str, Any]
+    reference: str | None
+    priority: str
+    deadline: datetime | None
+    tags: list[str]
+    attempt: int
+    lease: int
+    # InProgress while held; once finished, what herder made of it (Successful, Failed, Retried, New).
+    state: str = "InProgress"
+    _link: _Link | None = field(default=None, repr=False)
+    _finished: str = field(default="", repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def complete(self, output: Mapping[str, Any] | None = None) -> None:
+        """Mark the item Successful, with `output` (a dict of JSON values) as its result."""
+        result: dict[str, Any] = {"id": self.id, "lease": self.lease, "state": "Successful"}
+        if output is not None:
+            result["output"] = _json_object(output, "output")
+        self._finish("completed", "item_result", {"results": [result]})
+
+    def fail(self, reason: str, kind: str = "business") -> None:
+        """Mark the item Failed: `kind="business"` (the data is wrong: final) or `"application"` (retried
+        while the queue's retries last). A reason longer than MAX_REASON_CHARS is cut to fit."""
+        if kind not in EXCEPTION_KINDS:
+            raise ValueError(f"kind must be 'business' or 'application', not {kind!r}")
+        result = {
+            "id": self.id,
+            "lease": self.lease,
+            "state": "Failed",
+            "exception": kind,
+            "reason": _cut(reason, MAX_REASON_CHARS),
+        }
+        self._finish("failed", "item_result", {"results": [result]})
+
+    def postpone(self, until: datetime | timedelta, reason: str = "") -> None:
+        """Give the item back as New, to be taken again from `until` on (a datetime with a time zone, or a
+        timedelta from now)."""
+        body = {
+            "id": self.id,
+            "lease": self.lease,
+            "until": _when(until, "until"),
+            "reason": _cut(reason, MAX_REASON_CHARS),
+        }
+        self._finish("postponed", "item_postpone", body)
+
+    def progress(self, text: str) -> None:
+        """Say how far the item has got (shown with it in herder); renews the lease. Cut to MAX_PROGRESS_CHARS."""
+        with self._lock:
+            self._check_held()
+            _call(
+                self._link,
+                "item_progress",
+                {"id": self.id, "lease": self.lease, "progress": _cut(text, MAX_PROGRESS_CHARS)},
+            )
+
+    @property
+    def finished(self) -> bool:
+        """Whether the item was completed, failed or postponed."""
+        return bool(self._finished)
+
+    def _finish(self, how: str, verb: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._check_held()
+            reply = _call(self._link, verb, body)
+            self._finished = how
+            shown = reply.get("items", [reply])[0] if verb == "item_result" else reply
+            if isinstance(shown, dict) and isinstance(shown.get("state"), str):
+                self.state = shown["state"]
+
+    def _check_held(self) -> None:
+        if self._finished:
+            raise QueueError(
+                "conflict",
+                f"item {self.id} of queue {self.queue} was {self._finished} already; an item is finished once, "
+                "by complete, fail or postpone",
+            )
+
+
+class Queue:
+    """One work queue, as a script reaches it through its robot; see `sdk.queue`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r})"
+
+    def add(
+        self,
+        content: Mapping[str, Any],
+        *,
+        reference: str | None = None,
+        priority: str = "Normal",
+        deadline: datetime | None = None,
+        postpone: datetime | timedelta | None = None,
+        tags: Sequence[str] = (),
+    ) -> str:
+        """Add one item (New): `content` is a dict of JSON values; the new item's id.
+
+        `reference` names it (unique in a queue that says so: a second one is `conflict`), `priority`
+        is High, Normal or Low, `deadline` (a datetime with a time zone) makes it go before items
+        without one, `postpone` (a datetime, or a timedelta from now) hides it until then.
+        """
+        item = _new_item(
+            content, "content", reference=reference, priority=priority, deadline=deadline, postpone=postpone, tags=tags
+        )
+        return self._add([item])[0]
+
+    def add_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Add items all at once, all or none (one refused refuses them all); their ids, in order.
+
+        Each is a dict with the keys of `add` (`{"content": {...}, "reference": "INV-7", "priority":
+        "High"}`), or the content itself: a dict with a `content` key and only `add`'s keys is an item,
+        any other dict is the content of one.
+        """
+        bodies = []
+        for index, spec in enumerate(items):
+            where = f"items[{index}]"
+            if isinstance(spec, Mapping) and "content" in spec and set(spec) <= _ITEM_KEYS:
+                options = {key: value for key, value in spec.items() if key != "content"}
+                bodies.append(_new_item(spec["content"], f"{where}.content", **options))
+            else:
+                bodies.append(_new_item(spec, where))
+        return self._add(bodies) if bodies else []
+
+    def next(
+        self, *, tags: str | Sequence[str] | None = None, reference: str | None = None, priority: str | None = None
+    ) -> Item | None:
+        """Take the next item, now held by this robot; None when the queue has none to give.
+
+        `tags` keeps items with these tags (`["urgent"]`, or herder's filter `"+urgent;-manual"`),
+        `reference` those whose reference matches (`*` for any characters: `"INV-2026-*"`), `priority`
+        those of that priority.
+        """
+        found = self.next_batch(1, tags=tags, reference=reference, priority=priority)
+        return found[0] if found else None
+
+    def next_batch(
+        self,
+        n: int,
+        *,
+        tags: str | Sequence[str] | None = None,
+        reference: str | None = None,
+        priority: str | None = None,
+    ) -> list[Item]:
+        """Take up to `n` items at once (fewer, or none, when the queue has fewer), in processing order."""
+        return _take([{"name": self.name}], "strict", n, tags=tags, reference=reference, priority=priority)
+
+    def _add(self, items: list[dict[str, Any]]) -> list[str]:
+        reply = _call(_link(), "item_add", {"queue": self.name, "items": items})
+        ids = reply.get("ids")
+        if not isinstance(ids, list):
+            raise QueueError("internal", "the robot agent's answer to item_add holds no ids")
+        return [str(value) for value in ids]
+
+
+class Queues:
+    """Several queues taken from together; see `sdk.queues`."""
+
+    def __init__(
+        self, names: Sequence[str], *, order: str = "strict", weights: Sequence[int] | Mapping[str, int] | None = None
+    ) -> None:
+        if isinstance(names, str):
+            raise TypeError("give the queues as a list of names, like sdk.queues(['urgent', 'routine'])")
+        if order not in ("strict", "weighted"):
+            raise ValueError(f"order must be 'strict' or 'weighted', not {order!r}")
+        self.names = list(names)
+        self.order = order
+        self._choices: list[dict[str, Any]]
+        if weights is None:
+            self._choices = [{"name": name} for name in self.names]
+        elif isinstance(weights, Mapping):
+            self._choices = [{"name": name, "weight": weights.get(name, 1)} for name in self.names]
+        else:
+            weights = list(weights)
+            if len(weights) != len(self.names):
+                raise ValueError(f"{len(weights)} weights for {len(self.names)} queues: give one weight per queue")
+            self._choices = [{"name": name, "weight": weight} for name, weight in zip(self.names, weights, strict=True)]
+
+    def __repr__(self) -> str:
+        return f"Queues({self.names!r}, order={self.order!r})"
+
+    def next(
+        self, *, tags: str | Sequence[str] | None = None, reference: str | None = None, priority: str | None = None
+    ) -> Item | None:
+        """Take the next item from the first of the queues (by order or weight) that has one; None if none has."""
+        found = self.next_batch(1, tags=tags, reference=reference, priority=priority)
+        return found[0] if found else None
+
+    def next_batch(
+        self,
+        n: int,
+        *,
+        tags: str | Sequence[str] | None = None,
+        reference: str | None = None,
+        priority: str | None = None,
+    ) -> list[Item]:
+        """Take up to `n` items across the queues."""
+        return _take(self._choices, self.order, n, tags=tags, reference=reference, priority=priority)
+
+
+def _take(
+    choices: list[dict[str, Any]],
+    order: str,
+    count: int,
+    *,
+    tags: str | Sequence[str] | None,
+    reference: str | None,
+    priority: str | None,
+) -> list[Item]:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"the number of items to take must be a whole number of at least 1, not {count!r}")
+    body: dict[str, Any] = {"queues": choices, "order": order, "count": count}
+    if tags is not None:
+        body["tags"] = tags if isinstance(tags, str) else ";".join(tags)
+    if reference is not None:
+        body["reference"] = reference
+    if priority is not None:
+        body["priority"] = _priority(priority, "priority")
+    link = _link()
+    reply = _call(link, "item_next", body)
+    return [_item_of(info, link) for info in reply.get("items", [])]
+
+
+def _item_of(info: Mapping[str, Any], link: _Link) -> Item:
+    """An `Item` from the agent's answer (herder's ItemInfo as JSON)."""
+    deadline = info.get("deadline")
+    return Item(
+        id=str(info["id"]),
+        queue=str(info["queue"]),
+        content=dict(info.get("content") or {}),
+        reference=info.get("reference"),
+        priority=str(info.get("priority", "Normal")),
+        deadline=datetime.fromisoformat(deadline) if isinstance(deadline, str) else None,
+        tags=list(info.get("tags") or []),
+        attempt=int(info.get("attempt", 1)),
+        lease=int(info["lease"]),
+        _link=link,
+    )
+
+
+def _new_item(
+    content: Any,
+    where: str,
+    *,
+    reference: str | None = None,
+    priority: str = "Normal",
+    deadline: datetime | None = None,
+    postpone: datetime | timedelta | None = None,
+    tags: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One item of an add, as herder's NewItem takes it; only what differs from the defaults is sent."""
+    item: dict[str, Any] = {"content": _json_object(content, where)}
+    if reference is not None:
+        item["reference"] = reference
+    if priority != "Normal":
+        item["priority"] = _priority(priority, "priority")
+    if deadline is not None:
+        if isinstance(deadline, timedelta):
+            raise TypeError("a deadline is a point in time: give a datetime with a time zone, not a timedelta")
+        item["deadline"] = _when(deadline, "deadline")
+    if postpone is not None:
+        item["postpone_until"] = _when(postpone, "postpone")
+    if tags:
+        item["tags"] = [tags] if isinstance(tags, str) else list(tags)
+    return item
+
+
+def _priority(value: object, what: str) -> str:
+    if isinstance(value, str) and value.capitalize() in PRIORITIES:
+        return value.capitalize()
+    raise ValueError(f"{what} must be one of {', '.join(PRIORITIES)}, not {value!r}")
+
+
+def _when(value: object, what: str) -> str:
+    """A point in time as herder takes it: ISO 8601 with its time zone. A naive datetime is refused."""
+    if isinstance(value, timedelta):
+        return (datetime.now(UTC) + value).isoformat()
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise ValueError(
+                f"{what}: {value.isoformat()} has no time zone, so it could be any of 24 hours; give one with "
+                "a time zone, like datetime.now(UTC) + timedelta(hours=4), or a timedelta from now"
+            )
+        return value.isoformat()
+    raise TypeError(f"{what} must be a datetime with a time zone, or a timedelta from now; not {type(value).__name__}")
+
+
+def _cut(text: str, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` as a dict of JSON values; `QueueError` `bad_request` naming the path of what JSON cannot hold.
+
+    herder checks the rest (integers within ±(2^53 - 1), no NUL, the size, the queue's schema) and names
+    the path too."""
+    if not isinstance(value, Mapping):
+        raise QueueError(
+            "bad_request",
+            f'{what}: not a JSON object but a {type(value).__name__}; give a dict, like {{"number": "INV-7"}}',
+        )
+    stack: list[tuple[str, Any, int]] = [(what, value, 1)]
+    while stack:
+        path, current, depth = stack.pop()
+        if isinstance(current, Mapping | list | tuple) and depth > _MAX_JSON_DEPTH:
+            raise QueueError("bad_request", f"{path}: nested deeper than {_MAX_JSON_DEPTH} levels")
+        if isinstance(current, Mapping):
+            for key, inner in reversed(list(current.items())):
+                if not isinstance(key, str):
+                    raise QueueError(
+                        "bad_request", f"{path}: the key {key!r} is a {type(key).__name__}; JSON keys are strings"
+                    )
+                stack.append((_key_path(path, key), inner, depth + 1))
+        elif isinstance(current, list | tuple):
+            stack.extend((f"{path}[{index}]", inner, depth + 1) for index, inner in reversed(list(enumerate(current))))
+        elif isinstance(current, float):
+            if current != current or current in (float("inf"), float("-inf")):
+                raise QueueError("bad_request", f"{path}: {current} is not a number JSON can hold")
+        elif not (current is None or isinstance(current, str | int)):
+            raise QueueError(
+                "bad_request",
+                f"{path}: a {type(current).__name__} is not a JSON value; give str, int, float, bool, None, "
+                "list or dict (a datetime as its isoformat())",
+            )
+    return dict(value)
+
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if key.isidentifier() else f"{path}[{key!r}]"
+
+
+class _Waiter:
+    """A call waiting for its answer."""
+
+    __slots__ = ("answer", "done")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: dict[str, Any] = {}
+
+
+class _Connection:
+    """One socket to the agent, and the calls sent on it that wait for their answers, by id."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.waiting: dict[int, _Waiter] = {}
+
+
+_CLOSED_ANSWER = {
+    "error": {
+        "code": "unavailable",
+        "message": "the channel to the robot agent closed before it answered; the run may be ending",
+    }
+}
+
+
+class _Link:
+    """The script's end of its channel: one socket per process, shared by its threads.
+
+    Calls go out under a lock, one line each; a reader thread hands every answer to the call with its
+    id, so threads may wait for answers together. A socket the agent closed is opened again by the
+    next call.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._connection: _Connection | None = None
+        self._ids = itertools.count(1)
+
+    def call(self, verb: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one call and wait for its reply; `QueueError` for an error answer (or none)."""
+        try:
+            encoded = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise QueueError("bad_request", f"the {verb} call cannot be written as JSON: {exc}") from None
+        waiter = _Waiter()
+        with self._lock:
+            call_id = next(self._ids)
+            line = b'{"id":%d,"verb":%s,"body":%s}\n' % (call_id, json.dumps(verb).encode(), encoded)
+            if len(line) > MAX_CHANNEL_LINE_BYTES:
+                raise QueueError(
+                    "bad_request",
+                    f"the {verb} call is {len(line)} bytes, more than the {MAX_CHANNEL_LINE_BYTES} one call may "
+                    "carry; send fewer or smaller items at a time",
+                )
+            connection = self._connected()
+            connection.waiting[call_id] = waiter
+            try:
+                connection.sock.sendall(line)
+            except OSError as exc:
+                connection.waiting.pop(call_id, None)
+                self._connection = None
+                _shut(connection.sock)
+                raise QueueError(
+                    "unavailable",
+                    f"the channel to the robot agent broke ({exc.strerror or exc}); the run may be ending",
+                ) from None
+        if not waiter.done.wait(CHANNEL_CALL_TIMEOUT_S):
+            with self._lock:
+                connection.waiting.pop(call_id, None)
+            raise QueueError(
+                "unavailable", f"the robot agent did not answer {verb} within {CHANNEL_CALL_TIMEOUT_S:g} s"
+            )
+        error = waiter.answer.get("error")
+        if error is not None:
+            if not isinstance(error, dict):
+                raise QueueError("internal", "the robot agent sent an error this SDK cannot read")
+            details = error.get("details")
+            raise QueueError(
+                str(error.get("code", "internal")),
+                str(error.get("message", "the robot agent reported an error")),
+                details if isinstance(details, dict) else None,
+            )
+        reply = waiter.answer.get("reply")
+        if not isinstance(reply, dict):
+            raise QueueError("internal", f"the robot agent's answer to {verb} holds no reply")
+        return reply
+
+    def _connected(self) -> _Connection:
+        """The open connection, or a new one (with its reader thread); under the lock."""
+        if self._connection is not None:
+            return self._connection
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CHANNEL_CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise QueueError(
+                "unavailable",
+                f"cannot reach the robot agent through its channel {self.path} ({exc.strerror or exc}); "
+                "the run may be ending",
+            ) from None
+        sock.settimeout(None)
+        connection = self._connection = _Connection(sock)
+        threading.Thread(target=self._read, args=(connection,), name="herder-sdk-channel", daemon=True).start()
+        return connection
+
+    def _read(self, connection: _Connection) -> None:
+        """Hand each answer to its waiting call until the socket closes; then fail the calls still waiting."""
+        try:
+            with connection.sock.makefile("rb") as lines:
+                for line in lines:
+                    try:
+                        answer = json.loads(line)
+                    except ValueError:
+                        continue  # not an answer: nothing to hand to anyone
+                    if not isinstance(answer, dict) or not isinstance(answer.get("id"), int):
+                        continue  # an answer to no call of this SDK's (its line was unreadable)
+                    with self._lock:
+                        waiter = connection.waiting.pop(answer["id"], None)
+                    if waiter is not None:
+                        waiter.answer = answer
+                        waiter.done.set()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._lock:
+                if self._connection is connection:
+                    self._connection = None
+                left = list(connection.waiting.values())
+                connection.waiting.clear()
+            connection.sock.close()
+            for waiter in left:
+                waiter.answer = _CLOSED_ANSWER
+                waiter.done.set()
+
+
+def _shut(sock: socket.socket) -> None:
+    """End a broken socket: its reader thread sees the end and cleans up."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_links: dict[str, _Link] = {}
+_links_lock = threading.Lock()
+
+
+def _link() -> _Link:
+    """The channel to the robot that runs this script; `NotOnRobot` when none does."""
+    path = os.environ.get(ENV_CHANNEL)
+    if not path:
+        raise NotOnRobot()
+    with _links_lock:
+        link = _links.get(path)
+        if link is None:
+            link = _links[path] = _Link(path)
+    return link
+
+
+def _call(link: _Link | None, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+    return (link or _link()).call(verb, body)
+
+
+def _forget_links() -> None:
+    """In a forked child: the parent's socket and reader thread are not the child's; it opens its own."""
+    global _links_lock
+    _links.clear()
+    _links_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_links)

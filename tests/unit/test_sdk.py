@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from herder.protocol.jobs import Priority
 from herder.robot import sdk
 
 
@@ -142,3 +150,435 @@ def test_should_stop_leaves_a_marker_the_first_time_it_is_true(in_herder: Job) -
     assert sdk.should_stop() is True
     assert marker.exists()
     assert sdk.should_stop() is True
+
+
+# --- work queues, against a tiny channel server of the test's ---
+
+Answer = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+ITEM_ID = "ab" * 16
+
+
+def item_info(item_id: str = ITEM_ID, **changes: Any) -> dict[str, Any]:
+    """An item as the agent hands it on (herder's ItemInfo in JSON)."""
+    info: dict[str, Any] = {
+        "id": item_id,
+        "queue": "invoices",
+        "state": "InProgress",
+        "content": {"number": "INV-7", "amount": 12.5},
+        "reference": "INV-7",
+        "priority": "High",
+        "deadline": "2030-01-02T03:04:05Z",
+        "tags": ["urgent"],
+        "lease": 3,
+        "attempt": 2,
+        "created_at": "2030-01-01T00:00:00Z",
+    }
+    info.update(changes)
+    return info
+
+
+def reply(body: dict[str, Any]) -> dict[str, Any]:
+    return {"reply": body}
+
+
+class FakeAgent:
+    """Serves the channel's protocol on a Unix socket, answering every call (each in a thread of its own,
+    so answers can overtake each other) with what `answer(verb, body)` returns: `{"reply": …}`,
+    `{"error": …}`, or None to close the connection unanswered."""
+
+    def __init__(self, path: str, answer: Answer) -> None:
+        self.path = path
+        self.answer = answer
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.lines: list[bytes] = []
+        self.connections = 0
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(path)
+        self._server.listen()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        lock = threading.Lock()
+        with contextlib.suppress(OSError), conn.makefile("rb") as lines:
+            for line in lines:
+                self.lines.append(line)
+                message = json.loads(line)
+                self.calls.append((message["verb"], message["body"]))
+                threading.Thread(target=self._answer, args=(conn, lock, message), daemon=True).start()
+
+    def _answer(self, conn: socket.socket, lock: threading.Lock, message: dict[str, Any]) -> None:
+        answer = self.answer(message["verb"], message["body"])
+        with lock, contextlib.suppress(OSError):
+            if answer is None:
+                conn.shutdown(socket.SHUT_RDWR)
+                return
+            conn.sendall(json.dumps({"id": message["id"], **answer}).encode() + b"\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self._server.close()
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+@pytest.fixture
+def channel_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Answer], FakeAgent]]:
+    """Start a `FakeAgent` and point the SDK at it, as the runner does with HERDER_JOB_CHANNEL."""
+    folder = tempfile.mkdtemp(prefix="sdk-")  # short: a socket's path has a limit
+    monkeypatch.setattr(sdk, "CHANNEL_CALL_TIMEOUT_S", 10.0)  # a test that hangs fails soon
+    agents: list[FakeAgent] = []
+
+    def start(answer: Answer) -> FakeAgent:
+        agent = FakeAgent(os.path.join(folder, f"c{len(agents)}.sock"), answer)
+        agents.append(agent)
+        monkeypatch.setenv(sdk.ENV_CHANNEL, agent.path)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in agents:
+            agent.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def answer_with(**replies: dict[str, Any]) -> Answer:
+    return lambda verb, _body: replies[verb]
+
+
+@pytest.mark.usefixtures("outside_herder")
+def test_outside_herder_a_queue_call_says_queues_need_a_robot() -> None:
+    invoices = sdk.queue("invoices")  # naming a queue is fine; using it needs a robot
+    with pytest.raises(sdk.NotOnRobot, match=r"queues need a robot: run this script as a herder job") as refused:
+        invoices.next()
+    assert "herder robot run ROBOT --run PROCESS" in str(refused.value)
+    with pytest.raises(sdk.NotOnRobot):
+        sdk.queues(["a", "b"]).next_batch(3)
+    with pytest.raises(sdk.NotOnRobot):
+        invoices.add({"number": 1})
+
+
+def test_add_sends_one_item_with_what_differs_from_the_defaults(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent = channel_at(answer_with(item_add=reply({"queue": "invoices", "ids": ["i1"]})))
+    deadline = datetime(2030, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    before = datetime.now(UTC)
+    new = sdk.queue("invoices").add(
+        {"number": "INV-7"},
+        reference="INV-7",
+        priority="high",
+        deadline=deadline,
+        postpone=timedelta(hours=1),
+        tags=("a", "b"),
+    )
+    assert new == "i1"
+    assert sdk.queue("invoices").add({"n": 2}) == "i1"
+    (verb, body), (_, plain) = agent.calls
+    assert verb == "item_add"
+    item = body["items"][0]
+    assert item.pop("postpone_until") >= (before + timedelta(hours=1)).isoformat()
+    assert body == {
+        "queue": "invoices",
+        "items": [
+            {
+                "content": {"number": "INV-7"},
+                "reference": "INV-7",
+                "priority": "High",
+                "deadline": "2030-05-01T12:00:00+02:00",
+                "tags": ["a", "b"],
+            }
+        ],
+    }
+    assert plain == {"queue": "invoices", "items": [{"content": {"n": 2}}]}
+    assert agent.lines[0].startswith(b'{"id":1,')  # the id first: the agent finds it even in a line it refuses
+
+
+def test_a_naive_datetime_is_refused_before_anything_is_sent(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent = channel_at(answer_with())
+    with pytest.raises(ValueError, match=r"deadline: 2030-05-01T12:00:00 has no time zone"):
+        sdk.queue("q").add({}, deadline=datetime(2030, 5, 1, 12, 0))
+    with pytest.raises(TypeError, match="a datetime with a time zone"):
+        sdk.queue("q").add({}, deadline="tomorrow")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="priority must be one of High, Normal, Low"):
+        sdk.queue("q").add({}, priority="urgent")
+    assert agent.calls == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (["not", "a", "dict"], "content: not a JSON object but a list"),
+        ({"when": datetime(2030, 1, 1, tzinfo=UTC)}, "content.when: a datetime is not a JSON value"),
+        ({"lines": [{"qty": 1}, {"qty": {1, 2}}]}, "content.lines[1].qty: a set is not a JSON value"),
+        ({"by id": {7: "x"}}, "content['by id']: the key 7 is a int; JSON keys are strings"),
+        ({"amount": float("nan")}, "content.amount: nan is not a number JSON can hold"),
+    ],
+)
+def test_content_json_cannot_hold_is_a_bad_request_naming_the_path(
+    channel_at: Callable[[Answer], FakeAgent], content: Any, problem: str
+) -> None:
+    agent = channel_at(answer_with())
+    with pytest.raises(sdk.QueueError) as refused:
+        sdk.queue("q").add(content)
+    assert refused.value.code == "bad_request"
+    assert str(refused.value).startswith(problem)
+    assert agent.calls == []
+
+
+def test_content_nested_in_a_loop_is_refused_not_followed_forever(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    channel_at(answer_with())
+    looped: dict[str, Any] = {}
+    looped["again"] = looped
+    with pytest.raises(sdk.QueueError, match="nested deeper than 32 levels"):
+        sdk.queue("q").add(looped)
+
+
+def test_herder_refusals_raise_queue_error_with_code_message_and_details(
+    channel_at: Callable[[Answer], FakeAgent],
+) -> None:
+    error = {
+        "code": "bad_request",
+        "message": "invalid item_add request: items.0.content.amount: 1e+400 is not finite",
+        "details": {"errors": [{"field": "items.0.content.amount", "problem": "not finite"}]},
+    }
+    channel_at(answer_with(item_add={"error": error}))
+    with pytest.raises(sdk.QueueError) as refused:
+        sdk.queue("q").add({"amount": 1})
+    assert refused.value.code == "bad_request"
+    assert str(refused.value) == error["message"]
+    assert refused.value.details["errors"][0]["field"] == "items.0.content.amount"
+
+
+def test_add_many_takes_items_and_plain_contents_all_in_one_call(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent = channel_at(answer_with(item_add=reply({"queue": "q", "ids": ["a", "b", "c"]})))
+    ids = sdk.queue("q").add_many(
+        [
+            {"content": {"n": 1}, "reference": "R1", "priority": "Low"},
+            {"n": 2},  # content itself
+            {"content": {"n": 3}, "extra": True},  # a key no item has: this whole dict is the content
+        ]
+    )
+    assert ids == ["a", "b", "c"]
+    ((_, body),) = agent.calls
+    assert body["items"] == [
+        {"content": {"n": 1}, "reference": "R1", "priority": "Low"},
+        {"content": {"n": 2}},
+        {"content": {"content": {"n": 3}, "extra": True}},
+    ]
+    assert sdk.queue("q").add_many([]) == []
+    assert len(agent.calls) == 1
+    with pytest.raises(sdk.QueueError, match=r"^items\[1\]\.content\.x: a bytes is not a JSON value"):
+        sdk.queue("q").add_many([{"n": 1}, {"content": {"x": b"raw"}}])
+
+
+def test_a_call_too_large_for_the_channel_is_refused_before_it_is_sent(
+    channel_at: Callable[[Answer], FakeAgent],
+) -> None:
+    agent = channel_at(answer_with())
+    with pytest.raises(sdk.QueueError, match="more than the 1200000 one call may carry") as refused:
+        sdk.queue("q").add_many([{"blob": "x" * 1000}] * 1300)
+    assert refused.value.code == "bad_request"
+    assert agent.calls == []
+
+
+def test_next_takes_an_item_with_its_fields_or_gives_none(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    answers = iter([reply({"items": [item_info()]}), reply({"items": []})])
+    agent = channel_at(lambda verb, body: next(answers))
+    item = sdk.queue("invoices").next(tags=["urgent", "-manual"], reference="INV-*", priority="high")
+    assert item is not None
+    assert (item.id, item.queue, item.reference, item.priority, item.attempt, item.lease) == (
+        ITEM_ID,
+        "invoices",
+        "INV-7",
+        "High",
+        2,
+        3,
+    )
+    assert item.content == {"number": "INV-7", "amount": 12.5}
+    assert item.deadline == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert item.tags == ["urgent"]
+    assert item.state == "InProgress" and not item.finished
+    assert sdk.queue("invoices").next() is None
+    assert agent.calls[0] == (
+        "item_next",
+        {
+            "queues": [{"name": "invoices"}],
+            "order": "strict",
+            "count": 1,
+            "tags": "urgent;-manual",
+            "reference": "INV-*",
+            "priority": "High",
+        },
+    )
+
+
+def test_several_queues_by_order_or_weight(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent = channel_at(answer_with(item_next=reply({"items": [item_info("1" * 32), item_info("2" * 32)]})))
+    taken = sdk.queues(["urgent", "routine"], order="weighted", weights=[3, 1]).next_batch(5)
+    assert [item.id for item in taken] == ["1" * 32, "2" * 32]
+    sdk.queues(["urgent", "routine"], order="weighted", weights={"urgent": 4}).next()
+    sdk.queues(["urgent", "routine"]).next()
+    assert [body["queues"] for _, body in agent.calls] == [
+        [{"name": "urgent", "weight": 3}, {"name": "routine", "weight": 1}],
+        [{"name": "urgent", "weight": 4}, {"name": "routine", "weight": 1}],
+        [{"name": "urgent"}, {"name": "routine"}],
+    ]
+    assert [body["order"] for _, body in agent.calls] == ["weighted", "weighted", "strict"]
+    assert agent.calls[0][1]["count"] == 5
+    with pytest.raises(ValueError, match="2 weights for 3 queues"):
+        sdk.queues(["a", "b", "c"], order="weighted", weights=[1, 2])
+    with pytest.raises(ValueError, match="order must be 'strict' or 'weighted'"):
+        sdk.queues(["a"], order="random")
+    with pytest.raises(TypeError, match="a list of names"):
+        sdk.queues("ab")
+    with pytest.raises(ValueError, match="at least 1"):
+        sdk.queue("a").next_batch(0)
+
+
+def take_one(channel_at: Callable[[Answer], FakeAgent], **answers: dict[str, Any]) -> tuple[FakeAgent, sdk.Item]:
+    agent = channel_at(answer_with(item_next=reply({"items": [item_info()]}), **answers))
+    item = sdk.queue("invoices").next()
+    assert item is not None
+    return agent, item
+
+
+def test_complete_sends_the_output_under_the_lease_and_finishes_the_item_once(
+    channel_at: Callable[[Answer], FakeAgent],
+) -> None:
+    done = reply({"items": [item_info(state="Successful")]})
+    agent, item = take_one(channel_at, item_result=done)
+    item.complete({"booked": True})
+    assert agent.calls[-1] == (
+        "item_result",
+        {"results": [{"id": ITEM_ID, "lease": 3, "state": "Successful", "output": {"booked": True}}]},
+    )
+    assert (item.finished, item.state) == (True, "Successful")
+    finishes: list[Callable[[], None]] = [
+        item.complete,
+        lambda: item.fail("no"),
+        lambda: item.postpone(timedelta(1)),
+        lambda: item.progress("x"),
+    ]
+    for again in finishes:
+        with pytest.raises(sdk.QueueError, match=f"item {ITEM_ID} of queue invoices was completed already") as twice:
+            again()
+        assert twice.value.code == "conflict"
+    assert len(agent.calls) == 2
+
+
+def test_fail_names_the_kind_and_cuts_a_long_reason(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent, item = take_one(channel_at, item_result=reply({"items": [item_info(state="Retried")]}))
+    with pytest.raises(ValueError, match="kind must be 'business' or 'application'"):
+        item.fail("x", kind="Business")
+    item.fail("timeout\n" * 1000, kind="application")
+    (result,) = agent.calls[-1][1]["results"]
+    assert (result["state"], result["exception"], len(result["reason"])) == ("Failed", "application", 2000)
+    assert item.state == "Retried"  # herder retries it: a new New copy is made
+
+
+def test_postpone_and_progress(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent, item = take_one(
+        channel_at,
+        item_progress=reply(item_info(progress="half")),
+        item_postpone=reply(item_info(state="New")),
+    )
+    item.progress("half")
+    assert agent.calls[-1] == ("item_progress", {"id": ITEM_ID, "lease": 3, "progress": "half"})
+    assert not item.finished
+    until = datetime(2030, 6, 1, tzinfo=UTC)
+    item.postpone(until, reason="the supplier answers on Monday")
+    assert agent.calls[-1] == (
+        "item_postpone",
+        {"id": ITEM_ID, "lease": 3, "until": "2030-06-01T00:00:00+00:00", "reason": "the supplier answers on Monday"},
+    )
+    assert (item.finished, item.state) == (True, "New")
+    with pytest.raises(ValueError, match=r"until: .* has no time zone"):
+        take_one(channel_at)[1].postpone(datetime(2030, 1, 1))
+
+
+def test_a_refused_finish_leaves_the_item_held(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    answers = iter(
+        [
+            reply({"items": [item_info()]}),
+            {"error": {"code": "unavailable", "message": "no reply from hd.default.svc.queues.item_result within 5 s"}},
+            reply({"items": [item_info(state="Successful")]}),
+        ]
+    )
+    channel_at(lambda verb, body: next(answers))
+    item = sdk.queue("invoices").next()
+    assert item is not None
+    with pytest.raises(sdk.QueueError) as refused:
+        item.complete()
+    assert refused.value.code == "unavailable"
+    assert not item.finished
+    item.complete()  # tried again, it goes through
+    assert item.finished
+
+
+def test_threads_share_one_socket_and_each_gets_its_own_answer(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    release = threading.Event()
+
+    def answer(verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        number = body["items"][0]["content"]["n"]
+        if number == 0:
+            release.wait(5)  # the first call is answered last
+        return reply({"queue": "q", "ids": [f"id-{number}"]})
+
+    agent = channel_at(answer)
+    results: dict[int, str] = {}
+
+    def add(number: int) -> None:
+        results[number] = sdk.queue("q").add({"n": number})
+        if len(results) == 8:
+            release.set()
+
+    threads = [threading.Thread(target=add, args=(number,)) for number in range(9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == {number: f"id-{number}" for number in range(9)}
+    assert agent.connections == 1
+
+
+def test_a_channel_the_agent_closed_is_opened_again_by_the_next_call(
+    channel_at: Callable[[Answer], FakeAgent],
+) -> None:
+    answers = iter([None, reply({"queue": "q", "ids": ["after"]})])
+    agent = channel_at(lambda verb, body: next(answers))
+    with pytest.raises(sdk.QueueError, match="closed before it answered") as closed:
+        sdk.queue("q").add({})
+    assert closed.value.code == "unavailable"
+    assert sdk.queue("q").add({}) == "after"
+    assert agent.connections == 2
+
+
+def test_a_channel_that_is_gone_is_unavailable(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    agent = channel_at(answer_with())
+    agent.close()
+    os.unlink(agent.path)
+    with pytest.raises(sdk.QueueError, match="cannot reach the robot agent through its channel") as gone:
+        sdk.queue("q").next()
+    assert gone.value.code == "unavailable"
+
+
+def test_the_sdk_cuts_texts_where_herder_would_refuse_them() -> None:
+    from herder.protocol import queues
+
+    assert sdk.MAX_REASON_CHARS == queues.MAX_REASON_CHARS
+    assert sdk.MAX_PROGRESS_CHARS == queues.MAX_PROGRESS_CHARS
+    assert tuple(priority.value for priority in Priority) == sdk.PRIORITIES
+    assert tuple(kind.value for kind in queues.ExceptionKind) == sdk.EXCEPTION_KINDS
