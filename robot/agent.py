@@ -11,6 +11,13 @@ One agent runs one robot, one job at a time:
 4. when the child ends it reports the outcome to the jobs service, with the attempt number the
    start carried, until the report is taken or refused as stale.
 
+Each run gets a channel of its own (`robot.channel`): a private socket through which the script's
+SDK takes, adds and finishes queue items, sent on by the agent with the robot's identity. It closes
+when the run ends, however it ends.
+
+An attended robot is never sent jobs: a person runs a process on it by hand (`run_attended`, behind
+`herder robot run NAME --run PROCESS`), with the same runner and a channel, on the person's terminal.
+
 Every command is acknowledged; a repeated command (same job and attempt) is acknowledged again
 without acting twice. Commands meant for another session of the same robot are ignored: only the
 agent that connected last runs the robot's jobs.
@@ -32,6 +39,7 @@ import contextlib
 import itertools
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +57,7 @@ from herder.client.tasks import Supervisor
 from herder.packaging.archive import MAX_UNPACKED_BYTES
 from herder.protocol import codec, subjects
 from herder.protocol.codec import Header
-from herder.protocol.errors import BadRequest, Conflict, HerderError, Unavailable
+from herder.protocol.errors import BadRequest, Conflict, Forbidden, HerderError, Unavailable
 from herder.protocol.jobs import (
     MAX_REPORT_ERROR_CHARS,
     Command,
@@ -65,6 +73,7 @@ from herder.protocol.jobs import (
     StopCommand,
 )
 from herder.protocol.messages import new_id, utcnow
+from herder.protocol.packages import PackageRef, PackageResolve
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Heartbeat,
@@ -72,9 +81,11 @@ from herder.protocol.registry import (
     RobotConnect,
     RobotGoodbye,
     RobotInfo,
+    RobotType,
 )
 from herder.protocol.version import VERSION
 from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch, PackageTooLarge
+from herder.robot.channel import Channel
 from herder.robot.runner import JobProcess, LogLine, RunnerError, RunResult, RunSpec
 from herder.robot.spool import Entry, Kind, Spool
 
@@ -95,6 +106,9 @@ SPOOL_DIR = "spool"
 SPOOL_REPORTS_SCANNED = 100
 # A run herder ended while the robot was away is killed at once: its outcome no longer counts.
 ORPHAN_GRACE_S = 0.0
+# A person's run by hand that they interrupt (Ctrl-C) gets this long between SIGTERM and SIGKILL.
+ATTENDED_KILL_GRACE_S = 5.0
+ATTENDED_DIR = "attended"
 
 log = structlog.get_logger("herder.robot")
 
@@ -114,11 +128,17 @@ class JobRun:
     orphaned_because: str = ""
     task: asyncio.Task[None] | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    # The script's channel to the agent, open while the run is.
+    channel: Channel | None = None
 
     @property
     def key(self) -> tuple[str, int]:
         """The job and attempt this run is."""
         return (self.command.job_id, self.command.attempt)
+
+
+class NotAttended(Conflict):
+    """Only an attended robot runs a process by hand; herder starts the jobs of unattended ones."""
 
 
 class RobotAgent:
@@ -223,6 +243,8 @@ class RobotAgent:
             if run.task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(run.task), grace_s + SHUTDOWN_DRAIN_S)
+            if run.channel is not None:
+                await run.channel.close()  # the run outlived its grace: its script asks nothing more of herder
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=SHUTDOWN_DRAIN_S)
         drained = await self._drained(SHUTDOWN_DRAIN_S) if self._spool is not None else True
@@ -439,6 +461,9 @@ class RobotAgent:
             result = RunResult(
                 outcome=Outcome.FAULTED, exit_code=None, reason="the robot agent failed", error=repr(exc), output=None
             )
+        finally:
+            if run.channel is not None:
+                await run.channel.close()
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
         self.current = None
         self._spawn(self._beat_if_still_idle())
@@ -456,17 +481,16 @@ class RobotAgent:
         command = run.command
         package = command.package
         logs.agent(f"fetching {package.process} {package.version} (sha256 {package.sha256[:12]}…)")
-        try:
-            folder = await self._cache.fetch(package)
-        except PackageHashMismatch as exc:
-            return _faulted("package hash mismatch", str(exc))
-        except PackageTooLarge as exc:
-            return _faulted("the package is too large for this robot", str(exc))
-        except PackageFetchError as exc:
-            return _faulted("the package could not be fetched", str(exc))
+        folder = await self._fetch(package)
+        if isinstance(folder, RunResult):
+            return folder
         if run.kill_grace_s is not None or run.stop_asked:
             return RunResult(Outcome.STOPPED, None, "stopped before the script started", None, None)
         await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True, mode=0o700)
+        channel = await self._open_channel(command.job_id)
+        if isinstance(channel, RunResult):
+            return channel
+        run.channel = channel
         spec = RunSpec(
             job_id=command.job_id,
             attempt=command.attempt,
@@ -474,6 +498,7 @@ class RobotAgent:
             package_dir=folder,
             work_dir=work,
             input=command.input,
+            channel=channel.path,
         )
         try:
             process = run.process = await JobProcess.start(spec, logs.line)
@@ -502,6 +527,25 @@ class RobotAgent:
         self._kill(run, command.kill_grace_s, because=because)
         return self._explain(run, await finished)
 
+    async def _fetch(self, package: PackageRef) -> Path | RunResult:
+        """The package's unpacked folder, or the Faulted result of a run that cannot have it."""
+        try:
+            return await self._cache.fetch(package)
+        except PackageHashMismatch as exc:
+            return _faulted("package hash mismatch", str(exc))
+        except PackageTooLarge as exc:
+            return _faulted("the package is too large for this robot", str(exc))
+        except PackageFetchError as exc:
+            return _faulted("the package could not be fetched", str(exc))
+
+    async def _open_channel(self, job_id: str) -> Channel | RunResult:
+        """The channel of a run, or the Faulted result of a run that cannot have one."""
+        try:
+            return await Channel.open(self._client, job_id, robot=self.robot)
+        except OSError as exc:
+            problem = f"cannot open the channel for the script's queue calls: {exc.strerror or exc}"
+            return _faulted("the robot could not open the script's channel", problem)
+
     @staticmethod
     def _explain(run: JobRun, result: RunResult) -> RunResult:
         """A hard stop the robot made itself says why (a timeout, the agent shutting down) instead of how."""
@@ -510,6 +554,82 @@ class RobotAgent:
             reason = f"hard-stopped: {run.killed_because}" + (f" ({how})" if how and how != "ended on SIGTERM" else "")
             return RunResult(result.outcome, result.exit_code, reason, result.error, result.output)
         return result
+
+    # --- a run by hand, on an attended robot ---
+
+    def check_attended(self) -> None:
+        """`NotAttended` unless this robot is attended: herder starts the jobs of unattended ones."""
+        if self.info is None:
+            raise RuntimeError("the robot agent is not started yet: call start() first")
+        if self.info.type is not RobotType.ATTENDED:
+            raise NotAttended(
+                f"robot {self.robot} is unattended: herder starts its jobs ('herder job start PROCESS --robot "
+                f"{self.robot}'); only an attended robot runs a process by hand"
+            )
+
+    async def resolve(self, request: PackageResolve) -> PackageRef:
+        """The package a process's version (its newest, when the request names none) is, asked of the
+        packages service as this robot."""
+        try:
+            return await self._client.request(request)
+        except Forbidden as exc:
+            raise Forbidden(
+                f"robot {self.robot} may not look packages up: {exc.message}; the stack must let robots "
+                "call packages.resolve for 'herder robot run --run'"
+            ) from None
+
+    async def run_attended(
+        self,
+        package: PackageRef,
+        input_: dict[str, Any],
+        *,
+        job_id: str,
+        on_log: Callable[[LogLine], None],
+        interrupt: asyncio.Event | None = None,
+        grace_s: float = ATTENDED_KILL_GRACE_S,
+        terminal: bool = True,
+    ) -> RunResult:
+        """Run `package` once, by hand, as job `job_id` (a local id: herder has no such job): with a channel
+        for its queue calls, on this process's terminal (with `terminal`; else its stdout comes as log lines
+        too), with its log lines handed to `on_log` and neither logged to herder nor reported. Setting
+        `interrupt` hard-stops it (SIGKILL after `grace_s`).
+
+        `NotAttended` for an unattended robot: herder starts its jobs.
+        """
+        self.check_attended()
+        log = self._log.bind(job_id=job_id, process=package.process, version=package.version)
+        folder = await self._fetch(package)
+        if isinstance(folder, RunResult):
+            return folder
+        if interrupt is not None and interrupt.is_set():
+            return RunResult(Outcome.STOPPED, None, "stopped before the script started", None, None)
+        channel = await self._open_channel(job_id)
+        if isinstance(channel, RunResult):
+            return channel
+        work = self.work_dir / ATTENDED_DIR / job_id
+        try:
+            await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True, mode=0o700)
+            spec = RunSpec(
+                job_id=job_id,
+                attempt=1,
+                entry=package.entry,
+                package_dir=folder,
+                work_dir=work,
+                input=input_,
+                channel=channel.path,
+                terminal=terminal,
+            )
+            try:
+                process = await JobProcess.start(spec, on_log)
+            except RunnerError as exc:
+                return _faulted(str(exc), str(exc))
+            log.info("robot.attended_started", pid=process.pid)
+            result = await _until_interrupted(process, interrupt, grace_s)
+            log.info("robot.attended_ended", outcome=result.outcome.value, reason=result.reason)
+            return result
+        finally:
+            await channel.close()
+            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
 
     # --- delivery: reports and log lines, through the spool ---
 
@@ -617,6 +737,26 @@ _LEVELS = {
     Outcome.FAULTED: LogLevel.ERROR,
     Outcome.TERMINATING: LogLevel.WARNING,
 }
+
+
+async def _until_interrupted(process: JobProcess, interrupt: asyncio.Event | None, grace_s: float) -> RunResult:
+    """How the run ends: by itself, or hard-stopped once `interrupt` is set (or the caller is cancelled)."""
+    ended = asyncio.ensure_future(process.wait())
+    waiting: set[asyncio.Future[Any]] = {ended}
+    interrupted = asyncio.ensure_future(interrupt.wait()) if interrupt is not None else None
+    if interrupted is not None:
+        waiting.add(interrupted)
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not ended.done():
+            await process.kill(grace_s)
+        return await ended
+    except asyncio.CancelledError:
+        await asyncio.shield(process.kill(0.0))
+        raise
+    finally:
+        if interrupted is not None:
+            interrupted.cancel()
 
 
 def _faulted(reason: str, error: str) -> RunResult:

@@ -15,6 +15,11 @@ reach scripts). It talks to the robot through files in the work folder and one p
     error.txt      a Python entry point's exception          HERDER_JOB_ERROR_FILE
     robot/         Robot Framework's output.xml, log, report
     log pipe       the SDK's JSON lines                      HERDER_JOB_LOG_FD
+    channel        the agent's socket for queue calls         HERDER_JOB_CHANNEL (see robot/channel.py)
+
+A run by hand on an attended robot (`RunSpec.terminal`) reads the person's terminal: the child then
+inherits the agent's standard input and output instead of having them piped (its prompts show as it
+writes them, not once a line ends), and only its stderr and SDK records come as log lines.
 
 `judge` is the pure core: from the facts of an ending (exit code, stop or kill asked for, what
 the script left behind) it decides the outcome, reason and error. An output herder cannot store
@@ -106,6 +111,10 @@ class RunSpec:
     # Robot Framework's output.
     work_dir: Path
     input: dict[str, Any] = field(default_factory=dict)
+    # The Unix socket of the run's channel to the agent (queue calls), if it has one.
+    channel: Path | None = None
+    # A person runs it: stdin and stdout are the agent's own (a terminal), not pipes.
+    terminal: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,8 @@ def child_environment(agent_env: Mapping[str, str], spec: RunSpec, files: JobFil
             sdk.ENV_PACKAGE_DIR: package_dir,
         }
     )
+    if spec.channel is not None:
+        env[sdk.ENV_CHANNEL] = str(spec.channel)
     return env
 
 
@@ -508,13 +519,14 @@ class JobProcess:
         spec = replace(spec, package_dir=spec.package_dir.absolute(), work_dir=spec.work_dir.absolute())
         argv = command_line(spec.entry, spec.package_dir, spec.work_dir, os.environ.get("PATH", os.defpath))
         files = prepare_work_dir(spec)
-        pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, the SDK's log
-        (out_r, out_w), (err_r, err_w), (log_r, log_w) = pipes
+        # stdout (unless it is the person's terminal), stderr, the SDK's log; -1: no pipe.
+        out_r, out_w = (-1, -1) if spec.terminal else os.pipe()
+        (err_r, err_w), (log_r, log_w) = os.pipe(), os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
+                stdin=None if spec.terminal else subprocess.DEVNULL,
+                stdout=None if spec.terminal else out_w,
                 stderr=err_w,
                 pass_fds=(log_w,),
                 cwd=spec.package_dir,
@@ -524,15 +536,18 @@ class JobProcess:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             for fd in (out_r, err_r, log_r):
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StartError(f"cannot start {spec.entry.describe()}: {reason}") from None
         finally:
             for fd in (out_w, err_w, log_w):
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
         job = cls(spec, process, files, on_log)
         try:
-            await job._read(out_r, job._stdout_line)
+            if out_r >= 0:
+                await job._read(out_r, job._stdout_line)
             await job._read(err_r, job._stderr_line)
             await job._read(log_r, job._sdk_line)
         except BaseException:

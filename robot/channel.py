@@ -1,0 +1,338 @@
+"""The private channel between a running script and its robot agent: how `sdk.queue(...)` reaches herder.
+
+When the agent starts a run it opens a channel for it: a Unix domain socket in a folder of its own
+(mode 0700, the socket 0600), whose path the script finds in HERDER_JOB_CHANNEL. The script's SDK
+sends its queue calls there; the agent checks each one against the protocol, sends it to herder with
+the robot's own identity (the agent's `Client`) and answers. So the script never holds a token or a
+NATS connection, and can ask for nothing beyond the verbs in `VERBS`.
+
+The wire is newline-delimited JSON, one object per line, both ways:
+
+    → {"id": 7, "verb": "item_next", "body": {"queues": [{"name": "invoices"}]}}
+    ← {"id": 7, "reply": {"items": [{"id": "…", "lease": 1, …}]}}
+    → {"id": 8, "verb": "item_add", "body": {"queue": "invoices", "items": [{"content": {"n": 1e999}}]}}
+    ← {"id": 8, "error": {"code": "bad_request", "message": "invalid item_add request: items.0.content.n: …"}}
+
+`id` is the caller's (a non-negative integer) and comes back with the answer. Answers go out as
+requests finish, not in the order they came, so a script with threads may have several in flight.
+`body` is the verb's request model in JSON (see herder.protocol.queues); `item_next` is taken for the
+run's job, whatever the body says. Errors carry herder's codes and messages (protocol/errors.py),
+with `details` when herder gave some; a failure of the agent itself is `internal`, with the
+traceback in the agent's log only.
+
+A line is at most MAX_LINE_BYTES. A longer one, or one that is not a JSON request, is answered with
+`bad_request` (under its id when the line starts with one, else under `"id": null`) and the
+connection goes on with the next line. While the agent is cut off from NATS every call is answered
+`unavailable` at once; otherwise a call waits at most as long as the agent's client does.
+
+The channel closes when the run ends, however it ends: what is in flight is dropped, the socket
+and its folder are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from herder.client.requests import Client
+from herder.protocol import codec
+from herder.protocol.errors import BadRequest, HerderError, Internal, Unavailable
+from herder.protocol.messages import Model, Request
+from herder.protocol.queues import ItemAdd, ItemNext, ItemPostpone, ItemProgress, ItemResultRequest
+from herder.robot import sdk
+from herder.robot.runner import LineSplitter
+
+log = structlog.get_logger("herder.robot")
+
+# The SDK keeps its requests within this; what a script sends past it is refused, not read.
+MAX_LINE_BYTES = sdk.MAX_CHANNEL_LINE_BYTES
+# How many requests of one connection may be in flight before the channel stops reading it.
+MAX_IN_FLIGHT = 64
+READ_CHUNK_BYTES = 64 * 1024
+SOCKET_NAME = "channel.sock"
+FOLDER_PREFIX = "herder-channel-"
+FOLDER_MODE = 0o700
+SOCKET_MODE = 0o600
+# A Unix socket's path must fit in sun_path (108 bytes on Linux, 104 on macOS), its NUL included.
+MAX_SOCKET_PATH_BYTES = 100
+MAX_CALL_ID = 2**53 - 1
+
+# What a script may ask for, by verb, and the request each becomes.
+VERBS: Mapping[str, type[Request[Any]]] = {
+    "item_add": ItemAdd,
+    "item_next": ItemNext,
+    "item_result": ItemResultRequest,
+    "item_postpone": ItemPostpone,
+    "item_progress": ItemProgress,
+}
+
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(\d{1,16})\s*[,}]')
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request of a script, as read from its line."""
+
+    id: int
+    verb: str
+    body: dict[str, Any]
+
+
+class BadCall(BadRequest):
+    """A line that is no request the channel serves; `call_id` is its id when it names one."""
+
+    def __init__(self, message: str, call_id: int | None) -> None:
+        super().__init__(message)
+        self.call_id = call_id
+
+
+def leading_id(head: bytes) -> int | None:
+    """The id a request line starts with (`{"id": 7, …`), as the SDK writes it; None when it does not."""
+    found = _LEADING_ID.match(head)
+    if found is None:
+        return None
+    value = int(found.group(1))
+    return value if value <= MAX_CALL_ID else None
+
+
+def parse_call(kept: bytes, length: int) -> Call:
+    """The request a line holds (`kept`: its first bytes, `length`: its whole length); `BadCall` otherwise."""
+    if length > MAX_LINE_BYTES:
+        raise BadCall(
+            f"the request is {length} bytes, more than the {MAX_LINE_BYTES} one line of the channel may hold; "
+            "send fewer or smaller items at a time",
+            leading_id(kept),
+        )
+    try:
+        # Decoded here: `json.loads` would take bytes in UTF-16 or UTF-32 too, and the channel speaks UTF-8.
+        message = json.loads(kept.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadCall("the request is not UTF-8 text", leading_id(kept)) from None
+    except RecursionError:
+        raise BadCall("the request is nested too deeply to read", leading_id(kept)) from None
+    except ValueError as exc:
+        raise BadCall(f"the request is not valid JSON ({_json_problem(exc)})", leading_id(kept)) from None
+    if not isinstance(message, dict):
+        raise BadCall('the request must be a JSON object: {"id": 1, "verb": "item_next", "body": {…}}', None)
+    call_id = message.get("id")
+    if not isinstance(call_id, int) or isinstance(call_id, bool) or not 0 <= call_id <= MAX_CALL_ID:
+        raise BadCall(f'the request needs an "id": a whole number from 0 to {MAX_CALL_ID}', None)
+    verb = message.get("verb")
+    if not isinstance(verb, str) or verb not in VERBS:
+        shown = repr(verb)[:60]
+        raise BadCall(f"the channel serves no verb {shown}; it serves {', '.join(VERBS)}", call_id)
+    body = message.get("body", {})
+    if not isinstance(body, dict):
+        raise BadCall(f'the "body" of {verb} must be a JSON object', call_id)
+    unknown = sorted(set(message) - {"id", "verb", "body"})
+    if unknown:
+        raise BadCall(f"the request has fields the channel does not know: {', '.join(map(str, unknown))}", call_id)
+    return Call(id=call_id, verb=verb, body=body)
+
+
+def _json_problem(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return "an integer of thousands of digits" if "digits" in str(exc) else type(exc).__name__
+
+
+def request_of(call: Call, job_id: str) -> Request[Any]:
+    """The request model `call` makes, validated; `BadRequest` naming the fields (and paths) that fail.
+
+    `item_next` takes items for the run's job: the agent says which job that is, not the script.
+    """
+    body = dict(call.body)
+    if call.verb == "item_next":
+        body["job_id"] = job_id
+    try:
+        return VERBS[call.verb].model_validate(body)
+    except ValidationError as exc:
+        raise codec.invalid(f"{call.verb} request", exc) from None
+
+
+def error_of(exc: BaseException) -> dict[str, Any]:
+    """The `error` of an answer: a herder error's code and message (and details); `internal` for anything else."""
+    if not isinstance(exc, HerderError):
+        exc = Internal("the robot agent failed to serve this call; the agent's log says why")
+    error: dict[str, Any] = {"code": exc.code.value, "message": exc.message}
+    if exc.details:
+        error["details"] = exc.details
+    return error
+
+
+def answer_line(
+    call_id: int | None, *, reply: Mapping[str, Any] | None = None, error: Mapping[str, Any] | None = None
+) -> bytes:
+    """One answer, as the line sent back: `{"id": …, "reply": …}` or `{"id": …, "error": …}`."""
+    message: dict[str, Any] = {"id": call_id}
+    if error is not None:
+        message["error"] = error
+    else:
+        message["reply"] = reply if reply is not None else {}
+    try:
+        text = json.dumps(message, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        # Details herder gave that JSON cannot hold: the code and the message say enough.
+        if error is None:
+            raise
+        text = json.dumps({"id": call_id, "error": {"code": error["code"], "message": error["message"]}})
+    return text.encode() + b"\n"
+
+
+def _private_folder() -> Path:
+    """A new folder only this user may enter, with room for the socket's path within MAX_SOCKET_PATH_BYTES."""
+    for parent in (None, "/tmp"):
+        folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=parent))  # mode 0700
+        if len(os.fsencode(folder / SOCKET_NAME)) <= MAX_SOCKET_PATH_BYTES:
+            return folder
+        folder.rmdir()
+    raise OSError(f"no temporary folder has a path short enough for a Unix socket (TMPDIR={tempfile.gettempdir()})")
+
+
+class Channel:
+    """The channel of one run: a Unix socket serving the script's queue calls with the agent's client."""
+
+    def __init__(self, client: Client, job_id: str, folder: Path, *, robot: str | None = None) -> None:
+        """Use `Channel.open`."""
+        self._client = client
+        self._job_id = job_id
+        self._folder = folder
+        self.path = folder / SOCKET_NAME
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._log = log.bind(job_id=job_id, robot=robot)
+
+    @classmethod
+    async def open(cls, client: Client, job_id: str, *, robot: str | None = None) -> Channel:
+        """Open the channel of a run: its private folder and its socket, listening. `OSError` if it cannot."""
+        folder = await asyncio.to_thread(_private_folder)
+        channel = cls(client, job_id, folder, robot=robot)
+        try:
+            channel._server = await asyncio.start_unix_server(channel._connection, path=str(channel.path))
+            # The folder already keeps others out; the socket says the same.
+            os.chmod(channel.path, SOCKET_MODE)
+        except BaseException:
+            await channel.close()
+            raise
+        channel._log.debug("channel.opened", path=str(channel.path))
+        return channel
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop serving: drop the connections and what is in flight, remove the socket and its folder. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        await asyncio.to_thread(shutil.rmtree, self._folder, ignore_errors=True)
+        self._log.debug("channel.closed")
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection of the script: read its lines, answer each as it finishes."""
+        if self._closed:
+            writer.close()
+            return
+        self._writers.add(writer)
+        splitter = LineSplitter(MAX_LINE_BYTES)
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        sending = asyncio.Lock()
+        mine: set[asyncio.Task[None]] = set()
+        try:
+            while chunk := await reader.read(READ_CHUNK_BYTES):
+                for kept, length in splitter.feed(chunk):
+                    await slots.acquire()
+                    task = asyncio.ensure_future(self._answer(kept, length, writer, sending))
+                    task.add_done_callback(lambda _: slots.release())
+                    self._track(task, mine)
+            # The script closed its end: what it asked before is still answered (it may only have
+            # shut down its writing half), then the connection goes.
+            if mine:
+                await asyncio.wait(set(mine))
+        except (ConnectionError, OSError):
+            pass  # the script went away mid-line: nothing more to answer
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def _track(self, task: asyncio.Task[None], mine: set[asyncio.Task[None]]) -> None:
+        self._tasks.add(task)
+        mine.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(mine.discard)
+
+    async def _answer(self, kept: bytes, length: int, writer: asyncio.StreamWriter, sending: asyncio.Lock) -> None:
+        call_id: int | None = None
+        try:
+            call = parse_call(kept, length)
+            call_id = call.id
+            line = answer_line(call.id, reply=await self.serve(call))
+        except BadCall as exc:
+            self._log.info("channel.bad_call", call_id=exc.call_id, reason=exc.message)
+            line = answer_line(exc.call_id, error=error_of(exc))
+        except HerderError as exc:
+            line = answer_line(call_id, error=error_of(exc))
+        except Exception as exc:
+            self._log.exception("channel.call_failed", call_id=call_id)
+            line = answer_line(call_id, error=error_of(exc))
+        async with sending:
+            if writer.is_closing():
+                return
+            writer.write(line)
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+
+    async def serve(self, call: Call) -> dict[str, Any]:
+        """Send one call to herder as the robot and return the reply as JSON values; herder's errors raise."""
+        request = request_of(call, self._job_id)
+        if not self._client.nc.is_connected:
+            raise Unavailable(
+                "the robot is cut off from herder (NATS is unreachable, it is reconnecting); try again later"
+            )
+        try:
+            reply: Model = await self._client.request(request)
+        except HerderError as exc:
+            self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
+            raise
+        self._log.debug("channel.served", verb=call.verb)
+        return reply.model_dump(mode="json")
+
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "VERBS",
+    "BadCall",
+    "Call",
+    "Channel",
+    "answer_line",
+    "error_of",
+    "leading_id",
+    "parse_call",
+    "request_of",
+]

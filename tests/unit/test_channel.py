@@ -1,0 +1,314 @@
+"""The robot's channel for scripts: its pure parts (lines, the verb table, errors), and its socket served
+with a stand-in for the agent's client (what herder answers is the integration tests' business)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from herder.client.requests import Client
+from herder.protocol import fence
+from herder.protocol.errors import BadRequest, Conflict, ErrorCode, NotFound, Unavailable
+from herder.protocol.messages import Request
+from herder.protocol.queues import ItemAdd, ItemNext, ItemsAdded, ItemsTaken
+from herder.robot import sdk
+from herder.robot.channel import (
+    MAX_LINE_BYTES,
+    VERBS,
+    BadCall,
+    Call,
+    Channel,
+    answer_line,
+    error_of,
+    leading_id,
+    parse_call,
+    request_of,
+)
+from herder.robot.runner import LineSplitter
+from tests.support import eventually
+
+JOB = "0123456789abcdef0123456789abcdef"
+ITEM = "ab" * 16
+
+
+def line(message: object) -> tuple[bytes, int]:
+    data = json.dumps(message).encode()
+    return data, len(data)
+
+
+# --- the verb table ---
+
+
+def test_the_channel_serves_the_item_verbs_and_nothing_else() -> None:
+    assert set(VERBS) == {"item_add", "item_next", "item_result", "item_postpone", "item_progress"}
+    # Every verb it serves is one the fence lets a robot call: the agent sends them with its own token.
+    assert {("queues", model.verb) for model in VERBS.values()} <= set(fence.ROBOT_VERBS)
+    assert all(verb == model.verb for verb, model in VERBS.items())
+
+
+def test_the_sdk_and_the_channel_agree_on_the_bound_of_a_line() -> None:
+    assert sdk.MAX_CHANNEL_LINE_BYTES == MAX_LINE_BYTES
+
+
+# --- reading a request line ---
+
+
+def test_a_request_line_is_read_into_a_call() -> None:
+    call = parse_call(*line({"id": 7, "verb": "item_next", "body": {"queues": [{"name": "q"}]}}))
+    assert call == Call(id=7, verb="item_next", body={"queues": [{"name": "q"}]})
+    assert parse_call(*line({"id": 0, "verb": "item_progress"})).body == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "call_id", "problem"),
+    [
+        (b'{"id": 3, "verb": "item_next", "body": {', 3, "not valid JSON"),
+        (b"\xff\xfe", None, "not UTF-8"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (b'{"verb": "item_next"}', None, 'needs an "id"'),
+        (b'{"id": true, "verb": "item_next"}', None, 'needs an "id"'),
+        (b'{"id": -1, "verb": "item_next"}', None, 'needs an "id"'),
+        (b'{"id": 4, "verb": "queue_create", "body": {}}', 4, "serves no verb 'queue_create'"),
+        (b'{"id": 5, "verb": "item_next", "body": [1]}', 5, '"body" of item_next must be a JSON object'),
+        (b'{"id": 6, "verb": "item_next", "token": "x"}', 6, "fields the channel does not know: token"),
+    ],
+)
+def test_what_is_not_a_request_is_refused_under_its_id_when_it_names_one(
+    data: bytes, call_id: int | None, problem: str
+) -> None:
+    with pytest.raises(BadCall) as refused:
+        parse_call(data, len(data))
+    assert refused.value.call_id == call_id
+    assert refused.value.code is ErrorCode.BAD_REQUEST
+    assert problem in refused.value.message
+
+
+def test_an_over_long_line_is_refused_by_its_length_under_the_id_it_starts_with() -> None:
+    head = b'{"id": 12, "verb": "item_add", "body": {"queue": "q", "items": [{"content": {"blob": "'
+    with pytest.raises(BadCall) as refused:
+        parse_call(head, MAX_LINE_BYTES + 1)
+    assert refused.value.call_id == 12
+    assert f"{MAX_LINE_BYTES + 1} bytes" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'{"id": 12, "verb"', 12),
+        (b'  {"id":0}', 0),
+        (b'{"verb": "x", "id": 3}', None),  # the SDK writes the id first; elsewhere it is not looked for
+        (b'{"id": "3"}', None),
+        (b'{"id": 99999999999999999, ', None),
+        (b"", None),
+    ],
+)
+def test_the_leading_id_is_found_only_where_the_sdk_writes_it(head: bytes, expected: int | None) -> None:
+    assert leading_id(head) == expected
+
+
+def test_lines_are_framed_across_reads_and_an_over_long_one_is_counted_not_kept() -> None:
+    splitter = LineSplitter(MAX_LINE_BYTES)
+    good = json.dumps({"id": 2, "verb": "item_next", "body": {}}).encode()
+    long_head = b'{"id": 1, "verb": "item_add", "body": "'
+    pieces = [long_head, b"x" * MAX_LINE_BYTES, b'"}\n', good[:10], good[10:] + b"\n"]
+    lines = [framed for piece in pieces for framed in splitter.feed(piece)]
+    assert [length for _, length in lines] == [len(long_head) + MAX_LINE_BYTES + 2, len(good)]
+    assert len(lines[0][0]) == MAX_LINE_BYTES and lines[0][0].startswith(long_head)
+    with pytest.raises(BadCall) as refused:
+        parse_call(*lines[0])
+    assert refused.value.call_id == 1
+    assert parse_call(*lines[1]).id == 2
+
+
+# --- the request a call makes ---
+
+
+def test_item_next_is_taken_for_the_run_whatever_the_script_says() -> None:
+    request = request_of(Call(1, "item_next", {"queues": [{"name": "q"}], "job_id": "f" * 32}), JOB)
+    assert isinstance(request, ItemNext)
+    assert request.job_id == JOB
+    assert request.count == 1
+
+
+def test_a_body_that_fails_validation_names_the_field_and_the_path_inside_the_content() -> None:
+    body = {"queue": "q", "items": [{"content": {"ok": 1}}, {"content": {"invoice": {"amount": 2**60}}}]}
+    with pytest.raises(BadRequest) as refused:
+        request_of(Call(1, "item_add", body), JOB)
+    message = refused.value.message
+    assert refused.value.code is ErrorCode.BAD_REQUEST
+    assert message.startswith("invalid item_add request: items.1.content.invoice.amount: ")
+    assert "outside the integers" in message
+
+
+def test_a_misspelt_field_is_refused_not_ignored() -> None:
+    with pytest.raises(BadRequest, match=r"invalid item_progress request: .*progres"):
+        request_of(Call(1, "item_progress", {"id": ITEM, "lease": 1, "progres": "half"}), JOB)
+
+
+def test_every_verb_makes_its_own_request_model() -> None:
+    bodies: dict[str, dict[str, Any]] = {
+        "item_add": {"queue": "q", "items": [{"content": {}}]},
+        "item_next": {"queues": [{"name": "q"}]},
+        "item_result": {"results": [{"id": ITEM, "lease": 1, "state": "Failed", "exception": "business"}]},
+        "item_postpone": {"id": ITEM, "lease": 1, "until": "2030-01-01T00:00:00+00:00"},
+        "item_progress": {"id": ITEM, "lease": 2, "progress": "half way"},
+    }
+    for verb, body in bodies.items():
+        assert type(request_of(Call(1, verb, body), JOB)) is VERBS[verb]
+
+
+# --- errors and answers ---
+
+
+def test_herder_errors_keep_their_code_message_and_details() -> None:
+    assert error_of(Conflict("stale lease", details={"lease": 3})) == {
+        "code": "conflict",
+        "message": "stale lease",
+        "details": {"lease": 3},
+    }
+    assert error_of(NotFound("no queue q")) == {"code": "not_found", "message": "no queue q"}
+
+
+def test_anything_else_is_internal_in_one_line_without_its_text() -> None:
+    error = error_of(KeyError("secret-ish detail"))
+    assert error["code"] == "internal"
+    assert "secret-ish" not in error["message"]
+    assert "\n" not in error["message"]
+
+
+def test_answers_are_one_json_line_each() -> None:
+    assert json.loads(answer_line(3, reply={"ids": ["a"]})) == {"id": 3, "reply": {"ids": ["a"]}}
+    assert json.loads(answer_line(None, error={"code": "bad_request", "message": "m"})) == {
+        "id": None,
+        "error": {"code": "bad_request", "message": "m"},
+    }
+    odd = answer_line(4, error={"code": "conflict", "message": "m", "details": {"x": float("nan")}})
+    assert json.loads(odd) == {"id": 4, "error": {"code": "conflict", "message": "m"}}
+    assert answer_line(5, reply={"text": "a\nb"}).count(b"\n") == 1
+
+
+# --- the socket, with a stand-in for the agent's client ---
+
+
+@dataclass
+class StandInNats:
+    is_connected: bool = True
+
+
+@dataclass
+class StandInClient:
+    """Answers like herder would, in order of release rather than arrival."""
+
+    nc: StandInNats = field(default_factory=StandInNats)
+    seen: list[Request[Any]] = field(default_factory=list)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    async def request(self, request: Request[Any]) -> Any:
+        self.seen.append(request)
+        if isinstance(request, ItemAdd):
+            reference = request.items[0].reference or ""
+            if reference in self.gates:
+                await self.gates[reference].wait()
+            if reference == "taken":
+                raise Conflict("reference taken is in the queue already")
+            if reference == "boom":
+                raise RuntimeError("a bug")
+            return ItemsAdded(queue=request.queue, ids=[reference or "x"])
+        if isinstance(request, ItemNext):
+            return ItemsTaken(items=[])
+        raise AssertionError(request)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Channel, StandInClient]]:
+    client = StandInClient()
+    channel = await Channel.open(cast(Client, client), JOB, robot="r1")
+    try:
+        yield channel, client
+    finally:
+        await channel.close()
+
+
+async def exchange(channel: Channel, *lines: bytes, answers: int | None = None) -> list[dict[str, Any]]:
+    reader, writer = await asyncio.open_unix_connection(str(channel.path))
+    try:
+        writer.write(b"".join(lines))
+        await writer.drain()
+        return [json.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(answers or len(lines))]
+    finally:
+        writer.close()
+
+
+def add(call_id: int, reference: str) -> bytes:
+    body = {"queue": "q", "items": [{"content": {}, "reference": reference}]}
+    return json.dumps({"id": call_id, "verb": "item_add", "body": body}).encode() + b"\n"
+
+
+async def test_the_socket_is_private_and_goes_with_its_folder(served: tuple[Channel, StandInClient]) -> None:
+    channel, _ = served
+    assert stat.S_IMODE(os.stat(channel.path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(channel.path).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(channel.path).st_mode)
+    await channel.close()
+    assert not channel.path.parent.exists()
+    await channel.close()  # twice is fine
+
+
+async def test_calls_in_flight_are_answered_by_id_as_they_finish(served: tuple[Channel, StandInClient]) -> None:
+    channel, client = served
+    client.gates["slow"] = asyncio.Event()
+    reader, writer = await asyncio.open_unix_connection(str(channel.path))
+    writer.write(add(1, "slow") + add(2, "fast"))
+    first = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    client.gates["slow"].set()
+    second = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    writer.close()
+    assert first == {"id": 2, "reply": {"queue": "q", "ids": ["fast"], "dry_run": False}}
+    assert second["id"] == 1 and second["reply"]["ids"] == ["slow"]
+
+
+async def test_herder_errors_and_agent_failures_are_answered_and_the_connection_goes_on(
+    served: tuple[Channel, StandInClient],
+) -> None:
+    channel, _ = served
+    over_long = b'{"id": 3, "body": "' + b"y" * MAX_LINE_BYTES + b'"}\n'
+    answers = await exchange(channel, add(1, "taken"), add(2, "boom"), over_long, b"nonsense\n", add(5, "ok"))
+    by_id = {answer["id"]: answer for answer in answers}
+    assert by_id[1]["error"] == {"code": "conflict", "message": "reference taken is in the queue already"}
+    assert by_id[2]["error"]["code"] == "internal"
+    assert by_id[3]["error"]["code"] == "bad_request" and "more than" in by_id[3]["error"]["message"]
+    assert by_id[None]["error"]["code"] == "bad_request"
+    assert by_id[5]["reply"]["ids"] == ["ok"]
+
+
+async def test_a_robot_cut_off_from_nats_answers_unavailable_at_once(served: tuple[Channel, StandInClient]) -> None:
+    channel, client = served
+    client.nc.is_connected = False
+    (answer,) = await exchange(channel, add(1, "ok"))
+    assert answer["error"]["code"] == Unavailable.code.value
+    assert "cut off" in answer["error"]["message"]
+    assert client.seen == []
+
+
+async def test_closing_drops_what_is_in_flight_and_refuses_new_connections(
+    served: tuple[Channel, StandInClient], tmp_path: Path
+) -> None:
+    channel, client = served
+    client.gates["never"] = asyncio.Event()
+    reader, writer = await asyncio.open_unix_connection(str(channel.path))
+    writer.write(add(1, "never"))
+    await writer.drain()
+    await eventually(lambda: client.seen)
+    await asyncio.wait_for(channel.close(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, unanswered
+    writer.close()
+    with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+        await asyncio.open_unix_connection(str(channel.path))
