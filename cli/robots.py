@@ -1,14 +1,16 @@
-"""`herder robot add|list|show|remove|run`: registering robots, and running one."""
+"""`herder robot add|list|show|remove|run`: registering robots, running one, and running a process by hand on one."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import platformdirs
 import typer
@@ -30,7 +32,10 @@ from herder.cli.context import (
     resolve,
 )
 from herder.cli.output import (
+    EXIT_ERROR,
+    EXIT_USAGE,
     Column,
+    Failed,
     WideOption,
     ago,
     check_new_file,
@@ -45,6 +50,9 @@ from herder.client import logs
 from herder.client.bundle import Bundle, read_bundle, write_bundle
 from herder.client.errors import SetupError
 from herder.protocol.errors import Unauthenticated
+from herder.protocol.jobs import MAX_INPUT_BYTES, LogStream, Outcome
+from herder.protocol.messages import new_id
+from herder.protocol.packages import PackageRef, PackageResolve
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     MAX_HEARTBEAT_INTERVAL_S,
@@ -56,6 +64,11 @@ from herder.protocol.registry import (
     RobotShow,
     RobotType,
 )
+from herder.protocol.values import parse_json_object
+
+if TYPE_CHECKING:
+    from herder.robot.agent import RobotAgent
+    from herder.robot.runner import LogLine, RunResult
 
 ENV_ROBOT_TOKEN = "HERDER_ROBOT_TOKEN"
 
@@ -304,25 +317,64 @@ def run_robot(
             help="The most a package may unpack to on this robot (e.g. 500MiB, 2GiB); a larger one faults its job.",
         ),
     ] = "1GiB",
+    process: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            metavar="PROCESS",
+            help="On an attended robot: run this process once, by hand, on this terminal (its queue calls go "
+            "through the robot), then exit: 0 when it succeeded.",
+        ),
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="With --run: the version to run (default: the newest).")
+    ] = None,
+    input_json: Annotated[
+        str | None, typer.Option("--input", help="With --run: the process's input, a JSON object.")
+    ] = None,
     data_dir: DataDirOption = None,
     url: UrlOption = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str | None,
+        typer.Option("--log-level", help="debug, info, warning or error (default: info; warning with --run)."),
+    ] = None,
     log_format: Annotated[
         str, typer.Option("--log-format", help="auto (console on a terminal, else JSON), json or console.")
     ] = "auto",
 ) -> None:
-    """Run an unattended robot on this machine, in the foreground, until Ctrl-C or SIGTERM.
+    """Run a robot on this machine, in the foreground, until Ctrl-C or SIGTERM; or, with --run, run one
+    process by hand on an attended robot.
 
     It connects with the robot's own token, heartbeats, and runs the jobs herder sends it, one at a
     time, each in a child process of its own. On shutdown it hard-stops a running job, reports it,
     and says goodbye, so the robot shows as Disconnected at once. A robot removed from herder stops
     with one line saying so, and a non-zero exit.
+
+    With --run PROCESS (attended robots only: herder starts the jobs of unattended ones) it connects
+    as the robot, fetches the process's package, runs it once with the person's terminal as its
+    input and output, shows its log lines as they come, and exits 0 when it succeeded, 1 with one
+    line when it did not; Ctrl-C stops it. The run is the robot's (its queue items are held by the
+    robot) but no herder job: nothing is reported to the jobs service.
     """
-    logs.configure(log_level, log_format)
+    if process is None and (version is not None or input_json is not None):
+        fail("--version and --input go with --run PROCESS", EXIT_USAGE)
+    logs.configure(log_level or ("warning" if process else "info"), log_format)
     limit = parse_size(max_package_size, what="--max-package-size")
+    # Checked before connecting: a wrong name or input must not start a session of the robot.
+    resolving = PackageResolve(process=process, version=version) if process is not None else None
+    input_ = parse_json_object(input_json, what="--input", max_bytes=MAX_INPUT_BYTES) if input_json else {}
     target = _robot_target(name, bundle, token_file, data_dir, url)
-    folder = work_dir or Path(platformdirs.user_cache_dir("herder")) / "robots" / name
-    run(lambda: _run(target, name, folder.expanduser().resolve(), heartbeat, limit))
+    folder = (work_dir or Path(platformdirs.user_cache_dir("herder")) / "robots" / name).expanduser().resolve()
+    if resolving is None:
+        run(lambda: _run(target, name, folder, heartbeat, limit))
+        return
+    ref, result = run(lambda: _run_attended(target, name, folder, heartbeat, limit, resolving, input_))
+    ended = f"{ref.process} {ref.version} ended {result.outcome.value}"
+    if result.outcome is not Outcome.SUCCESSFUL:
+        raise Failed(f"{ended}: {result.error or result.reason}", EXIT_ERROR, result.outcome.value.lower())
+    if result.output is not None:
+        print(json.dumps(result.output, ensure_ascii=False))
+    print(f"{ended} ({result.reason})", file=sys.stderr)
 
 
 def _robot_target(
@@ -357,6 +409,14 @@ def _robot_target(
     )
 
 
+def _refused(target: Target, name: str) -> str:
+    return (
+        f"robot {name}'s token (from {target.token_source}) was refused: the robot was removed, the token is "
+        "not its own, or no auth service is running; give the bundle or token 'herder robot add' made for it "
+        f"with --bundle FILE, --token-file FILE or {ENV_ROBOT_TOKEN}"
+    )
+
+
 async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int) -> None:
     from herder.robot.agent import ConnectionEvents, RobotAgent
 
@@ -365,11 +425,7 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    refused = (
-        f"robot {name}'s token (from {target.token_source}) was refused: the robot was removed, the token is "
-        "not its own, or no auth service is running; give the bundle or token 'herder robot add' made for it "
-        f"with --bundle FILE, --token-file FILE or {ENV_ROBOT_TOKEN}"
-    )
+    refused = _refused(target, name)
     # The agent hears of its connection's losses and returns; it exists once the connection does.
     events = ConnectionEvents()
     async with connected(target, f"herder-robot-{name}", refused=refused, **events.options()) as nc:
@@ -404,3 +460,93 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_
             await agent.stop()
         if agent.removed.is_set():
             raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); it stops")
+
+
+async def _run_attended(
+    target: Target,
+    name: str,
+    work_dir: Path,
+    heartbeat: float,
+    max_package_bytes: int,
+    resolving: PackageResolve,
+    input_: dict[str, Any],
+) -> tuple[PackageRef, RunResult]:
+    """Connect as the robot, run one process by hand on this terminal, say goodbye; the package and how it ended."""
+    from herder.robot.agent import ConnectionEvents, RobotAgent
+    from herder.robot.spool import SpoolLocked
+
+    assert target.token is not None
+    interrupt = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt.set)
+    refused = _refused(target, name)
+    events = ConnectionEvents()
+    async with connected(target, f"herder-robot-{name}", refused=refused, **events.options()) as nc:
+        agent = RobotAgent(
+            nc,
+            robot=name,
+            token=target.token,
+            tenant=target.tenant,
+            work_dir=work_dir,
+            heartbeat_interval_s=heartbeat,
+            max_package_bytes=max_package_bytes,
+        )
+        events.attach(agent)
+        try:
+            await agent.start()
+        except Unauthenticated:
+            raise Unauthenticated(refused) from None
+        except SpoolLocked:
+            raise SetupError(
+                f"robot {name} runs already from {work_dir} ('herder robot run {name}'); stop that agent first: "
+                "a robot has one agent at a time"
+            ) from None
+        removed = asyncio.ensure_future(agent.removed.wait())
+        removed.add_done_callback(lambda _: interrupt.set())
+        try:
+            ended = await _attended(agent, name, resolving, input_, interrupt)
+        finally:
+            removed.cancel()
+            await agent.stop()
+        if agent.removed.is_set():
+            raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); the run was stopped")
+        return ended
+
+
+async def _attended(
+    agent: RobotAgent, name: str, resolving: PackageResolve, input_: dict[str, Any], interrupt: asyncio.Event
+) -> tuple[PackageRef, RunResult]:
+    agent.check_attended()
+    ref = await agent.resolve(resolving)
+    job_id = new_id()
+    print(
+        f"robot {name} runs {ref.process} {ref.version} by hand (local run {job_id[:12]}, no herder job); "
+        "Ctrl-C stops it.",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = await agent.run_attended(ref, input_, job_id=job_id, on_log=_show_line, interrupt=interrupt)
+    return ref, result
+
+
+def _show_line(line: LogLine) -> None:
+    print(terminal_line(line), file=sys.stdout if line.stream is LogStream.STDOUT else sys.stderr, flush=True)
+
+
+def terminal_line(line: LogLine) -> str:
+    """A log line of a run by hand, as the person at the terminal reads it: what the script printed as it
+    is; its SDK records as `12:04:05 INFO    invoice.read number=42`; the agent's lines after `herder: `."""
+    if line.stream in (LogStream.STDOUT, LogStream.STDERR):
+        return line.message
+    if line.stream is LogStream.AGENT:
+        return f"herder: {line.message}"
+    words = [_local_time(line.time), f"{line.level.value.upper():<7}", line.message]
+    for key, value in line.fields.items():
+        shown = value if isinstance(value, bool | int | float) or value is None else repr(value)
+        words.append(f"{key}={shown}")
+    return " ".join(words)
+
+
+def _local_time(moment: datetime) -> str:
+    return moment.astimezone().strftime("%H:%M:%S")
