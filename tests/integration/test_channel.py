@@ -1,0 +1,325 @@
+"""Queues from scripts, through their robot's channel: real robot agents running real scripts that add,
+take and finish items with the SDK, against real herder services (the queues service among them) on a
+real, fenced nats-server. And the verifier station: an unattended robot that sends doubtful invoices to
+a person, and an attended robot on which the person decides them by hand.
+
+The queue tests need the queues service (`herder.services.queues.service`): they skip until it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from herder.client.requests import Client
+from herder.protocol.jobs import JobKill, JobStart, JobState
+from herder.protocol.messages import new_id
+from herder.protocol.packages import PackageResolve
+from herder.protocol.queues import (
+    ItemAdd,
+    ItemInfo,
+    ItemListRequest,
+    ItemState,
+    NewItem,
+    QueueCreate,
+    QueueSettings,
+)
+from herder.protocol.registry import RobotShow, RobotStatus, RobotType
+from herder.robot import sdk
+from herder.robot.agent import NotAttended, RobotAgent
+from herder.robot.channel import Channel
+from herder.robot.runner import LogLine
+from herder.services.common.credentials import ServiceCredential
+from herder.services.common.natsserver import EmbeddedNats
+from herder.services.common.runtime import Service
+from tests.fleet import ALL_SERVICES, HEARTBEAT_S, Fleet, python_process, running_fleet
+from tests.support import connect_as, eventually, migrated
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+# Adds items (one of them refused for its content), takes and finishes them, and says what it saw.
+WORKER = """
+import os, stat
+from herder.robot import sdk
+
+def refusal(call):
+    try:
+        call()
+    except sdk.QueueError as exc:
+        return [exc.code, str(exc)]
+    return None
+
+def main(data):
+    work = sdk.queue("work")
+    added = work.add_many([{"content": {"n": n}, "reference": f"R{n}"} for n in (1, 2, 3)])
+    added.append(work.add({"n": 4}, reference="R4", priority="High"))
+    problems = {
+        "range": refusal(lambda: work.add({"n": {"deep": 2 ** 60}})),
+        "schema": refusal(lambda: sdk.queue("checked").add({"amount": "twelve"})),
+        "missing": refusal(lambda: sdk.queue("nowhere").next()),
+    }
+    done = []
+    first = work.next()
+    first.progress("looking at it")
+    first.complete({"doubled": first.content["n"] * 2})
+    done.append(first.reference)
+    problems["twice"] = refusal(first.complete)
+    for item in work.next_batch(10):
+        if item.content["n"] == 2:
+            item.fail("n is even", kind="business")
+        else:
+            item.complete({"doubled": item.content["n"] * 2})
+        done.append(item.reference)
+    channel = os.environ[sdk.ENV_CHANNEL]
+    return {
+        "added": added,
+        "done": done,
+        "problems": problems,
+        "empty": work.next() is None,
+        "channel": channel,
+        "modes": [oct(stat.S_IMODE(os.stat(path).st_mode)) for path in (os.path.dirname(channel), channel)],
+        "secrets": sorted(name for name in os.environ if "TOKEN" in name or name.startswith("NATS_")),
+    }
+"""
+
+# Holds the channel's path in its output, then waits to be killed.
+LINGER = """
+import os, time
+from herder.robot import sdk
+
+def main(data):
+    sdk.set_output({"channel": os.environ[sdk.ENV_CHANNEL]})
+    sdk.log.info("lingering")
+    while True:
+        time.sleep(0.05)
+"""
+
+# How long a queue call takes to fail when there is nothing to answer it.
+UNANSWERED = """
+import time
+from herder.robot import sdk
+
+def main(data):
+    started = time.monotonic()
+    try:
+        sdk.queue("work").next()
+    except sdk.QueueError as exc:
+        return {"code": exc.code, "message": str(exc), "took_s": time.monotonic() - started}
+    return {"code": None}
+"""
+
+
+def _queues_service() -> type[Service]:
+    module = pytest.importorskip("herder.services.queues.service", reason="the queues service is not built yet")
+    service: type[Service] = module.QueuesService
+    return service
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite database (what the channel does does not depend on the database)."""
+    return migrated(f"sqlite:///{tmp_path / 'herder.db'}")
+
+
+@pytest.fixture
+async def fleet(nats_url: str, sqlite_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Fleet]:
+    """The whole of herder, the queues service included."""
+    services = (*ALL_SERVICES, _queues_service())
+    async with running_fleet(nats_url, sqlite_url, tmp_path, credential, services) as started:
+        yield started
+
+
+async def items_of(client: Client, queue: str) -> dict[str, ItemInfo]:
+    """A queue's items, by reference."""
+    page = await client.request(ItemListRequest(queue=queue, limit=1000))
+    return {item.reference or item.id: item for item in page.items}
+
+
+async def test_a_script_adds_takes_and_finishes_items_through_its_robot(fleet: Fleet) -> None:
+    await fleet.client.request(QueueCreate(name="work"))
+    schema = {"type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]}
+    await fleet.client.request(QueueCreate(name="checked", settings=QueueSettings(content_schema=schema)))
+    await fleet.run_robot("r1")
+    await fleet.publish(python_process(fleet.root, "worker", WORKER))
+
+    job = await fleet.client.request(JobStart(process="worker", robot="r1"))
+    done = await fleet.wait_job(job.id, JobState.SUCCESSFUL, timeout=60)
+    output = done.output
+    assert output is not None
+
+    # The High item first, then the others first in, first out.
+    assert output["done"] == ["R4", "R1", "R2", "R3"]
+    assert output["empty"] is True
+    problems = output["problems"]
+    code, message = problems["range"]
+    assert code == "bad_request"
+    assert "items.0.content.n.deep" in message and "outside the integers" in message
+    assert problems["schema"][0] == "bad_request" and "amount" in problems["schema"][1]
+    assert problems["missing"][0] == "not_found"
+    assert problems["twice"][0] == "conflict" and "completed already" in problems["twice"][1]
+
+    # The script's channel was private, is gone with its run, and no secret reached the script.
+    assert output["modes"] == ["0o700", "0o600"]
+    assert not Path(output["channel"]).parent.exists()
+    assert output["secrets"] == []
+
+    items = await items_of(fleet.client, "work")
+    assert sorted(items) == ["R1", "R2", "R3", "R4"]
+    assert [items[f"R{n}"].id for n in (1, 2, 3, 4)] == output["added"]
+    for reference in ("R1", "R3", "R4"):
+        assert items[reference].state is ItemState.SUCCESSFUL
+        assert items[reference].output == {"doubled": int(reference[1]) * 2}
+    assert (items["R2"].state, items["R2"].exception, items["R2"].reason) == (
+        ItemState.FAILED,
+        "business",
+        "n is even",
+    )
+    assert items["R4"].progress == "looking at it"
+    # The robot held them, for the job its agent named.
+    assert {(item.robot, item.job_id) for item in items.values()} == {("r1", job.id)}
+
+
+async def test_the_verifier_station_end_to_end(fleet: Fleet, tmp_path: Path) -> None:
+    for name in ("invoices", "invoices-verify"):
+        await fleet.client.request(QueueCreate(name=name))
+    invoices = [
+        {"number": "INV-1", "supplier": "ACME", "amount": 120.0},  # good
+        {"number": "INV-2", "supplier": "ACME", "amount": 50_000},  # doubtful: large
+        {"number": "INV-3", "supplier": "Unknown Ltd", "amount": 80},  # doubtful: supplier
+        {"supplier": "ACME", "amount": 10},  # unreadable: no number
+    ]
+    items = [NewItem(content=content, reference=content.get("number", "NONE")) for content in invoices]
+    await fleet.client.request(ItemAdd(queue="invoices", items=items))
+    await fleet.publish(EXAMPLES / "verifier" / "invoices")
+    await fleet.publish(EXAMPLES / "verifier" / "verify")
+
+    # The unattended robot checks every invoice and sends the doubtful ones to the verification queue.
+    await fleet.run_robot("checker")
+    job = await fleet.client.request(JobStart(process="invoices", robot="checker"))
+    checked = await fleet.wait_job(job.id, JobState.SUCCESSFUL, timeout=60)
+    assert checked.output == {"good": 1, "doubtful": 2, "unreadable": 1}
+    after_check = await items_of(fleet.client, "invoices")
+    assert after_check["INV-1"].output == {"verdict": "good"}
+    assert after_check["INV-2"].state is ItemState.SUCCESSFUL
+    assert after_check["INV-2"].output is not None and after_check["INV-2"].output["verdict"] == "sent to verification"
+    assert (after_check["NONE"].state, after_check["NONE"].exception) == (ItemState.FAILED, "business")
+    waiting = await items_of(fleet.client, "invoices-verify")
+    assert {reference: item.state for reference, item in waiting.items()} == {
+        "INV-2": ItemState.NEW,
+        "INV-3": ItemState.NEW,
+    }
+    assert waiting["INV-2"].content["invoice"] == invoices[1]
+    assert waiting["INV-2"].content["checked_item"] == after_check["INV-2"].id
+
+    # The person at the attended robot approves one and rejects the other, by hand.
+    token = await fleet.add_robot("desk", robot_type=RobotType.ATTENDED, host="laptop")
+    ref = await fleet.client.request(PackageResolve(process="verify"))
+    lines: list[LogLine] = []
+    async with attended_agent(fleet, "desk", token, tmp_path) as agent:
+        assert (await fleet.client.request(RobotShow(name="desk"))).status is RobotStatus.AVAILABLE
+        result = await agent.run_attended(
+            ref,
+            {"decide": {"INV-2": "reject", "*": "approve"}},
+            job_id=new_id(),
+            on_log=lines.append,
+            terminal=False,
+        )
+    assert result.outcome.value == "Successful", (result, [line.message for line in lines])
+    assert result.output == {"approved": 1, "rejected": 1, "skipped": 0}
+    assert any(line.message == "verify.decided" for line in lines)
+    decided = await items_of(fleet.client, "invoices-verify")
+    assert (decided["INV-2"].state, decided["INV-2"].exception) == (ItemState.FAILED, "business")
+    assert decided["INV-3"].state is ItemState.SUCCESSFUL
+    assert decided["INV-3"].output is not None and decided["INV-3"].output["decision"] == "approved"
+    assert {item.robot for item in decided.values()} == {"desk"}
+    # It said goodbye: the attended robot is Disconnected, not left to look lost.
+    assert (await fleet.client.request(RobotShow(name="desk"))).status is RobotStatus.DISCONNECTED
+
+
+async def test_an_unattended_robot_runs_nothing_by_hand(fleet: Fleet, tmp_path: Path) -> None:
+    token = await fleet.add_robot("u1")
+    ref_process = await fleet.publish(python_process(fleet.root, "worker", WORKER))
+    ref = await fleet.client.request(PackageResolve(process=ref_process.process))
+    async with attended_agent(fleet, "u1", token, tmp_path) as agent:
+        with pytest.raises(NotAttended, match="robot u1 is unattended: herder starts its jobs"):
+            await agent.run_attended(ref, {}, job_id=new_id(), on_log=lambda _: None, terminal=False)
+
+
+@asynccontextmanager
+async def attended_agent(fleet: Fleet, name: str, token: str, root: Path) -> AsyncIterator[RobotAgent]:
+    """An agent of a robot, run in this process with the robot's own token (as `herder robot run NAME
+    --run PROCESS` runs one), started and stopped around the block."""
+    nc = await connect_as(fleet.nats_url, token, name=f"robot-{name}")
+    try:
+        agent = RobotAgent(
+            nc, robot=name, token=token, work_dir=root / "attended" / name, heartbeat_interval_s=HEARTBEAT_S
+        )
+        await agent.start()
+        try:
+            yield agent
+        finally:
+            await agent.stop()
+    finally:
+        await nc.close()
+
+
+# --- without the queues service: the channel answers all the same, and soon ---
+
+
+@pytest.fixture
+async def plain_fleet(
+    nats_url: str, sqlite_url: str, tmp_path: Path, credential: ServiceCredential
+) -> AsyncIterator[Fleet]:
+    """herder without a queues service."""
+    async with running_fleet(nats_url, sqlite_url, tmp_path, credential) as started:
+        yield started
+
+
+async def test_the_channel_closes_with_a_killed_run(plain_fleet: Fleet) -> None:
+    await plain_fleet.run_robot("r1")
+    await plain_fleet.publish(python_process(plain_fleet.root, "linger", LINGER))
+    job = await plain_fleet.client.request(JobStart(process="linger", robot="r1", kill_grace_s=0.5))
+
+    async def lingering() -> bool:
+        return any(record.message == "lingering" for record in await plain_fleet.logs(job.id))
+
+    await eventually(lingering, timeout=30)
+    await plain_fleet.client.request(JobKill(id=job.id))
+    stopped = await plain_fleet.wait_job(job.id, JobState.STOPPED, timeout=30)
+    assert stopped.output is not None
+    assert not Path(stopped.output["channel"]).parent.exists()
+
+
+async def test_a_queue_call_nothing_answers_is_unavailable_at_once(plain_fleet: Fleet) -> None:
+    await plain_fleet.run_robot("r1")
+    await plain_fleet.publish(python_process(plain_fleet.root, "unanswered", UNANSWERED))
+    job = await plain_fleet.client.request(JobStart(process="unanswered", robot="r1"))
+    done = await plain_fleet.wait_job(job.id, JobState.SUCCESSFUL, timeout=60)
+    assert done.output is not None
+    assert done.output["code"] == "unavailable"
+    assert "no queues service is running" in done.output["message"]
+    assert done.output["took_s"] < 5.0
+
+
+async def test_a_robot_cut_off_from_nats_answers_its_script_at_once(
+    nats_server: EmbeddedNats, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel = await Channel.open(Client(nc, token=None, timeout=5.0), new_id())
+    monkeypatch.setenv(sdk.ENV_CHANNEL, str(channel.path))
+    try:
+        nats_server.stop()
+        await eventually(lambda: not nc.is_connected, timeout=10)
+        started = time.monotonic()
+        with pytest.raises(sdk.QueueError) as refused:
+            await asyncio.to_thread(sdk.queue("work").next)
+        assert time.monotonic() - started < 2.0
+        assert refused.value.code == "unavailable"
+        assert "cut off from herder" in str(refused.value)
+    finally:
+        await channel.close()
