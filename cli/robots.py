@@ -369,7 +369,7 @@ def run_robot(
         run(lambda: _run(target, name, folder, heartbeat, limit))
         return
     ref, result = run(lambda: _run_attended(target, name, folder, heartbeat, limit, resolving, input_))
-    ended = f"{ref.process} {ref.version} ended {result.outcome.value}"
+    ended = f"{ref.process} {ref.version} ended {result.outcome.value.capitalize()}"
     if result.outcome is not Outcome.SUCCESSFUL:
         raise Failed(f"{ended}: {result.error or result.reason}", EXIT_ERROR, result.outcome.value.lower())
     if result.output is not None:

@@ -288,7 +288,8 @@ EXCEPTION_KINDS = ("business", "application")
 MAX_REASON_CHARS = 2000
 MAX_PROGRESS_CHARS = 2000
 _MAX_JSON_DEPTH = 32
-_ITEM_KEYS = frozenset({"content", "reference", "priority", "deadline", "postpone", "tags"})
+# The keys of an item in `add_many`: `add`'s, and `postpone_until` as herder and `herder queue add --file` name it.
+_ITEM_KEYS = frozenset({"content", "reference", "priority", "deadline", "postpone", "postpone_until", "tags"})
 
 
 class QueueError(Exception):
@@ -460,14 +461,25 @@ class Queue:
         """Add items all at once, all or none (one refused refuses them all); their ids, in order.
 
         Each is a dict with the keys of `add` (`{"content": {...}, "reference": "INV-7", "priority":
-        "High"}`), or the content itself: a dict with a `content` key and only `add`'s keys is an item,
-        any other dict is the content of one.
+        "High"}`), or the content itself (`{"number": "INV-7"}`): a dict with a top-level `content` key
+        is an item, any other dict is the content of one, as in the JSON Lines files of `herder queue
+        add --file` (whose lines can be given here as they are: times as ISO 8601 text with a time zone,
+        `postpone_until` for `postpone`). An item with a key `add` does not know is refused, naming it.
         """
         bodies = []
         for index, spec in enumerate(items):
             where = f"items[{index}]"
-            if isinstance(spec, Mapping) and "content" in spec and set(spec) <= _ITEM_KEYS:
-                options = {key: value for key, value in spec.items() if key != "content"}
+            if isinstance(spec, Mapping) and "content" in spec:
+                unknown = sorted(str(key) for key in spec if key not in _ITEM_KEYS)
+                if unknown:
+                    raise ValueError(
+                        f"{where}: an item has no {', '.join(map(repr, unknown))}; its keys are "
+                        f"{', '.join(sorted(_ITEM_KEYS))} (content with a 'content' key of its own goes in "
+                        '{"content": ...})'
+                    )
+                options = {key: value for key, value in spec.items() if key != "content" and value is not None}
+                if "postpone_until" in options:
+                    options["postpone"] = options.pop("postpone_until")
                 bodies.append(_new_item(spec["content"], f"{where}.content", **options))
             else:
                 bodies.append(_new_item(spec, where))
@@ -595,8 +607,8 @@ def _new_item(
     *,
     reference: str | None = None,
     priority: str = "Normal",
-    deadline: datetime | None = None,
-    postpone: datetime | timedelta | None = None,
+    deadline: datetime | str | None = None,
+    postpone: datetime | timedelta | str | None = None,
     tags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One item of an add, as herder's NewItem takes it; only what differs from the defaults is sent."""
@@ -623,9 +635,18 @@ def _priority(value: object, what: str) -> str:
 
 
 def _when(value: object, what: str) -> str:
-    """A point in time as herder takes it: ISO 8601 with its time zone. A naive datetime is refused."""
+    """A point in time as herder takes it: ISO 8601 with its time zone, from a datetime, a timedelta from
+    now, or ISO 8601 text. One without a time zone is refused."""
     if isinstance(value, timedelta):
         return (datetime.now(UTC) + value).isoformat()
+    if isinstance(value, str):
+        text = value
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"{what}: {text[:40]!r} is not an ISO 8601 time, like '2030-06-01T17:00:00+02:00'"
+            ) from None
     if isinstance(value, datetime):
         if value.utcoffset() is None:
             raise ValueError(

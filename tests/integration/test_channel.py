@@ -2,8 +2,6 @@
 take and finish items with the SDK, against real herder services (the queues service among them) on a
 real, fenced nats-server. And the verifier station: an unattended robot that sends doubtful invoices to
 a person, and an attended robot on which the person decides them by hand.
-
-The queue tests need the queues service (`herder.services.queues.service`): they skip until it exists.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from herder.client.requests import Client
-from herder.protocol.jobs import JobKill, JobStart, JobState
+from herder.protocol.jobs import JobKill, JobStart, JobState, Outcome
 from herder.protocol.messages import new_id
 from herder.protocol.packages import PackageResolve
 from herder.protocol.queues import (
@@ -37,7 +35,7 @@ from herder.robot.channel import Channel
 from herder.robot.runner import LogLine
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.natsserver import EmbeddedNats
-from herder.services.common.runtime import Service
+from herder.services.queues.service import QueuesService
 from tests.fleet import ALL_SERVICES, HEARTBEAT_S, Fleet, python_process, running_fleet
 from tests.support import connect_as, eventually, migrated
 
@@ -115,12 +113,6 @@ def main(data):
 """
 
 
-def _queues_service() -> type[Service]:
-    module = pytest.importorskip("herder.services.queues.service", reason="the queues service is not built yet")
-    service: type[Service] = module.QueuesService
-    return service
-
-
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A migrated SQLite database (what the channel does does not depend on the database)."""
@@ -130,8 +122,7 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 async def fleet(nats_url: str, sqlite_url: str, tmp_path: Path, credential: ServiceCredential) -> AsyncIterator[Fleet]:
     """The whole of herder, the queues service included."""
-    services = (*ALL_SERVICES, _queues_service())
-    async with running_fleet(nats_url, sqlite_url, tmp_path, credential, services) as started:
+    async with running_fleet(nats_url, sqlite_url, tmp_path, credential) as started:
         yield started
 
 
@@ -230,7 +221,7 @@ async def test_the_verifier_station_end_to_end(fleet: Fleet, tmp_path: Path) -> 
             on_log=lines.append,
             terminal=False,
         )
-    assert result.outcome.value == "Successful", (result, [line.message for line in lines])
+    assert result.outcome is Outcome.SUCCESSFUL, (result, [line.message for line in lines])
     assert result.output == {"approved": 1, "rejected": 1, "skipped": 0}
     assert any(line.message == "verify.decided" for line in lines)
     decided = await items_of(fleet.client, "invoices-verify")
@@ -277,7 +268,8 @@ async def plain_fleet(
     nats_url: str, sqlite_url: str, tmp_path: Path, credential: ServiceCredential
 ) -> AsyncIterator[Fleet]:
     """herder without a queues service."""
-    async with running_fleet(nats_url, sqlite_url, tmp_path, credential) as started:
+    services = tuple(service for service in ALL_SERVICES if service is not QueuesService)
+    async with running_fleet(nats_url, sqlite_url, tmp_path, credential, services) as started:
         yield started
 
 

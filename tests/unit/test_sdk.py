@@ -311,7 +311,7 @@ def test_a_naive_datetime_is_refused_before_anything_is_sent(channel_at: Callabl
     with pytest.raises(ValueError, match=r"deadline: 2030-05-01T12:00:00 has no time zone"):
         sdk.queue("q").add({}, deadline=datetime(2030, 5, 1, 12, 0))
     with pytest.raises(TypeError, match="a datetime with a time zone"):
-        sdk.queue("q").add({}, deadline="tomorrow")  # type: ignore[arg-type]
+        sdk.queue("q").add({}, deadline=20300501)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="priority must be one of High, Normal, Low"):
         sdk.queue("q").add({}, priority="urgent")
     assert agent.calls == []
@@ -367,8 +367,9 @@ def test_add_many_takes_items_and_plain_contents_all_in_one_call(channel_at: Cal
     ids = sdk.queue("q").add_many(
         [
             {"content": {"n": 1}, "reference": "R1", "priority": "Low"},
-            {"n": 2},  # content itself
-            {"content": {"n": 3}, "extra": True},  # a key no item has: this whole dict is the content
+            {"n": 2},  # the content itself
+            # A line of a `herder queue add --file` file, as json.loads reads it.
+            {"content": {"n": 3}, "deadline": "2030-06-01T17:00:00Z", "postpone_until": None, "tags": ["eu"]},
         ]
     )
     assert ids == ["a", "b", "c"]
@@ -376,12 +377,26 @@ def test_add_many_takes_items_and_plain_contents_all_in_one_call(channel_at: Cal
     assert body["items"] == [
         {"content": {"n": 1}, "reference": "R1", "priority": "Low"},
         {"content": {"n": 2}},
-        {"content": {"content": {"n": 3}, "extra": True}},
+        {"content": {"n": 3}, "deadline": "2030-06-01T17:00:00+00:00", "tags": ["eu"]},
     ]
     assert sdk.queue("q").add_many([]) == []
     assert len(agent.calls) == 1
+
+
+def test_add_many_refuses_what_it_cannot_read_before_anything_is_sent(
+    channel_at: Callable[[Answer], FakeAgent],
+) -> None:
+    agent = channel_at(answer_with())
     with pytest.raises(sdk.QueueError, match=r"^items\[1\]\.content\.x: a bytes is not a JSON value"):
         sdk.queue("q").add_many([{"n": 1}, {"content": {"x": b"raw"}}])
+    # A misspelt key is not taken for content: it would turn the item into something else.
+    with pytest.raises(ValueError, match=r"items\[0\]: an item has no 'referense'"):
+        sdk.queue("q").add_many([{"content": {"n": 1}, "referense": "R1"}])
+    with pytest.raises(ValueError, match=r"deadline: 2030-06-01T17:00:00 has no time zone"):
+        sdk.queue("q").add_many([{"content": {}, "deadline": "2030-06-01T17:00:00"}])
+    with pytest.raises(ValueError, match="is not an ISO 8601 time"):
+        sdk.queue("q").add_many([{"content": {}, "deadline": "next Tuesday"}])
+    assert agent.calls == []
 
 
 def test_a_call_too_large_for_the_channel_is_refused_before_it_is_sent(
