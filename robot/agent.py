@@ -274,7 +274,8 @@ class RobotAgent:
 
     async def connection_lost(self) -> None:
         """NATS is gone: say so once; the job goes on, and what it reports waits in the spool."""
-        if self._cut_off_at is None and not self._stopped:  # closing the connection is no outage
+        # Closing the connection is no outage, nor is the closing of an agent that never started.
+        if self._cut_off_at is None and not self._stopped and self.info is not None:
             self._cut_off_at = time.monotonic()
             job = self.current.command.job_id if self.current else None
             self._log.warning("robot.cut_off", job_id=job, reason="the connection to NATS is lost; retrying")
