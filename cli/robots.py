@@ -353,8 +353,10 @@ def run_robot(
     With --run PROCESS (attended robots only: herder starts the jobs of unattended ones) it connects
     as the robot, fetches the process's package, runs it once with the person's terminal as its
     input and output, shows its log lines as they come, and exits 0 when it succeeded, 1 with one
-    line when it did not; Ctrl-C stops it. The run is the robot's (its queue items are held by the
-    robot) but no herder job: nothing is reported to the jobs service.
+    line when it did not. Ctrl-C interrupts the script (it sees KeyboardInterrupt) and hard-stops it
+    5 s later if it goes on. The run is the robot's (its queue items are held by the robot) but no
+    herder job: nothing is reported to the jobs service, and items it leaves unfinished are failed
+    (application exception), as those of a job that ends.
     """
     if process is None and (version is not None or input_json is not None):
         fail("--version and --input go with --run PROCESS", EXIT_USAGE)
@@ -522,7 +524,7 @@ async def _attended(
     job_id = new_id()
     print(
         f"robot {name} runs {ref.process} {ref.version} by hand (local run {job_id[:12]}, no herder job); "
-        "Ctrl-C stops it.",
+        "Ctrl-C interrupts it.",
         file=sys.stderr,
         flush=True,
     )

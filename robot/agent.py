@@ -74,6 +74,7 @@ from herder.protocol.jobs import (
 )
 from herder.protocol.messages import new_id, utcnow
 from herder.protocol.packages import PackageRef, PackageResolve
+from herder.protocol.queues import ExceptionKind, ItemResult, ItemResultRequest, ItemState
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Heartbeat,
@@ -593,7 +594,8 @@ class RobotAgent:
         """Run `package` once, by hand, as job `job_id` (a local id: herder has no such job): with a channel
         for its queue calls, on this process's terminal (with `terminal`; else its stdout comes as log lines
         too), with its log lines handed to `on_log` and neither logged to herder nor reported. Setting
-        `interrupt` hard-stops it (SIGKILL after `grace_s`).
+        `interrupt` interrupts it (SIGINT), then hard-stops it after `grace_s`. Items the run still holds
+        when it ends are failed as application exceptions, as herder does when a job ends.
 
         `NotAttended` for an unattended robot: herder starts its jobs.
         """
@@ -627,10 +629,37 @@ class RobotAgent:
             log.info("robot.attended_started", pid=process.pid)
             result = await _until_interrupted(process, interrupt, grace_s)
             log.info("robot.attended_ended", outcome=result.outcome.value, reason=result.reason)
+            await self._fail_held(channel, result, on_log)
             return result
         finally:
             await channel.close()
             await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+
+    async def _fail_held(self, channel: Channel, result: RunResult, on_log: Callable[[LogLine], None]) -> None:
+        """Fail (application) the items a run by hand still holds, as herder does those of a job that ends
+        without their results: herder has no job for this run, so only the agent can tell it the run ended."""
+        held = channel.holdings.held()
+        if not held:
+            return
+        ended = result.outcome.value.capitalize()
+        reason = f"the run by hand on robot {self.robot} ended {ended} without a result for the item"
+        failures = await asyncio.gather(
+            *(self._fail_item(item_id, lease, reason) for item_id, lease in held.items()), return_exceptions=True
+        )
+        failed = sum(1 for failure in failures if failure is None)
+        line = f"failed {failed} of the {len(held)} items the run held without a result (application exception)"
+        on_log(LogLine(time=utcnow(), stream=LogStream.AGENT, level=LogLevel.WARNING, message=line))
+
+    async def _fail_item(self, item_id: str, lease: int, reason: str) -> None:
+        result = ItemResult(
+            id=item_id, lease=lease, state=ItemState.FAILED, exception=ExceptionKind.APPLICATION, reason=reason
+        )
+        try:
+            await self._client.request(ItemResultRequest(results=[result]))
+        except HerderError as exc:
+            # herder takes it from the robot when the robot goes (Abandoned), or someone took it already.
+            self._log.warning("robot.held_item_not_failed", item=item_id, code=exc.code.value, reason=exc.message)
+            raise
 
     # --- delivery: reports and log lines, through the spool ---
 
@@ -741,7 +770,9 @@ _LEVELS = {
 
 
 async def _until_interrupted(process: JobProcess, interrupt: asyncio.Event | None, grace_s: float) -> RunResult:
-    """How the run ends: by itself, or hard-stopped once `interrupt` is set (or the caller is cancelled)."""
+    """How the run ends: by itself, or once `interrupt` is set, interrupted as Ctrl-C would (SIGINT: a
+    script may give back what it holds) and hard-stopped if it has not ended `grace_s` later (SIGTERM,
+    then SIGKILL after as long again); at once when the caller is cancelled."""
     ended = asyncio.ensure_future(process.wait())
     waiting: set[asyncio.Future[Any]] = {ended}
     interrupted = asyncio.ensure_future(interrupt.wait()) if interrupt is not None else None
@@ -749,6 +780,9 @@ async def _until_interrupted(process: JobProcess, interrupt: asyncio.Event | Non
         waiting.add(interrupted)
     try:
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not ended.done():
+            process.interrupt()
+            await asyncio.wait({ended}, timeout=grace_s)
         if not ended.done():
             await process.kill(grace_s)
         return await ended

@@ -50,7 +50,14 @@ from herder.client.requests import Client
 from herder.protocol import codec
 from herder.protocol.errors import BadRequest, HerderError, Internal, Unavailable
 from herder.protocol.messages import Model, Request
-from herder.protocol.queues import ItemAdd, ItemNext, ItemPostpone, ItemProgress, ItemResultRequest
+from herder.protocol.queues import (
+    ItemAdd,
+    ItemNext,
+    ItemPostpone,
+    ItemProgress,
+    ItemResultRequest,
+    ItemsTaken,
+)
 from herder.robot import sdk
 from herder.robot.runner import LineSplitter
 
@@ -191,6 +198,28 @@ def answer_line(
     return text.encode() + b"\n"
 
 
+class Holdings:
+    """The items a run holds, as its channel saw them taken and given back: what the run leaves
+    unfinished when it ends. (herder knows too; a run by hand has no herder job whose end would tell it.)"""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, int] = {}
+
+    def note(self, request: Model, reply: Model) -> None:
+        """Take in what a call that succeeded changed."""
+        if isinstance(request, ItemNext) and isinstance(reply, ItemsTaken):
+            self._leases.update((item.id, item.lease) for item in reply.items)
+        elif isinstance(request, ItemResultRequest):
+            for result in request.results:
+                self._leases.pop(result.id, None)
+        elif isinstance(request, ItemPostpone):
+            self._leases.pop(request.id, None)
+
+    def held(self) -> dict[str, int]:
+        """The items still held, with their leases."""
+        return dict(self._leases)
+
+
 def _private_folder() -> Path:
     """A new folder only this user may enter, with room for the socket's path within MAX_SOCKET_PATH_BYTES."""
     for parent in (None, "/tmp"):
@@ -215,6 +244,7 @@ class Channel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._log = log.bind(job_id=job_id, robot=robot)
+        self.holdings = Holdings()
 
     @classmethod
     async def open(cls, client: Client, job_id: str, *, robot: str | None = None) -> Channel:
@@ -268,6 +298,8 @@ class Channel:
             while chunk := await reader.read(READ_CHUNK_BYTES):
                 for kept, length in splitter.feed(chunk):
                     await slots.acquire()
+                    if self._closed:
+                        return
                     task = asyncio.ensure_future(self._answer(kept, length, writer, sending))
                     task.add_done_callback(lambda _: slots.release())
                     self._track(task, mine)
@@ -321,6 +353,7 @@ class Channel:
             self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
             raise
         self._log.debug("channel.served", verb=call.verb)
+        self.holdings.note(request, reply)
         return reply.model_dump(mode="json")
 
 
@@ -330,6 +363,7 @@ __all__ = [
     "BadCall",
     "Call",
     "Channel",
+    "Holdings",
     "answer_line",
     "error_of",
     "leading_id",

@@ -149,7 +149,7 @@ class Ending:
     sigkill_needed: bool = False  # something still ran when the grace period was over
     grace_s: float = 0.0
     stop_requested: bool = False
-    interrupted: bool = False  # Robot Framework was sent its SIGINT
+    interrupted: bool = False  # sent SIGINT: Robot Framework's soft stop, or `interrupt()`
     stop_seen: bool = False  # the script's `should_stop()` returned True
     error_text: str | None = None  # what a Python entry point wrote to the error file
     last_stderr: str | None = None
@@ -192,6 +192,9 @@ def judge(ending: Ending) -> RunResult:
     if ending.kind is EntryKind.ROBOT and ending.interrupted and _rf_stopped(code):
         # On its first SIGINT Robot Framework ends the running keyword and fails every test left.
         return result(Outcome.STOPPED, "stopped on request")
+    if ending.interrupted and code == -signal.SIGINT:
+        # Interrupted as Ctrl-C at a terminal would (`interrupt`), it let the interrupt end it.
+        return result(Outcome.STOPPED, "interrupted (SIGINT)")
     if code < 0:
         reason = f"killed by signal {_signal_name(-code)}"
         return result(Outcome.FAULTED, reason, reason)
@@ -577,6 +580,15 @@ class JobProcess:
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGINT)
                 self._interrupted = True
+
+    def interrupt(self) -> None:
+        """SIGINT to the job's process group, as Ctrl-C at a terminal sends it: a Python script sees
+        KeyboardInterrupt (and may give back what it holds before it ends), Robot Framework stops."""
+        if not self.running or self._interrupted:
+            return
+        self._stop_requested = True
+        self._interrupted = True
+        self._signal_group(signal.SIGINT)
 
     async def kill(self, grace_s: float) -> None:
         """Hard stop: SIGTERM to the process group, SIGKILL after `grace_s`; returns once it is gone.

@@ -713,11 +713,38 @@ class _Waiter:
 
 
 class _Connection:
-    """One socket to the agent, and the calls sent on it that wait for their answers, by id."""
+    """One socket to the agent, and the calls sent on it that wait for their answers, by id.
+
+    `lock` guards `waiting` and `closed` only, never a socket operation: the reader thread must be able
+    to hand answers out while a thread is busy sending (or the agent, waiting for its answers to be
+    read, would stop reading what is sent).
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.lock = threading.Lock()
         self.waiting: dict[int, _Waiter] = {}
+        self.closed = False
+
+    def wait_for(self, call_id: int, waiter: _Waiter) -> bool:
+        """Register a call's waiter; False when the connection closed meanwhile."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.waiting[call_id] = waiter
+            return True
+
+    def answered(self, call_id: int) -> _Waiter | None:
+        with self.lock:
+            return self.waiting.pop(call_id, None)
+
+    def close(self) -> list[_Waiter]:
+        """Mark it closed; the calls that still wait."""
+        with self.lock:
+            self.closed = True
+            left = list(self.waiting.values())
+            self.waiting.clear()
+        return left
 
 
 _CLOSED_ANSWER = {
@@ -731,14 +758,14 @@ _CLOSED_ANSWER = {
 class _Link:
     """The script's end of its channel: one socket per process, shared by its threads.
 
-    Calls go out under a lock, one line each; a reader thread hands every answer to the call with its
-    id, so threads may wait for answers together. A socket the agent closed is opened again by the
-    next call.
+    Calls go out one line at a time under `_sending`; a reader thread hands every answer to the call
+    with its id, so threads may wait for answers together. A socket the agent closed is opened again
+    by the next call.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._sending = threading.Lock()
         self._connection: _Connection | None = None
         self._ids = itertools.count(1)
 
@@ -749,7 +776,7 @@ class _Link:
         except (TypeError, ValueError) as exc:
             raise QueueError("bad_request", f"the {verb} call cannot be written as JSON: {exc}") from None
         waiter = _Waiter()
-        with self._lock:
+        with self._sending:
             call_id = next(self._ids)
             line = b'{"id":%d,"verb":%s,"body":%s}\n' % (call_id, json.dumps(verb).encode(), encoded)
             if len(line) > MAX_CHANNEL_LINE_BYTES:
@@ -759,20 +786,21 @@ class _Link:
                     "carry; send fewer or smaller items at a time",
                 )
             connection = self._connected()
-            connection.waiting[call_id] = waiter
+            if not connection.wait_for(call_id, waiter):  # it closed just now: once more, on a new one
+                connection = self._connected()
+                if not connection.wait_for(call_id, waiter):
+                    raise QueueError("unavailable", _CLOSED_ANSWER["error"]["message"])
             try:
                 connection.sock.sendall(line)
             except OSError as exc:
-                connection.waiting.pop(call_id, None)
-                self._connection = None
+                connection.answered(call_id)
                 _shut(connection.sock)
                 raise QueueError(
                     "unavailable",
                     f"the channel to the robot agent broke ({exc.strerror or exc}); the run may be ending",
                 ) from None
         if not waiter.done.wait(CHANNEL_CALL_TIMEOUT_S):
-            with self._lock:
-                connection.waiting.pop(call_id, None)
+            connection.answered(call_id)
             raise QueueError(
                 "unavailable", f"the robot agent did not answer {verb} within {CHANNEL_CALL_TIMEOUT_S:g} s"
             )
@@ -792,8 +820,8 @@ class _Link:
         return reply
 
     def _connected(self) -> _Connection:
-        """The open connection, or a new one (with its reader thread); under the lock."""
-        if self._connection is not None:
+        """The open connection, or a new one (with its reader thread); under `_sending`."""
+        if self._connection is not None and not self._connection.closed:
             return self._connection
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CHANNEL_CONNECT_TIMEOUT_S)
@@ -822,23 +850,19 @@ class _Link:
                         continue  # not an answer: nothing to hand to anyone
                     if not isinstance(answer, dict) or not isinstance(answer.get("id"), int):
                         continue  # an answer to no call of this SDK's (its line was unreadable)
-                    with self._lock:
-                        waiter = connection.waiting.pop(answer["id"], None)
+                    waiter = connection.answered(answer["id"])
                     if waiter is not None:
                         waiter.answer = answer
                         waiter.done.set()
         except (OSError, ValueError):
             pass
         finally:
-            with self._lock:
-                if self._connection is connection:
-                    self._connection = None
-                left = list(connection.waiting.values())
-                connection.waiting.clear()
-            connection.sock.close()
-            for waiter in left:
+            for waiter in connection.close():
                 waiter.answer = _CLOSED_ANSWER
                 waiter.done.set()
+            _shut(connection.sock)  # a sender still on it fails at once, rather than later on a reused descriptor
+            with self._sending:
+                connection.sock.close()
 
 
 def _shut(sock: socket.socket) -> None:

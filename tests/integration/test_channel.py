@@ -233,6 +233,58 @@ async def test_the_verifier_station_end_to_end(fleet: Fleet, tmp_path: Path) -> 
     assert (await fleet.client.request(RobotShow(name="desk"))).status is RobotStatus.DISCONNECTED
 
 
+# Takes an item and leaves it unfinished: it crashes, or waits to be interrupted and gives it back.
+HOLDER = """
+import time
+from datetime import timedelta
+from herder.robot import sdk
+
+def main(data):
+    item = sdk.queue("work").next()
+    sdk.log.info("holding", reference=item.reference)
+    if data.get("crash"):
+        raise RuntimeError("the form would not open")
+    try:
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        item.postpone(timedelta(seconds=1), reason="interrupted")
+        raise
+"""
+
+
+async def test_a_run_by_hand_does_not_leave_its_items_held(fleet: Fleet, tmp_path: Path) -> None:
+    await fleet.client.request(QueueCreate(name="work"))
+    await fleet.client.request(ItemAdd(queue="work", items=[NewItem(reference="A"), NewItem(reference="B")]))
+    version = await fleet.publish(python_process(fleet.root, "holder", HOLDER))
+    ref = await fleet.client.request(PackageResolve(process=version.process))
+    token = await fleet.add_robot("desk", robot_type=RobotType.ATTENDED, host="laptop")
+    lines: list[LogLine] = []
+    async with attended_agent(fleet, "desk", token, tmp_path) as agent:
+        # A script that fails leaves its item to the agent, which fails it as herder fails a job's.
+        crashed = await agent.run_attended(ref, {"crash": True}, job_id=new_id(), on_log=lines.append, terminal=False)
+        assert crashed.outcome is Outcome.FAULTED
+        assert crashed.error is not None and "the form would not open" in crashed.error
+        # Interrupted (Ctrl-C at the terminal), the script gives its item back itself.
+        interrupt = asyncio.Event()
+
+        async def holding() -> bool:
+            return sum(line.message == "holding" for line in lines) == 2
+
+        running = asyncio.ensure_future(
+            agent.run_attended(ref, {}, job_id=new_id(), on_log=lines.append, interrupt=interrupt, terminal=False)
+        )
+        await eventually(holding, timeout=30)
+        interrupt.set()
+        stopped = await asyncio.wait_for(running, 30)
+    assert (stopped.outcome, stopped.reason) == (Outcome.STOPPED, "interrupted (SIGINT)")
+    items = await items_of(fleet.client, "work")
+    assert (items["A"].state, items["A"].exception) == (ItemState.FAILED, "application")
+    assert "the run by hand on robot desk ended Faulted without a result" in items["A"].reason
+    assert (items["B"].state, items["B"].reason) == (ItemState.NEW, "interrupted")
+    assert any("failed 1 of the 1 items the run held" in line.message for line in lines)
+
+
 async def test_an_unattended_robot_runs_nothing_by_hand(fleet: Fleet, tmp_path: Path) -> None:
     token = await fleet.add_robot("u1")
     ref_process = await fleet.publish(python_process(fleet.root, "worker", WORKER))

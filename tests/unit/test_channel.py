@@ -26,6 +26,7 @@ from herder.robot.channel import (
     BadCall,
     Call,
     Channel,
+    Holdings,
     answer_line,
     error_of,
     leading_id,
@@ -312,3 +313,27 @@ async def test_closing_drops_what_is_in_flight_and_refuses_new_connections(
     writer.close()
     with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
         await asyncio.open_unix_connection(str(channel.path))
+
+
+# --- what a run holds ---
+
+
+def test_holdings_follow_items_taken_and_given_back() -> None:
+    holdings = Holdings()
+    taken = ItemsTaken.model_validate(
+        {
+            "items": [
+                {"id": "1" * 32, "queue": "q", "state": "InProgress", "lease": 4, "created_at": "2030-01-01T00:00:00Z"},
+                {"id": "2" * 32, "queue": "q", "state": "InProgress", "lease": 1, "created_at": "2030-01-01T00:00:00Z"},
+                {"id": "3" * 32, "queue": "q", "state": "InProgress", "lease": 2, "created_at": "2030-01-01T00:00:00Z"},
+            ]
+        }
+    )
+    holdings.note(request_of(Call(1, "item_next", {"queues": [{"name": "q"}], "count": 3}), JOB), taken)
+    assert holdings.held() == {"1" * 32: 4, "2" * 32: 1, "3" * 32: 2}
+    done = {"results": [{"id": "1" * 32, "lease": 4, "state": "Successful"}]}
+    holdings.note(request_of(Call(2, "item_result", done), JOB), ItemsTaken(items=[]))
+    later = {"id": "2" * 32, "lease": 1, "until": "2030-01-01T00:00:00+00:00"}
+    holdings.note(request_of(Call(3, "item_postpone", later), JOB), ItemsTaken(items=[]))
+    holdings.note(request_of(Call(4, "item_progress", {"id": "3" * 32, "lease": 2, "progress": "x"}), JOB), taken)
+    assert holdings.held() == {"3" * 32: 2}
