@@ -592,8 +592,8 @@ class RobotAgent:
         terminal: bool = True,
     ) -> RunResult:
         """Run `package` once, by hand, as job `job_id` (a local id: herder has no such job): with a channel
-        for its queue calls, on this process's terminal (with `terminal`; else its stdout comes as log lines
-        too), with its log lines handed to `on_log` and neither logged to herder nor reported. Setting
+        for its queue calls, on this process's terminal (with `terminal`; else its stdout and stderr come
+        as log lines too), with its log lines handed to `on_log` and neither logged to herder nor reported. Setting
         `interrupt` interrupts it (SIGINT), then hard-stops it after `grace_s`. Items the run still holds
         when it ends are failed as application exceptions, as herder does when a job ends.
 

@@ -6,7 +6,9 @@ otherwise; a coroutine function is run to completion), and makes a returned dict
 
 Any failure — the module does not import, the function is missing, the function raises — is
 written as one line, `<ExceptionType>: <message>`, to the file HERDER_JOB_ERROR_FILE names (the
-job's error), the traceback goes to stderr (the job's log), and the exit code is 1.
+job's error), the traceback goes to stderr (the job's log), and the exit code is 1. An interrupt
+(SIGINT: Ctrl-C on a run by hand) the script lets through ends it by that signal, without a
+traceback: it was asked for, it is no failure of the script's.
 
 Only the standard library and the SDK are imported, so a job starts in the time Python does.
 """
@@ -16,11 +18,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from herder.robot import sdk
 
@@ -43,12 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         function = load(target)
     except EntryFailed as exc:
         return _fail(str(exc), exc.__cause__)
+    except KeyboardInterrupt:
+        _end_interrupted()
     try:
         result = call(function)
         if isinstance(result, dict):
             sdk.set_output(result)
     except Exception as exc:
         return _fail(summary(exc), exc)
+    except KeyboardInterrupt:
+        _end_interrupted()
     if result is not None and not isinstance(result, dict):
         sdk.log.warning("entry.result_ignored", type=type(result).__name__, reason="only a dict becomes the output")
     return 0
@@ -114,6 +121,15 @@ def _fail(error: str, exc: BaseException | None = None) -> int:
             handle.write(error + "\n")
     sys.stderr.flush()
     return EXIT_FAILED
+
+
+def _end_interrupted() -> NoReturn:
+    """End by SIGINT, as the interrupt asked: the robot sees how the run ended, the person no traceback."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    raise SystemExit(128 + signal.SIGINT)  # only where a signal cannot end the process
 
 
 def _script_frames(tb: TracebackType | None) -> TracebackType | None:

@@ -17,9 +17,10 @@ reach scripts). It talks to the robot through files in the work folder and one p
     log pipe       the SDK's JSON lines                      HERDER_JOB_LOG_FD
     channel        the agent's socket for queue calls         HERDER_JOB_CHANNEL (see robot/channel.py)
 
-A run by hand on an attended robot (`RunSpec.terminal`) reads the person's terminal: the child then
-inherits the agent's standard input and output instead of having them piped (its prompts show as it
-writes them, not once a line ends), and only its stderr and SDK records come as log lines.
+A run by hand on an attended robot (`RunSpec.terminal`) is the person's: the child inherits the
+agent's standard input, output and error (the terminal) instead of having them piped, so that its
+prompts show as it writes them and not once a line ends (Python's `input()` writes its prompt to
+stderr), and only its SDK records come as log lines.
 
 `judge` is the pure core: from the facts of an ending (exit code, stop or kill asked for, what
 the script left behind) it decides the outcome, reason and error. An output herder cannot store
@@ -113,7 +114,7 @@ class RunSpec:
     input: dict[str, Any] = field(default_factory=dict)
     # The Unix socket of the run's channel to the agent (queue calls), if it has one.
     channel: Path | None = None
-    # A person runs it: stdin and stdout are the agent's own (a terminal), not pipes.
+    # A person runs it: stdin, stdout and stderr are the agent's own (a terminal), not pipes.
     terminal: bool = False
 
 
@@ -522,15 +523,16 @@ class JobProcess:
         spec = replace(spec, package_dir=spec.package_dir.absolute(), work_dir=spec.work_dir.absolute())
         argv = command_line(spec.entry, spec.package_dir, spec.work_dir, os.environ.get("PATH", os.defpath))
         files = prepare_work_dir(spec)
-        # stdout (unless it is the person's terminal), stderr, the SDK's log; -1: no pipe.
+        # stdout and stderr (unless they are the person's terminal), the SDK's log; -1: no pipe.
         out_r, out_w = (-1, -1) if spec.terminal else os.pipe()
-        (err_r, err_w), (log_r, log_w) = os.pipe(), os.pipe()
+        err_r, err_w = (-1, -1) if spec.terminal else os.pipe()
+        log_r, log_w = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=None if spec.terminal else subprocess.DEVNULL,
                 stdout=None if spec.terminal else out_w,
-                stderr=err_w,
+                stderr=None if spec.terminal else err_w,
                 pass_fds=(log_w,),
                 cwd=spec.package_dir,
                 env=child_environment(os.environ, spec, files, log_w),
@@ -551,7 +553,8 @@ class JobProcess:
         try:
             if out_r >= 0:
                 await job._read(out_r, job._stdout_line)
-            await job._read(err_r, job._stderr_line)
+            if err_r >= 0:
+                await job._read(err_r, job._stderr_line)
             await job._read(log_r, job._sdk_line)
         except BaseException:
             job._signal_group(signal.SIGKILL)

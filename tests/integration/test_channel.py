@@ -7,6 +7,11 @@ a person, and an attended robot on which the person decides them by hand.
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
+import select
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -367,3 +372,75 @@ async def test_a_robot_cut_off_from_nats_answers_its_script_at_once(
         assert "cut off from herder" in str(refused.value)
     finally:
         await channel.close()
+
+
+# --- a run by hand is the person's: on their terminal ---
+
+# An agent's run by hand of a script that asks a question, on whatever terminal this process has.
+ASKING_AGENT = """
+import asyncio, os, sys
+from pathlib import Path
+from herder.protocol.packages import EntryKind, EntryPoint
+from herder.robot.runner import JobProcess, RunSpec
+
+async def main():
+    entry = EntryPoint(kind=EntryKind.PYTHON, target="ask:main")
+    spec = RunSpec("0" * 32, 1, entry, Path(sys.argv[1]), Path(sys.argv[2]), terminal=True)
+    job = await JobProcess.start(spec, lambda line: os.write(1, f"log: {line.message}\\n".encode()))
+    result = await job.wait()
+    print("ended", result.outcome.value, flush=True)
+
+asyncio.run(main())
+"""
+
+ASK = """
+from herder.robot import sdk
+
+def main():
+    name = input("Your name? ")  # Python writes this prompt to stderr, and no line ends it
+    sdk.log.info("answered", name=name)
+    print(f"Thanks, {name}.")
+"""
+
+
+def test_a_run_by_hand_asks_on_the_persons_terminal(tmp_path: Path) -> None:
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "ask.py").write_text(ASK)
+    pid, terminal = pty.fork()
+    if pid == 0:  # the agent, on the pseudo-terminal
+        os.execv(sys.executable, [sys.executable, "-c", ASKING_AGENT, str(package), str(tmp_path / "work")])
+    try:
+        seen = read_until(terminal, b"Your name? ")  # shown before anyone answers
+        os.write(terminal, b"Ada\n")
+        seen += read_until(terminal, b"ended successful")
+    finally:
+        reap(pid)
+        os.close(terminal)
+    text = seen.decode().replace("\r\n", "\n")
+    assert "Thanks, Ada." in text
+    assert "log: answered" in text  # SDK records still come to the agent
+
+
+def reap(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a child to end; SIGKILL it (and its job, which dies with it) when it does not."""
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
+
+
+def read_until(fd: int, wanted: bytes, timeout: float = 30.0) -> bytes:
+    """What a terminal shows until `wanted` (blocking: this test drives a terminal, not the event loop)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{wanted!r} not shown within {timeout} s; the terminal showed {seen!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            seen += os.read(fd, 4096)
+    return seen
