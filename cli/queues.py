@@ -1092,6 +1092,9 @@ def _add_file(queue: str, file: Path, dry_run: bool, json_out: bool, target_args
     if dry_run:
         print(f"{_plural(count)} of {source} would be added to queue {queue} (nothing stored: --dry-run)")
         return
+    if earlier == count:
+        print(f"nothing new: an earlier run of the same file added its {_plural(count)} to queue {queue}")
+        return
     before = f" ({earlier} of them by an earlier run of the same file)" if earlier else ""
     print(f"added {_plural(count)} from {source} to queue {queue}{before}")
 
@@ -1189,8 +1192,14 @@ class _FileAdd:
     def _refusal(self, error: HerderError, number: int, *, stored: int) -> HerderError:
         """The service's refusal of chunk `number`, naming the file's lines, and what was stored before it."""
         numbers = self.numbers[number]
-        where = f"{self.source} lines {numbers[0]} to {numbers[-1]}" if len(self.chunks) > 1 else self.source
-        message = f"{where}: {name_lines(error.message, numbers)}"
+        said = name_lines(error.message, numbers)
+        # When the message names no line, say which lines the refused chunk holds.
+        where = (
+            self.source
+            if said != error.message or len(self.chunks) == 1
+            else (f"{self.source} lines {numbers[0]} to {numbers[-1]}")
+        )
+        message = f"{where}: {said}"
         if stored:
             message += (
                 f"; {_plural(stored)} of earlier chunks were stored before this one was refused: run the same "
