@@ -25,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, model_validator
 
 from herder.protocol.jobs import JobId, Priority
 from herder.protocol.messages import Creating, EventData, Model, Request, matching
@@ -222,8 +222,8 @@ class ItemInfo(Model):
     content: dict[str, Any] = Field(default_factory=dict)
     reference: str | None = None
     priority: Priority = Priority.NORMAL
-    deadline: datetime | None = None
-    postpone_until: datetime | None = None
+    deadline: AwareDatetime | None = None
+    postpone_until: AwareDatetime | None = None
     tags: list[str] = Field(default_factory=list)
     progress: str = ""
     output: dict[str, Any] | None = None
@@ -251,8 +251,8 @@ class NewItem(Model):
     content: ItemContent = Field(default_factory=dict)
     reference: Reference | None = None
     priority: Priority = Priority.NORMAL
-    deadline: datetime | None = None
-    postpone_until: datetime | None = None
+    deadline: AwareDatetime | None = None
+    postpone_until: AwareDatetime | None = None
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
@@ -358,7 +358,7 @@ class ItemPostpone(Request[ItemInfo]):
 
     id: ItemId
     lease: int = Field(ge=1)
-    until: datetime
+    until: AwareDatetime
     reason: SafeText = Field("", max_length=MAX_REASON_CHARS)
 
 
@@ -382,8 +382,8 @@ class ItemFilter(Model):
     reference: ReferencePattern | None = None
     tags: TagFilter | None = None
     robot: Name | None = None  # the holder, or the robot that last held it
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
 
 
 class ItemPage(Model):

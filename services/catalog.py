@@ -17,6 +17,7 @@ _CLASSES = {
     "packages": "herder.services.packages.service:PackagesService",
     "registry": "herder.services.registry.service:RegistryService",
     "jobs": "herder.services.jobs.service:JobsService",
+    "queues": "herder.services.queues.service:QueuesService",
 }
 
 NAMES: tuple[str, ...] = tuple(_CLASSES)

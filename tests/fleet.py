@@ -1,6 +1,6 @@
 """A whole herder on a test's nats-server and database, with real robot agents as subprocesses.
 
-`Fleet` runs the auth, registry, packages and jobs services in one `ServiceHost`, holds an admin
+`Fleet` runs the auth, registry, packages, jobs and queues services in one `ServiceHost`, holds an admin
 client, registers robots, starts `herder robot run` for them as child processes (so that they can
 be killed with SIGKILL like any real robot), publishes process folders, and waits on jobs.
 """
@@ -32,11 +32,12 @@ from herder.services.common.host import ServiceHost
 from herder.services.common.runtime import Service
 from herder.services.jobs.service import JobsService
 from herder.services.packages.service import PackagesService
+from herder.services.queues.service import QueuesService
 from herder.services.registry.service import RegistryService
 from tests.conftest import running_stack
 from tests.support import eventually
 
-ALL_SERVICES: tuple[type[Service], ...] = (AuthService, RegistryService, PackagesService, JobsService)
+ALL_SERVICES: tuple[type[Service], ...] = (AuthService, RegistryService, PackagesService, JobsService, QueuesService)
 HEARTBEAT_S = 0.5
 ROBOT_CONNECT_TIMEOUT_S = 30.0
 

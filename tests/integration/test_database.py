@@ -14,6 +14,7 @@ from herder.client.errors import SetupError
 from herder.services.auth import repository
 from herder.services.common import database, events, idempotency, migrate
 from herder.services.jobs import repository as jobs_repository
+from herder.services.queues import repository as queues_repository
 from herder.services.packages import repository as packages_repository
 from herder.services.registry import repository as registry_repository
 
@@ -27,6 +28,7 @@ def _metadata() -> MetaData:
         packages_repository.metadata,
         registry_repository.metadata,
         jobs_repository.metadata,
+        queues_repository.metadata,
     )
     for source in sources:
         for table in source.tables.values():
@@ -48,6 +50,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "registry_0001",
                 "packages_0001",
                 "jobs_0002",
+                "queues_0001",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing
