@@ -13,8 +13,8 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +82,10 @@ ADD_CHUNK_MAX_ITEMS = MAX_ITEMS_PER_ADD
 ADD_REQUEST_OVERHEAD_BYTES = 1024
 # Storing 10,000 items (each checked against the queue's schema) takes longer than a plain request.
 ADD_TIMEOUT_S = 60.0
+# The queues service changes at most this many items per bulk request by filter (the most ids a request
+# may name); the CLI sends a filter again while a pass changes that many.
+BULK_PASS_ITEMS = MAX_ITEMS_PER_ADD
+BULK_TIMEOUT_S = 60.0
 # A file of at least this many items shows a progress bar (on a terminal).
 PROGRESS_MIN_ITEMS = 1000
 # A full-form line holds an item's content and up to this much more: reference, tags, times.
@@ -469,6 +473,19 @@ def check_item_id(text: str, what: str = "") -> str:
     return text
 
 
+@contextmanager
+def reworded(pattern: str, replace: Callable[[re.Match[str]], str]) -> Iterator[None]:
+    """Let a service's refusal through with the words of the command line: what `pattern` matches in
+    its message becomes what `replace` makes of it (field names become option names)."""
+    try:
+        yield
+    except HerderError as error:
+        message = re.sub(pattern, replace, error.message)
+        if message == error.message:
+            raise
+        raise error_for(error.code.value, message, error.details) from None
+
+
 # --- files of items ---
 
 
@@ -486,22 +503,27 @@ def parse_item_line(line: bytes | str, *, where: str) -> NewItem | None:
     except BadRequest as exc:
         raise BadRequest(f"{where}: {exc.message}") from None
     try:
-        item = NewItem.model_validate(value) if "content" in value else NewItem(content=value)
+        item = NewItem.model_validate(_in_utc(value)) if "content" in value else NewItem(content=value)
     except ValidationError as exc:
         problems = codec.invalid("", exc).details["errors"]
         said = "; ".join(f"{problem['field']}: {problem['problem']}" for problem in problems[:3])
         raise BadRequest(f"{where}: {said}") from None
-    return _in_utc(item)
+    return item
 
 
-def _in_utc(item: NewItem) -> NewItem:
-    # A time without an offset is UTC, as herder shows times.
-    update = {
-        field: moment.replace(tzinfo=UTC)
-        for field in ("deadline", "postpone_until")
-        if (moment := getattr(item, field)) is not None and moment.tzinfo is None
-    }
-    return item.model_copy(update=update) if update else item
+def _in_utc(value: dict[str, Any]) -> dict[str, Any]:
+    # A time without an offset is UTC, as herder shows times (the wire takes only times that say).
+    update = {}
+    for field in ("deadline", "postpone_until"):
+        text = value.get(field)
+        if isinstance(text, str):
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                continue  # the model says what is wrong with it
+            if moment.tzinfo is None:
+                update[field] = moment.replace(tzinfo=UTC).isoformat()
+    return {**value, **update} if update else value
 
 
 def parse_item_lines(data: bytes, *, source: str) -> list[tuple[int, NewItem]]:
@@ -785,7 +807,9 @@ def create(
         any_robot=any_robot,
     )
     request = QueueCreate(name=name, settings=apply_settings(QueueSettings(), changes))
-    created = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(request))
+    target = resolve(data_dir, url, token_file, bundle)
+    with reworded(r"\bsettings\.([a-z_]+)", lambda match: _SETTING_OPTIONS.get(match.group(1), match.group(0))):
+        created = call(target, lambda c: c.request(request))
     if json_out:
         print_json(created)
         return
@@ -832,7 +856,9 @@ def update(
     if not changes:
         fail("nothing to change: give the settings to change (see 'herder queue update --help')", EXIT_USAGE)
     QueueShow(name=name)  # a malformed name is refused before connecting
-    before, after = run(lambda: _update(resolve(data_dir, url, token_file, bundle), name, changes))
+    target = resolve(data_dir, url, token_file, bundle)
+    with reworded(r"\bsettings\.([a-z_]+)", lambda match: _SETTING_OPTIONS.get(match.group(1), match.group(0))):
+        before, after = run(lambda: _update(target, name, changes))
     if json_out:
         print_json(after)
         return
@@ -868,7 +894,10 @@ def list_queues(
     bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """List the queues, by name, with how many items wait and are in progress."""
+    """List the queues, by name, with how many items wait and are in progress.
+
+    With --json, each queue comes with its "stats" (as 'queue show' has them), or null when the
+    counts were left out."""
     listed = run(lambda: _list(resolve(data_dir, url, token_file, bundle), counts))
     if json_out:
         print_json(
@@ -1066,7 +1095,10 @@ def add(
     except ValidationError as exc:
         raise refused_options(exc, _ITEM_OPTIONS) from None
     request = ItemAdd(queue=name, items=[item], dry_run=dry_run)
-    added = call(resolve(*target_args), lambda c: c.request(request))
+    target = resolve(*target_args)
+    # The one item's fields are the options that set them.
+    with reworded(r"\bitems(?:\.0|\[0\])\.([a-z_]+)", lambda match: _ITEM_OPTIONS.get(match.group(1), match.group(0))):
+        added = call(target, lambda c: c.request(request))
     if json_out:
         print_json(added)
     elif dry_run:
@@ -1193,21 +1225,33 @@ class _FileAdd:
         """The service's refusal of chunk `number`, naming the file's lines, and what was stored before it."""
         numbers = self.numbers[number]
         said = name_lines(error.message, numbers)
-        # When the message names no line, say which lines the refused chunk holds.
-        where = (
-            self.source
-            if said != error.message or len(self.chunks) == 1
-            else (f"{self.source} lines {numbers[0]} to {numbers[-1]}")
-        )
+        line = self._line_of_reference(error, number)
+        if said != error.message:  # the message names its lines already
+            where = self.source
+        elif line is not None:
+            where = f"{self.source} line {line}"
+        elif len(self.chunks) == 1:
+            where = self.source
+        else:  # the message names no line: say which lines the refused chunk holds
+            where = f"{self.source} lines {numbers[0]} to {numbers[-1]}"
         message = f"{where}: {said}"
         if stored:
             message += (
-                f"; {_plural(stored)} of earlier chunks were stored before this one was refused: run the same "
-                "command again to add the rest (within 24 hours no chunk is added twice)"
+                f"; but {_plural(stored)} of the chunks before it had been stored: run the same command again "
+                "to add the rest (within 24 hours no chunk is added twice)"
             )
-        else:
+        elif "nothing was stored" not in said:
             message += "; nothing was stored"
         return error_for(error.code.value, message, error.details)
+
+    def _line_of_reference(self, error: HerderError, number: int) -> int | None:
+        """The line of chunk `number` holding the reference a refusal names (in its details), if any."""
+        named = error.details.get("references") or [error.details.get("reference")]
+        wanted = {reference for reference in named if isinstance(reference, str)}
+        for line, item in zip(self.numbers[number], self.chunks[number], strict=True):
+            if item.reference in wanted:
+                return line
+        return None
 
 
 class _Bar:
@@ -1286,7 +1330,6 @@ def _bulk(
             EXIT_USAGE,
         )
     target = resolve(*target_args)
-    request = kind(queue=queue, ids=named, filter=None if named else chosen, dry_run=dry_run)
     if ask:
         counted: ItemsChanged = call(target, lambda c: c.request(kind(queue=queue, filter=chosen, dry_run=True)))
         if counted.count == 0:
@@ -1295,16 +1338,34 @@ def _bulk(
             else:
                 print(f"no items of queue {queue} to {do}; nothing changed", file=sys.stderr)
             return
-        if not typer.confirm(f"{do.capitalize()} {_plural(counted.count)} of queue {queue}?", default=False, err=True):
+        if not typer.confirm(f"{do.capitalize()} {_counted(counted)} of queue {queue}?", default=False, err=True):
             print("nothing changed", file=sys.stderr)
             raise typer.Exit(EXIT_ERROR)
-    changed: ItemsChanged = call(target, lambda c: c.request(request))
+    request = kind(queue=queue, ids=named, filter=None if named else chosen, dry_run=dry_run)
+    changed = run(lambda: _change(target, request))
     if json_out:
         print_json(changed)
     elif changed.dry_run:
-        print(f"would {do} {_plural(changed.count)} of queue {changed.queue} (nothing changed: --dry-run)")
+        print(f"would {do} {_counted(changed)} of queue {changed.queue} (nothing changed: --dry-run)")
     else:
         print(f"{done} {_plural(changed.count)} of queue {changed.queue}")
+
+
+def _counted(changed: ItemsChanged) -> str:
+    # A dry run by filter counts one pass: at most BULK_PASS_ITEMS.
+    return f"{changed.count} or more items" if changed.count >= BULK_PASS_ITEMS else _plural(changed.count)
+
+
+async def _change(target: Target, request: ItemRetry | ItemDelete) -> ItemsChanged:
+    """Send a bulk change; by filter, again while a pass changes as many items as one pass can."""
+    async with _client(target) as client:
+        changed = await client.request(request, timeout=BULK_TIMEOUT_S)
+        total = changed.count
+        # What a pass changed no longer matches (it is Retried or Deleted now): the next pass goes on.
+        while request.filter is not None and not request.dry_run and changed.count >= BULK_PASS_ITEMS:
+            changed = await client.request(request, timeout=BULK_TIMEOUT_S)
+            total += changed.count
+    return changed.model_copy(update={"count": total})
 
 
 @queue_app.command("retry")

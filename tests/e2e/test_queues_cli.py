@@ -262,6 +262,26 @@ def test_a_file_with_a_bad_line_stores_nothing_and_names_the_line(stack: Stack, 
     assert stack.ids("careful") == []
 
 
+def test_a_file_the_schema_refuses_in_its_last_chunk_stores_nothing(stack: Stack, tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps({"type": "object", "required": ["amount"], "properties": {"amount": {"type": "number"}}})
+    )
+    assert stack.herder("queue", "create", "schemed", "--schema", str(schema)).returncode == 0
+    # Lines of 400 bytes: the file goes in several chunks, and only the last one holds the refused line.
+    lines = [json.dumps({"amount": n, "note": "x" * 380}) for n in range(BIG_FILE_LINES)]
+    lines[2399] = json.dumps({"amount": "lots", "note": "x" * 380})
+    path = write_lines(tmp_path / "schemed.jsonl", lines)
+    assert_one_line_error(stack.herder("queue", "add", "schemed", "--file", str(path)), "line 2400", "[bad_request]")
+    assert stack.counts("schemed") == {}
+    refused = stack.herder("queue", "add", "schemed", "--content", '{"amount": "lots"}')
+    assert_one_line_error(refused, "--content.amount", "[bad_request]")
+
+    lines[2399] = json.dumps({"amount": 2399, "note": "x" * 380})
+    assert len(stack.json("queue", "add", "schemed", "--file", str(write_lines(path, lines)))["ids"]) == 2500
+    assert stack.counts("schemed") == {"New": BIG_FILE_LINES}
+
+
 def test_references_stay_unique_in_a_unique_queue(stack: Stack, tmp_path: Path) -> None:
     assert stack.herder("queue", "create", "unique", "--unique-references").returncode == 0
     assert stack.herder("queue", "add", "unique", "--content", "{}", "--reference", "INV-9").returncode == 0

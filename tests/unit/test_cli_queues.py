@@ -17,6 +17,8 @@ from herder.cli.queues import (
     ITEM_COLUMNS,
     QUEUE_COLUMNS,
     QUEUE_COLUMNS_NO_COUNTS,
+    _counted,
+    _FileAdd,
     apply_settings,
     check_item_id,
     chunk_items,
@@ -32,13 +34,14 @@ from herder.cli.queues import (
     parse_span,
     queue_row,
     repeated_reference,
+    reworded,
     settings_changes,
     settings_fields,
     span,
     stats_fields,
 )
 from herder.protocol import codec
-from herder.protocol.errors import BadRequest
+from herder.protocol.errors import BadRequest, Conflict, Unavailable
 from herder.protocol.jobs import Priority
 from herder.protocol.messages import IDEMPOTENCY_KEY_PATTERN
 from herder.protocol.queues import (
@@ -48,6 +51,7 @@ from herder.protocol.queues import (
     ItemAdd,
     ItemFilter,
     ItemInfo,
+    ItemsChanged,
     ItemState,
     NewItem,
     QueueInfo,
@@ -139,16 +143,15 @@ def test_repeated_references_are_found_with_both_lines() -> None:
 
 
 def test_small_items_go_in_chunks_of_at_most_ten_thousand() -> None:
-    items = [NewItem(content={"n": n}) for n in range(MAX_ITEMS_PER_ADD * 2 + 1)]
+    items = [NewItem(content={"n": n}) for n in range(MAX_ITEMS_PER_ADD + 1)]
     chunks = chunk_items(items, max_bytes=10 * codec.MAX_PAYLOAD_BYTES)
-    assert [len(chunk) for chunk in chunks] == [MAX_ITEMS_PER_ADD, MAX_ITEMS_PER_ADD, 1]
+    assert [len(chunk) for chunk in chunks] == [MAX_ITEMS_PER_ADD, 1]
     assert [item for chunk in chunks for item in chunk] == items  # in order, none lost
     # With the real budget, the bytes bind first even for tiny items.
     chunks = chunk_items(items)
-    assert all(len(chunk) <= MAX_ITEMS_PER_ADD for chunk in chunks)
+    assert len(chunks) == 2 and all(len(chunk) < MAX_ITEMS_PER_ADD for chunk in chunks)
     assert [item for chunk in chunks for item in chunk] == items
-    for chunk in chunks:
-        assert len(codec.dump(ItemAdd(queue="q", items=chunk))) <= ADD_CHUNK_MAX_BYTES
+    assert len(codec.dump(ItemAdd(queue="q", items=chunks[0]))) <= ADD_CHUNK_MAX_BYTES
 
 
 def test_large_items_go_in_chunks_under_the_size_limit() -> None:
@@ -471,3 +474,47 @@ def test_a_deadline_in_another_zone_is_kept_as_the_same_moment() -> None:
     item = parse_item_line('{"content": {}, "deadline": "2026-03-02T17:00:00-05:00"}', where="f line 1")
     assert item is not None and item.deadline is not None
     assert item.deadline.astimezone(UTC) == datetime(2026, 3, 2, 22, 0, tzinfo=UTC)
+
+
+# --- a service's refusals, in the command line's words ---
+
+
+def test_a_refusal_of_settings_names_the_options() -> None:
+    with pytest.raises(BadRequest) as refused, reworded(r"\bsettings\.([a-z_]+)", lambda m: f"--{m.group(1)}"):
+        raise BadRequest("settings.content_schema.type: not a valid JSON Schema", details={"a": 1})
+    assert refused.value.message == "--content_schema.type: not a valid JSON Schema"
+    assert refused.value.details == {"a": 1}
+    untouched = Conflict("queue 'q' exists already")
+    with pytest.raises(Conflict) as same, reworded(r"\bsettings\.", lambda m: ""):
+        raise untouched
+    assert same.value is untouched
+
+
+def _file(lines: list[tuple[int, NewItem]], *, chunked: int | None = None) -> _FileAdd:
+    adding = _FileAdd("q", "f.jsonl", b"", lines, live=False)
+    if chunked is not None:  # cut into chunks of `chunked` items, as a large file would be
+        adding.chunks = [[item for _, item in lines[n : n + chunked]] for n in range(0, len(lines), chunked)]
+        adding.numbers = [[number for number, _ in lines[n : n + chunked]] for n in range(0, len(lines), chunked)]
+    return adding
+
+
+def test_a_refused_chunk_is_named_by_its_lines() -> None:
+    lines = [(n, NewItem(reference=f"R-{n}")) for n in (1, 2, 4, 5, 7, 8)]
+    adding = _file(lines, chunked=3)
+    taken = Conflict("reference 'R-7' is in queue 'q' already; nothing was stored", details={"references": ["R-7"]})
+    assert adding._refusal(taken, 1, stored=0).message == (
+        "f.jsonl line 7: reference 'R-7' is in queue 'q' already; nothing was stored"
+    )
+    schema = BadRequest("invalid: items[2].content.n: fails the schema")
+    refused = adding._refusal(schema, 1, stored=0)
+    assert isinstance(refused, BadRequest)
+    assert refused.message == "f.jsonl: invalid: line 8.content.n: fails the schema; nothing was stored"
+    down = Unavailable("no reply within 60 s")
+    after = adding._refusal(down, 1, stored=3).message
+    assert after.startswith("f.jsonl lines 5 to 8: no reply within 60 s; but 3 items of the chunks before it")
+    assert "run the same command again" in after
+
+
+def test_bulk_counts_say_when_a_pass_was_full() -> None:
+    assert _counted(ItemsChanged(queue="q", count=1)) == "1 item"
+    assert _counted(ItemsChanged(queue="q", count=MAX_ITEMS_PER_ADD)) == f"{MAX_ITEMS_PER_ADD} or more items"
