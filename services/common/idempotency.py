@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
@@ -39,14 +40,15 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    bindparam,
     delete,
-    insert,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import ColumnElement
 
 from herder.protocol.auth import Principal
 from herder.protocol.errors import Conflict
@@ -89,6 +91,47 @@ idempotency_keys = Table(
 )
 
 log = structlog.get_logger("herder.idempotency")
+
+# Built once: every creating request runs the first two, and most the third.
+_KEY_ROW = (
+    idempotency_keys.c.tenant == bindparam("k_tenant"),
+    idempotency_keys.c.service == bindparam("k_service"),
+    idempotency_keys.c.verb == bindparam("k_verb"),
+    idempotency_keys.c.key_hash == bindparam("k_hash"),
+)
+
+
+def _claim_statement(dialect_insert: Any) -> Any:
+    """Claim a key in one statement: insert its row, or take over the row of an expired claim; a live
+    claim changes nothing (no row returned). Both databases speak `ON CONFLICT ... DO UPDATE ... WHERE`."""
+    statement = dialect_insert(idempotency_keys)
+    taken_over = {
+        name: statement.excluded[name] for name in ("request_digest", "object_id", "reply", "created_at", "expires_at")
+    }
+    return statement.on_conflict_do_update(
+        index_elements=["tenant", "service", "verb", "key_hash"],
+        set_=taken_over,
+        where=idempotency_keys.c.expires_at <= statement.excluded.created_at,
+    ).returning(idempotency_keys.c.object_id)
+
+
+_CLAIM = {"postgresql": _claim_statement(postgresql_insert), "sqlite": _claim_statement(sqlite_insert)}
+_SAVE_REPLY = (
+    update(idempotency_keys)
+    .where(
+        *_KEY_ROW,
+        idempotency_keys.c.object_id == bindparam("k_object_id"),
+        idempotency_keys.c.request_digest == bindparam("k_digest"),
+    )
+    .values(reply=bindparam("k_reply"))
+)
+_LOOKUP = select(
+    idempotency_keys.c.request_digest,
+    idempotency_keys.c.object_id,
+    idempotency_keys.c.reply,
+    idempotency_keys.c.created_at,
+    idempotency_keys.c.expires_at,
+).where(*_KEY_ROW, idempotency_keys.c.expires_at > bindparam("now"))
 
 
 class AlreadyClaimed(Conflict):
@@ -213,40 +256,38 @@ class Claim:
     def __post_init__(self) -> None:
         self.hashed_key = key_hash(self.scope, self.key)
 
-    def row_filter(self) -> tuple[ColumnElement[bool], ...]:
-        """The WHERE clauses naming this key's row."""
-        table = idempotency_keys.c
-        return (
-            table.tenant == self.scope.tenant,
-            table.service == self.scope.service,
-            table.verb == self.scope.verb,
-            table.key_hash == self.hashed_key,
-        )
+    def row(self) -> dict[str, str]:
+        """The parameters naming this key's row in the prebuilt statements."""
+        return {
+            "k_tenant": self.scope.tenant,
+            "k_service": self.scope.service,
+            "k_verb": self.scope.verb,
+            "k_hash": self.hashed_key,
+        }
 
     async def take(self, connection: AsyncConnection, object_id: str) -> None:
         """Claim the key for `object_id` in the transaction of `connection`; `AlreadyClaimed` when a
         concurrent request with the same key claimed it first (the transaction must then roll back)."""
         now = utcnow()
-        # An expired claim gives way to this one; a live one makes the insert fail.
-        await connection.execute(
-            delete(idempotency_keys).where(*self.row_filter(), idempotency_keys.c.expires_at <= now)
-        )
         try:
-            await connection.execute(
-                insert(idempotency_keys).values(
-                    tenant=self.scope.tenant,
-                    service=self.scope.service,
-                    verb=self.scope.verb,
-                    key_hash=self.hashed_key,
-                    request_digest=self.digest,
-                    object_id=object_id,
-                    reply=None,
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=IDEMPOTENCY_WINDOW_S),
-                )
+            result = await connection.execute(
+                _CLAIM[connection.dialect.name],
+                {
+                    "tenant": self.scope.tenant,
+                    "service": self.scope.service,
+                    "verb": self.scope.verb,
+                    "key_hash": self.hashed_key,
+                    "request_digest": self.digest,
+                    "object_id": object_id,
+                    "reply": None,
+                    "created_at": now,
+                    "expires_at": now + timedelta(seconds=IDEMPOTENCY_WINDOW_S),
+                },
             )
         except IntegrityError:
             raise AlreadyClaimed() from None
+        if result.first() is None:
+            raise AlreadyClaimed()  # a live claim holds the key: the transaction must roll back
         self.object_id = object_id
 
 
@@ -258,15 +299,8 @@ class IdempotencyStore:
 
     async def lookup(self, claim: Claim) -> Record | None:
         """The live record of `claim`'s key, if it was claimed before."""
-        table = idempotency_keys.c
         async with database.read(self._engine) as connection:
-            row = (
-                await connection.execute(
-                    select(
-                        table.request_digest, table.object_id, table.reply, table.created_at, table.expires_at
-                    ).where(*claim.row_filter(), table.expires_at > utcnow())
-                )
-            ).first()
+            row = (await connection.execute(_LOOKUP, {**claim.row(), "now": utcnow()})).first()
         if row is None:
             return None
         return Record(
@@ -289,13 +323,8 @@ class IdempotencyStore:
             sealed = seal(claim.scope, claim.key, reply)
             async with self._engine.begin() as connection:
                 await connection.execute(
-                    update(idempotency_keys)
-                    .where(
-                        *claim.row_filter(),
-                        idempotency_keys.c.object_id == claim.object_id,
-                        idempotency_keys.c.request_digest == claim.digest,
-                    )
-                    .values(reply=sealed)
+                    _SAVE_REPLY,
+                    {**claim.row(), "k_object_id": claim.object_id, "k_digest": claim.digest, "k_reply": sealed},
                 )
         except Exception as exc:
             log.warning(

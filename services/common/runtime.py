@@ -142,6 +142,7 @@ class RequestContext:
     __slots__ = (
         "_claim",
         "_correlation_id",
+        "_keep_reply",
         "_log",
         "_service_log",
         "bearer",
@@ -170,6 +171,8 @@ class RequestContext:
         self._log: structlog.stdlib.BoundLogger | None = None
         # Set by the runtime for an idempotent endpoint's request that carries a key.
         self._claim: idempotency.Claim | None = None
+        # The sealed first reply to store under the claim, once it has been sent (see `_create`).
+        self._keep_reply: Callable[[], Awaitable[object]] | None = None
 
     async def claim(self, connection: AsyncConnection, object_id: str) -> None:
         """Claim this request's idempotency key for `object_id`, in the transaction that creates it.
@@ -519,6 +522,8 @@ class ServiceRunner:
         except Exception as exc:
             self._log.warning("request.reply_failed", verb=route.verb, error=repr(exc))
         route.counters.record(time.perf_counter_ns() - started, error)
+        if ctx._keep_reply is not None:
+            await ctx._keep_reply()  # best effort: it logs its own failure
 
     async def _handle(
         self, route: _Route, data: bytes, headers: dict[str, str], content_type: str, ctx: RequestContext
@@ -562,9 +567,8 @@ class ServiceRunner:
             key=key,
             digest=idempotency.request_digest(request, ctx.principal),
         )
-        repeated = await self._repeat(route, store, claim, ctx)
-        if repeated is not None:
-            return repeated
+        # No lookup first: a repeat finds the key claimed when its handler claims it (`AlreadyClaimed`),
+        # and is answered below; a first request, by far the most common, pays for one insert.
         ctx._claim = claim
         try:
             reply = await route.handler(request, ctx)
@@ -580,7 +584,8 @@ class ServiceRunner:
         if claim.object_id is None:
             ctx.log.warning("idempotency.unclaimed", verb=route.verb, key=idempotency.shown(key))
         else:
-            await store.save_reply(claim, codec.dump(reply))
+            # Stored once the reply is on its way (`_serve`): a repeat arriving before that waits for it.
+            ctx._keep_reply = partial(store.save_reply, claim, codec.dump(reply))
         return reply
 
     async def _repeat(

@@ -513,6 +513,19 @@ class QueueRepository:
         rows = (await connection.execute(query)).mappings().all()
         return [_item(row, row["queue_name"]) for row in rows]
 
+    async def jobs_holding(self, connection: AsyncConnection, job_ids: Sequence[str]) -> list[str]:
+        """Which of `job_ids` hold InProgress items."""
+        wanted = sorted(set(job_ids))
+        found: list[str] = []
+        for start in range(0, len(wanted), 500):
+            rows = await connection.execute(
+                select(items.c.job_id)
+                .where(items.c.job_id.in_(wanted[start : start + 500]), items.c.state == _IN_PROGRESS)
+                .distinct()
+            )
+            found += [row[0] for row in rows]
+        return found
+
     async def holders(self, connection: AsyncConnection) -> list[tuple[str, str]]:
         """(tenant, robot) of every robot holding an InProgress item."""
         rows = await connection.execute(

@@ -538,17 +538,20 @@ class QueuesService(Service):
         now = utcnow()
         moved = 0
         while True:
-            async with self.runtime.events.transaction(defer=True) as tx:
+            # Read first: most sweeps and job ends find nothing, and need no write transaction. What
+            # is found is moved by conditional updates, so a change meanwhile is never overwritten.
+            async with database.read(self.engine) as connection:
                 held = await self.repo.held(
-                    tx.connection,
+                    connection,
                     tenant=tenant,
                     robot=robot,
                     job_id=job_id,
                     lease_expired_by=now if why is Why.LEASE_EXPIRED else None,
                     limit=500,
                 )
-                if not held:
-                    break
+            if not held:
+                break
+            async with self.runtime.events.transaction(defer=True) as tx:
                 queues = await self.repo.queues_by_id(tx.connection, {item.queue_id for item in held})
                 after: list[ItemRecord] = []
                 for item in held:
@@ -696,8 +699,11 @@ class QueuesService(Service):
                         continue
                     if event.data.get("state") in _FINAL_JOB_STATES and isinstance(event.data.get("job_id"), str):
                         ended.append(event.data["job_id"])
-                for job_id in dict.fromkeys(ended):
-                    await self.release(tenant, job_id=job_id, why=Why.JOB_ENDED)
+                if ended:
+                    async with database.read(self.engine) as connection:
+                        holding = await self.repo.jobs_holding(connection, ended)
+                    for job_id in holding:
+                        await self.release(tenant, job_id=job_id, why=Why.JOB_ENDED)
                 for message in messages:
                     await message.ack()
         except NotFoundError:

@@ -14,8 +14,8 @@ from herder.client.errors import SetupError
 from herder.services.auth import repository
 from herder.services.common import database, events, idempotency, migrate
 from herder.services.jobs import repository as jobs_repository
-from herder.services.queues import repository as queues_repository
 from herder.services.packages import repository as packages_repository
+from herder.services.queues import repository as queues_repository
 from herder.services.registry import repository as registry_repository
 
 

@@ -173,7 +173,7 @@ async def test_a_repeat_gets_the_first_reply_and_creates_nothing_also_after_a_re
     key = new_id()
     replies = [await stack.client.request(MakeThing(name="a"), idempotency_key=key) for _ in range(5)]
     assert replies[0].secret is not None
-    assert all(reply == replies[0] for reply in replies)
+    assert all(reply == replies[0] for reply in replies), (replies, probe.service.committed, probe.service.replays)
     assert await count_things(engine) == 1
     assert probe.service.committed == 1 and probe.service.replays == 0
 
