@@ -300,13 +300,23 @@ def test_references_stay_unique_in_a_unique_queue(stack: Stack, tmp_path: Path) 
     # Two lines of the file sharing a reference: refused before anything is sent.
     lines = [json.dumps({"content": {"n": n}, "reference": f"V-{n}"}) for n in range(BIG_FILE_LINES)]
     lines[2399] = json.dumps({"content": {}, "reference": "V-4"})
-    path = write_lines(tmp_path / "self.jsonl", lines)
-    assert_one_line_error(stack.herder("queue", "add", "unique", "--file", str(path)), "lines 5 and 2400", "V-4")
+    duplicated = write_lines(tmp_path / "self.jsonl", lines)
+    assert_one_line_error(stack.herder("queue", "add", "unique", "--file", str(duplicated)), "lines 5 and 2400", "V-4")
     assert stack.counts("unique") == {"New": 1}
+
+    # A file stored already (as after a crash): run again, each chunk clashes with its own references,
+    # and its first reply comes back instead; nothing is added twice, and the command succeeds.
+    lines = [json.dumps({"content": {"n": n, "note": "x" * 380}, "reference": f"W-{n}"}) for n in range(2500)]
+    path = write_lines(tmp_path / "again.jsonl", lines)
+    first = stack.json("queue", "add", "unique", "--file", str(path))["ids"]
+    again = stack.herder("queue", "add", "unique", "--file", str(path))
+    assert again.returncode == 0 and "nothing new" in again.stdout, again.stderr
+    assert stack.json("queue", "add", "unique", "--file", str(path))["ids"] == first
+    assert stack.counts("unique") == {"New": BIG_FILE_LINES + 1}
 
     # A queue that does not ask for unique references takes the same file.
     assert stack.herder("queue", "create", "loose").returncode == 0
-    assert len(stack.json("queue", "add", "loose", "--file", str(path))["ids"]) == BIG_FILE_LINES
+    assert len(stack.json("queue", "add", "loose", "--file", str(duplicated))["ids"]) == BIG_FILE_LINES
 
 
 # --- putting a batch right ---
