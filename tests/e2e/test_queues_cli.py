@@ -25,8 +25,6 @@ from herder.protocol.queues import ExceptionKind, ItemNext, ItemResult, ItemResu
 from tests.e2e.harness import HERDER, Up, assert_one_line_error, herder, running_up
 from tests.support import wait_until
 
-pytest.importorskip("herder.services.queues.service")
-
 pytestmark = pytest.mark.e2e
 
 # Variables of the user's shell that would point the CLI elsewhere or lend it a token.
