@@ -849,7 +849,7 @@ def _check_contents(queue: QueueRecord, request: ItemAdd) -> None:
         path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
         rule = f"{error.validator}: {_shown(error.validator_value)}"
         raise BadRequest(
-            f"items[{n}].content{path}: fails queue {queue.name!r}'s schema (rule {rule})",
+            f"items[{n}].content{path}: fails the schema of queue {queue.name!r} (rule {rule})",
             details={"item": n, "path": f"content{path}", "rule": str(error.validator)},
         )
 
