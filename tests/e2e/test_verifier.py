@@ -1,8 +1,6 @@
-"""The verifier station as people run it: a `herder up` stack, an unattended robot agent checking invoices,
-and `herder robot run DESK --run verify` on an attended robot deciding the doubtful ones by hand.
-
-Queues and their items are made with the admin's client (the `herder queue` commands are tested on
-their own); everything the robots do goes through the CLI.
+"""The verifier station as people run it, through the CLI alone: a `herder up` stack, queues made and
+filled with `herder queue`, an unattended robot agent checking invoices, and `herder robot run DESK
+--run verify` on an attended robot deciding the doubtful ones by hand (examples/verifier/README.md).
 """
 
 from __future__ import annotations
@@ -12,21 +10,16 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from herder.cli.context import call, resolve
 from herder.protocol import fence
 from herder.protocol.auth import ROLE_PERMISSIONS, Permission, Role
-from herder.protocol.messages import Model, Request
-from herder.protocol.queues import ItemAdd, ItemListRequest, NewItem, QueueCreate
 from tests.e2e.harness import HERDER, Up, assert_one_line_error, running_up
 from tests.support import wait_until
 
 pytestmark = pytest.mark.e2e
-
-R = TypeVar("R", bound=Model)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Robots look the process up themselves (the packages service, as robots): until the fence lets them,
@@ -60,9 +53,11 @@ def run_herder(up: Up, *args: str, timeout: float = 120) -> subprocess.Completed
     )
 
 
-def admin(up: Up, request: Request[R]) -> R:
-    """One request with the stack's admin token."""
-    return call(resolve(up.data_dir, None, None), lambda client: client.request(request))
+def succeeds(up: Up, *args: str) -> str:
+    """What a command that must succeed printed."""
+    done = run_herder(up, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def add_robot(up: Up, name: str, kind: str, folder: Path) -> Path:
@@ -117,8 +112,9 @@ def agents() -> Iterator[list[Agent]]:
 
 
 def queue_states(up: Up, queue: str) -> dict[str, tuple[str, Any]]:
-    page = admin(up, ItemListRequest(queue=queue, limit=100))
-    return {item.reference or item.id: (item.state.value, item.output or item.reason) for item in page.items}
+    """`herder queue items QUEUE --json`: each item's state and output (or reason), by reference."""
+    items = json.loads(succeeds(up, "queue", "items", queue, "--json"))
+    return {item["reference"] or item["id"]: (item["state"], item["output"] or item["reason"]) for item in items}
 
 
 @pytest.mark.skipif(
@@ -130,17 +126,17 @@ def test_an_attended_robot_decides_by_hand_what_the_unattended_one_doubted(
     stack: Up, tmp_path: Path, agents: list[Agent]
 ) -> None:
     for queue in ("invoices", "invoices-verify"):
-        admin(stack, QueueCreate(name=queue))
-    invoices = [
+        succeeds(stack, "queue", "create", queue)
+    invoices: list[dict[str, Any]] = [
         {"number": "INV-1", "supplier": "ACME", "amount": 120.0},
         {"number": "INV-2", "supplier": "ACME", "amount": 50_000},
         {"number": "INV-3", "supplier": "Unknown Ltd", "amount": 80},
     ]
-    admin(stack, ItemAdd(queue="invoices", items=[NewItem(content=c, reference=c["number"]) for c in invoices]))
+    for invoice in invoices:
+        succeeds(stack, "queue", "add", "invoices", "--reference", invoice["number"], "--content", json.dumps(invoice))
 
     agents.append(Agent(stack, "checker", add_robot(stack, "checker", "unattended", tmp_path), tmp_path))
-    checked = run_herder(stack, "job", "start", "invoices", "--robot", "checker", "--wait")
-    assert checked.returncode == 0, checked.stderr
+    succeeds(stack, "job", "start", "invoices", "--robot", "checker", "--wait")
     assert set(queue_states(stack, "invoices-verify")) == {"INV-2", "INV-3"}
 
     desk = add_robot(stack, "desk", "attended", tmp_path)
