@@ -107,7 +107,8 @@ SPOOL_DIR = "spool"
 SPOOL_REPORTS_SCANNED = 100
 # A run herder ended while the robot was away is killed at once: its outcome no longer counts.
 ORPHAN_GRACE_S = 0.0
-# A person's run by hand that they interrupt (Ctrl-C) gets this long between SIGTERM and SIGKILL.
+# A run by hand that its person interrupts (Ctrl-C) gets this long to end on its SIGINT, and as long
+# again between the SIGTERM and the SIGKILL that follow if it does not.
 ATTENDED_KILL_GRACE_S = 5.0
 ATTENDED_DIR = "attended"
 
@@ -591,9 +592,9 @@ class RobotAgent:
         grace_s: float = ATTENDED_KILL_GRACE_S,
         terminal: bool = True,
     ) -> RunResult:
-        """Run `package` once, by hand, as job `job_id` (a local id: herder has no such job): with a channel
+        """Run `package` once, by hand, as job `job_id` (a local id: herder has no such job), with a channel
         for its queue calls, on this process's terminal (with `terminal`; else its stdout and stderr come
-        as log lines too), with its log lines handed to `on_log` and neither logged to herder nor reported. Setting
+        as log lines too). Its log lines go to `on_log`, not to herder, and nothing is reported. Setting
         `interrupt` interrupts it (SIGINT), then hard-stops it after `grace_s`. Items the run still holds
         when it ends are failed as application exceptions, as herder does when a job ends.
 

@@ -7,8 +7,8 @@ otherwise; a coroutine function is run to completion), and makes a returned dict
 Any failure — the module does not import, the function is missing, the function raises — is
 written as one line, `<ExceptionType>: <message>`, to the file HERDER_JOB_ERROR_FILE names (the
 job's error), the traceback goes to stderr (the job's log), and the exit code is 1. An interrupt
-(SIGINT: Ctrl-C on a run by hand) the script lets through ends it by that signal, without a
-traceback: it was asked for, it is no failure of the script's.
+(SIGINT: Ctrl-C on a run by hand) the script lets through ends it by that signal, saying in one
+line where it was rather than with a traceback: it was asked for, it is no failure of the script's.
 
 Only the standard library and the SDK are imported, so a job starts in the time Python does.
 """
@@ -46,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         function = load(target)
     except EntryFailed as exc:
         return _fail(str(exc), exc.__cause__)
-    except KeyboardInterrupt:
-        _end_interrupted()
+    except KeyboardInterrupt as interrupt:
+        _end_interrupted(interrupt)
     try:
         result = call(function)
         if isinstance(result, dict):
             sdk.set_output(result)
     except Exception as exc:
         return _fail(summary(exc), exc)
-    except KeyboardInterrupt:
-        _end_interrupted()
+    except KeyboardInterrupt as interrupt:
+        _end_interrupted(interrupt)
     if result is not None and not isinstance(result, dict):
         sdk.log.warning("entry.result_ignored", type=type(result).__name__, reason="only a dict becomes the output")
     return 0
@@ -123,8 +123,11 @@ def _fail(error: str, exc: BaseException | None = None) -> int:
     return EXIT_FAILED
 
 
-def _end_interrupted() -> NoReturn:
-    """End by SIGINT, as the interrupt asked: the robot sees how the run ended, the person no traceback."""
+def _end_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
+    """End by SIGINT, as the interrupt asked: the robot sees how the run ended; stderr says where, in one line."""
+    frames = traceback.extract_tb(_script_frames(interrupt.__traceback__))
+    where = f" in {frames[-1].name} ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    print(f"interrupted{where}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
