@@ -261,6 +261,7 @@ class ItemsAdded(Model):
 
     queue: str
     ids: list[str]
+    count: int = 0  # how many items were added (a dry run: would be added)
     dry_run: bool = False
 
 

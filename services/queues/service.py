@@ -217,7 +217,7 @@ class QueuesService(Service):
                 _check_contents(queue, request)
                 await self._check_references(tx, queue, request)
                 if request.dry_run:
-                    return ItemsAdded(queue=queue.name, ids=[], dry_run=True)
+                    return ItemsAdded(queue=queue.name, ids=[], count=len(request.items), dry_run=True)
                 first = await self.repo.reserve_seq(tx.connection, queue, len(request.items))
                 rows = [
                     new_item_row(item_id=item_id, queue=queue, seq=first + n, item=item, now=now, created_by=ctx.actor)
@@ -237,7 +237,7 @@ class QueuesService(Service):
                 f"a reference in this request was added to queue {request.queue!r} meanwhile; nothing was stored"
             ) from None
         ctx.log.info("queue.items_added", queue=request.queue, count=len(ids))
-        return ItemsAdded(queue=request.queue, ids=ids)
+        return ItemsAdded(queue=request.queue, ids=ids, count=len(ids))
 
     async def _check_references(self, tx: Transaction, queue: QueueRecord, request: ItemAdd) -> None:
         if not queue.settings.unique_references:
@@ -849,7 +849,7 @@ def _check_contents(queue: QueueRecord, request: ItemAdd) -> None:
         path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
         rule = f"{error.validator}: {_shown(error.validator_value)}"
         raise BadRequest(
-            f"items[{n}].content{path}: fails queue {queue.name!r}'s schema (rule {rule})",
+            f"items[{n}].content{path}: fails the schema of queue {queue.name!r} (rule {rule})",
             details={"item": n, "path": f"content{path}", "rule": str(error.validator)},
         )
 

@@ -44,6 +44,8 @@ from herder.protocol.queues import (
 )
 from herder.protocol.registry import RobotStatus
 from herder.services.common.credentials import ServiceCredential
+from herder.services.common.host import ServiceHost
+from herder.services.queues.service import HOLDER_CHECK_INTERVAL_S
 from tests.fleet import Fleet, python_process, running_fleet
 from tests.support import connect_as, eventually
 
@@ -379,3 +381,27 @@ async def test_an_item_held_for_a_job_that_is_killed_fails_at_once(fleet: Fleet,
     ended = await eventually(failed, timeout=10.0)
     assert ended.state is ItemState.RETRIED and ended.exception is ExceptionKind.APPLICATION
     assert "ended" in ended.reason and "without a result" in ended.reason
+
+
+async def test_an_outage_of_the_services_leaves_live_robots_their_items(
+    fleet: Fleet, robots: dict[str, RobotLink]
+) -> None:
+    """The services are away for longer than three heartbeats while r1 works on: when they are back,
+    r1's items are still its own, under the same lease, and it finishes them."""
+    await make_queue(fleet, "steady", retry_abandoned=True, max_retries=3)
+    await add(fleet, "steady", NewItem(content={"n": 1}), NewItem(content={"n": 2}))
+    r1 = robots["r1"]
+    held = await r1.next("steady", count=2)
+    await fleet.host.stop()
+    await asyncio.sleep(3.0)  # six heartbeat intervals with nobody listening
+    restarted = ServiceHost(fleet.host.config)
+    await restarted.start()
+    try:
+        await asyncio.sleep(HOLDER_CHECK_INTERVAL_S + 1.0)  # past the grace and a check of holders
+        for item in held:
+            shown = (await fleet.client.request(ItemShow(id=item.id))).item
+            assert shown.state is ItemState.IN_PROGRESS and shown.lease == item.lease and shown.robot == "r1"
+        for item in held:
+            assert (await r1.complete(item)).state is ItemState.SUCCESSFUL
+    finally:
+        await restarted.stop()
