@@ -1,4 +1,4 @@
-"""The RPC benchmark still runs end to end (a tiny run; its figures are not judged here)."""
+"""The benchmarks still run end to end (tiny runs; their figures are not judged here)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import Postgres
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_rpc.py"
 
@@ -92,3 +97,79 @@ def test_the_dispatch_benchmark_refuses_nonsense_options() -> None:
     )
     assert done.returncode == 2
     assert "--robots must be at least 1" in done.stderr
+
+
+QUEUES = BENCH.parent / "bench_queues.py"
+
+
+def run_queues_benchmark(database: str) -> dict[str, Any]:
+    """A tiny run of the queues benchmark on one database; its JSON report."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(QUEUES),
+            "--json",
+            f"--db={database}",
+            "--items=30",
+            "--consumers=3",
+            "--batch=4",
+            "--warmup=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert len(report["environment"]["load_average_at_start"]) == 3
+    return report
+
+
+def check_herder_cycles(result: dict[str, Any]) -> None:
+    assert set(result["cycles"]) == {"single", "batch"}
+    for mode, count in (("single", 1), ("batch", 4)):
+        cycle = result["cycles"][mode]
+        assert (cycle["mode"], cycle["count"], cycle["items"]) == (mode, count, 30)
+        assert cycle["items_per_s"] > 0
+        assert (cycle["double_claims"], cycle["unfinished"], cycle["refused_results"]) == (0, 0, 0)
+        assert (cycle["successful"], cycle["left_open"]) == (30, 0)
+        assert 0 < cycle["next_p50_ms"] <= cycle["next_p99_ms"]
+        assert 0 < cycle["result_p50_ms"] <= cycle["result_p99_ms"]
+        assert cycle["cpu"]["caller_us"] > 0
+    assert result["cycles"]["single"]["result_requests"] == 30
+    adding = result["adding"]
+    assert (adding["items"], adding["requests"]) == (30, 1)
+    assert adding["items_per_s"] > 0
+
+
+def test_the_queues_benchmark_completes_and_counts_every_item_on_sqlite() -> None:
+    report = run_queues_benchmark("sqlite")
+    sqlite = report["results"]["sqlite"]
+    check_herder_cycles(sqlite)
+    assert sqlite["pgqueuer"] is None and sqlite["ratios"] == {}
+    assert report["targets_met"] == {"double claims == 0, every herder run": True}
+
+
+@pytest.mark.postgres
+def test_the_queues_benchmark_measures_pgqueuer_beside_herder_on_postgres(postgres: Postgres) -> None:
+    report = run_queues_benchmark("postgres")
+    result = report["results"]["postgres"]
+    check_herder_cycles(result)
+    assert "synchronous_commit on" in report["environment"]["postgres"]
+    pgqueuer = result["pgqueuer"]
+    for mode, batch in (("single", 1), ("batch", 4)):
+        cycle = pgqueuer["cycles"][mode]
+        assert (cycle["batch_size"], cycle["jobs"]) == (batch, 30)
+        assert (cycle["double_claims"], cycle["unfinished"], cycle["left_queued"]) == (0, 0, 0)
+        assert result["ratios"][mode] == round(result["cycles"][mode]["items_per_s"] / cycle["jobs_per_s"], 2)
+    assert pgqueuer["adding"]["items"] == 30
+    assert len(report["targets_met"]) == 4
+
+
+def test_the_queues_benchmark_refuses_nonsense_options() -> None:
+    done = subprocess.run(
+        [sys.executable, str(QUEUES), "--batch=5000"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert "--batch must be at most 1000" in done.stderr
