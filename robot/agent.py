@@ -86,7 +86,7 @@ from herder.protocol.registry import (
 )
 from herder.protocol.version import VERSION
 from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch, PackageTooLarge
-from herder.robot.channel import Channel
+from herder.robot.channel import Channel, sweep_stale
 from herder.robot.runner import JobProcess, LogLine, RunnerError, RunResult, RunSpec
 from herder.robot.spool import Entry, Kind, Spool
 
@@ -198,6 +198,9 @@ class RobotAgent:
         """Open the spool, start a session with the registry, listen for commands, and start
         heartbeating and delivering."""
         await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+        swept = await asyncio.to_thread(sweep_stale)
+        if swept:
+            self._log.info("robot.channels_swept", count=swept, reason="left by agents that were killed")
         # What a previous run of this agent could not deliver is delivered now, first.
         self._spool = await asyncio.to_thread(Spool, self.work_dir / SPOOL_DIR)
         # Listen before connecting: the moment the registry says the robot is there, a job may be sent.

@@ -26,7 +26,9 @@ connection goes on with the next line. While the agent is cut off from NATS ever
 `unavailable` at once; otherwise a call waits at most as long as the agent's client does.
 
 The channel closes when the run ends, however it ends: what is in flight is dropped, the socket
-and its folder are removed.
+and its folder are removed. An agent killed outright (SIGKILL) cannot remove its folders; they are
+named after its pid, and the next agent to start removes those of agents that are gone
+(`sweep_stale`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ MAX_LINE_BYTES = sdk.MAX_CHANNEL_LINE_BYTES
 MAX_IN_FLIGHT = 64
 READ_CHUNK_BYTES = 64 * 1024
 SOCKET_NAME = "channel.sock"
+# `herder-channel-<agent pid>-<random>` in the temporary folder.
 FOLDER_PREFIX = "herder-channel-"
 FOLDER_MODE = 0o700
 SOCKET_MODE = 0o600
@@ -86,6 +89,7 @@ VERBS: Mapping[str, type[Request[Any]]] = {
 }
 
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(\d{1,16})\s*[,}]')
+_FOLDER_NAME = re.compile(re.escape(FOLDER_PREFIX) + r"(\d{1,10})-[A-Za-z0-9_]+")
 
 
 @dataclass(frozen=True)
@@ -220,14 +224,57 @@ class Holdings:
         return dict(self._leases)
 
 
+def _folder_parents() -> tuple[str, ...]:
+    """Where channels' folders go: the temporary folder, or /tmp when its path leaves no room for a socket."""
+    return tuple(dict.fromkeys((tempfile.gettempdir(), "/tmp")))
+
+
 def _private_folder() -> Path:
     """A new folder only this user may enter, with room for the socket's path within MAX_SOCKET_PATH_BYTES."""
-    for parent in (None, "/tmp"):
-        folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=parent))  # mode 0700
+    for parent in _folder_parents():
+        folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=parent))  # mode 0700
         if len(os.fsencode(folder / SOCKET_NAME)) <= MAX_SOCKET_PATH_BYTES:
             return folder
         folder.rmdir()
     raise OSError(f"no temporary folder has a path short enough for a Unix socket (TMPDIR={tempfile.gettempdir()})")
+
+
+def stale_folder(name: str, *, owned: bool, alive: Callable[[int], bool]) -> bool:
+    """Whether a folder called `name` is a channel's whose agent is gone: ours (`owned`), and named after a
+    pid no process has now. Pure: `alive` says whether a pid runs."""
+    found = _FOLDER_NAME.fullmatch(name)
+    return owned and found is not None and not alive(int(found.group(1)))
+
+
+def sweep_stale() -> int:
+    """Remove the channels' folders agents killed outright left behind (this user's only); how many."""
+    removed = 0
+    for parent in _folder_parents():
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.startswith(FOLDER_PREFIX):
+                continue
+            try:
+                owned = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            except OSError:
+                continue
+            if stale_folder(entry.name, owned=owned, alive=_alive):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
 
 
 class Channel:
@@ -369,4 +416,6 @@ __all__ = [
     "leading_id",
     "parse_call",
     "request_of",
+    "stale_folder",
+    "sweep_stale",
 ]

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import stat
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ from herder.robot.channel import (
     leading_id,
     parse_call,
     request_of,
+    stale_folder,
+    sweep_stale,
 )
 from herder.robot.runner import LineSplitter
 from tests.support import eventually
@@ -337,3 +341,35 @@ def test_holdings_follow_items_taken_and_given_back() -> None:
     holdings.note(request_of(Call(3, "item_postpone", later), JOB), ItemsTaken(items=[]))
     holdings.note(request_of(Call(4, "item_progress", {"id": "3" * 32, "lease": 2, "progress": "x"}), JOB), taken)
     assert holdings.held() == {"3" * 32: 2}
+
+
+# --- what agents killed outright leave behind ---
+
+
+@pytest.mark.parametrize(
+    ("name", "owned", "expected"),
+    [
+        ("herder-channel-4242-ab_c9", True, True),  # its agent is gone
+        ("herder-channel-7-ab_c9", True, False),  # its agent still runs
+        ("herder-channel-4242-ab_c9", False, False),  # another user's
+        ("herder-channel-ab_c9", True, False),  # no pid in it: not one of ours
+        ("herder-channels-4242-x", True, False),
+        ("other-4242-x", True, False),
+    ],
+)
+def test_a_stale_folder_is_ours_and_names_a_pid_that_is_gone(name: str, owned: bool, expected: bool) -> None:
+    assert stale_folder(name, owned=owned, alive=lambda pid: pid == 7) is expected
+
+
+async def test_sweeping_removes_the_folders_of_agents_that_are_gone_and_keeps_the_living(
+    served: tuple[Channel, StandInClient],
+) -> None:
+    channel, _ = served
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()  # its pid names no process now
+    left = Path(tempfile.gettempdir()) / f"herder-channel-{gone.pid}-test{os.getpid()}"
+    left.mkdir(mode=0o700)
+    (left / "channel.sock").touch()
+    assert sweep_stale() >= 1
+    assert not left.exists()
+    assert channel.path.exists()  # this process's channel: alive
