@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     func,
     insert,
     or_,
@@ -104,6 +105,21 @@ items = Table(
 STATS_SAMPLE = 10_000
 _NEW = ItemState.NEW.value
 _IN_PROGRESS = ItemState.IN_PROGRESS.value
+
+_FINISH = (
+    update(items)
+    .where(items.c.id == bindparam("b_id"), items.c.state == _IN_PROGRESS, items.c.lease == bindparam("b_lease"))
+    .values(
+        state=bindparam("b_state"),
+        exception=bindparam("b_exception"),
+        reason=bindparam("b_reason"),
+        output=bindparam("b_output"),
+        lease_expires_at=None,
+        ended_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        retried_by=None,
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,8 +435,11 @@ class QueueRepository:
         priority: Priority | None,
     ) -> list[ItemRecord]:
         """Give up to `count` of the queue's visible New items, in processing order, to `robot`
-        under fresh leases; return them as they are now."""
-        query = (
+        under fresh leases; return them as they are now, in that order.
+
+        One statement: the chosen rows are locked as they are chosen (`SKIP LOCKED` on PostgreSQL,
+        so concurrent takers pass each other by) and moved in the same breath."""
+        chosen = (
             select(items.c.id)
             .where(
                 items.c.queue_id == queue.id,
@@ -430,26 +449,26 @@ class QueueRepository:
             .order_by(items.c.lane, items.c.rank, items.c.deadline, items.c.seq)
             .limit(count)
         )
-        query = _apply_filter(query, ItemFilter(reference=reference), tags)
+        chosen = _apply_filter(chosen, ItemFilter(reference=reference), tags)
         if priority is not None:
-            query = query.where(items.c.priority == priority.value)
+            chosen = chosen.where(items.c.priority == priority.value)
         if connection.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        chosen = [row[0] for row in await connection.execute(query)]
-        if not chosen:
-            return []
-        expires = now + timedelta(seconds=queue.settings.lease_s)
+            # As a CTE, which PostgreSQL runs once: a subquery in IN may be run again, and take more.
+            picked = chosen.with_for_update(skip_locked=True).cte("picked")
+            which = and_(items.c.id == picked.c.id, items.c.state == _NEW)
+        else:
+            which = and_(items.c.id.in_(chosen.scalar_subquery()), items.c.state == _NEW)
         rows = (
             (
                 await connection.execute(
                     update(items)
-                    .where(items.c.id.in_(chosen), items.c.state == _NEW)
+                    .where(which)
                     .values(
                         state=_IN_PROGRESS,
                         robot=robot,
                         job_id=job_id,
                         lease=items.c.lease + 1,
-                        lease_expires_at=expires,
+                        lease_expires_at=now + timedelta(seconds=queue.settings.lease_s),
                         started_at=now,
                         postpone_until=None,
                         progress="",
@@ -461,8 +480,19 @@ class QueueRepository:
             .mappings()
             .all()
         )
-        taken = {row["id"]: _item(row, queue.name) for row in rows}
-        return [taken[item_id] for item_id in chosen if item_id in taken]
+        taken = [_item(row, queue.name) for row in rows]
+        # RETURNING keeps no order: put them back in processing order.
+        taken.sort(
+            key=lambda item: (item.deadline is None, item.priority.rank, item.deadline or item.created_at, item.seq)
+        )
+        return taken
+
+    async def finish_many(self, connection: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+        """End held items in one go (rows of `b_id`, `b_lease`, `b_state`, `b_exception`, `b_reason`,
+        `b_output`, `b_now`), each only if still InProgress under its lease. The caller holds the rows
+        locked (or SQLite's write lock), so none can have moved since it read them."""
+        if rows:
+            await connection.execute(_FINISH, list(rows))
 
     # --- items: reading ---
 

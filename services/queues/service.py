@@ -83,6 +83,9 @@ SWEEP_INTERVAL_S = 1.0
 # The holders of InProgress items are checked against the robots' presence this often (a backstop
 # for a loss the service did not see happen: it was not running, or the change came before it was).
 HOLDER_CHECK_INTERVAL_S = 5.0
+# Queues are read from a cache this young at most on the robots' hot paths (next, result): a change
+# of settings made through another replica applies there within this long.
+QUEUE_CACHE_S = 2.0
 JOB_ENDS_DURABLE = "queues_job_ends"
 JOB_ENDS_BATCH = 100
 JOB_ENDS_WAIT_S = 1.0
@@ -102,6 +105,8 @@ class QueuesService(Service):
         self.directory = RobotDirectory(robots_kv, on_change=self._robot_changed, supervisor=self.tasks)
         await self.directory.start()
         self._job_end_tenants: set[str] = set()
+        self._by_name: dict[tuple[str, str], tuple[float, QueueRecord]] = {}
+        self._by_id: dict[str, tuple[float, QueueRecord]] = {}
         self._last_holder_check = 0.0
         async with database.read(self.engine) as connection:
             tenants = {queue.tenant for queue in await self.repo.all_queues(connection)}
@@ -160,6 +165,7 @@ class QueuesService(Service):
                     "one, so it cannot be made unique now: make a new queue"
                 )
             await self.repo.update_queue(tx.connection, queue, request.settings, utcnow())
+            self._forget(ctx.tenant, queue.name)
             tx.emit(Event.of(QueueUpdatedEvent(queue=queue.name), tenant=ctx.tenant, actor=ctx.actor))
         ctx.log.info("queue.updated", queue=queue.name)
         return QueueInfo(
@@ -272,7 +278,7 @@ class QueuesService(Service):
         now = utcnow()
         taken: list[ItemRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
-            queues = [await self._queue(tx.connection, ctx.tenant, choice.name) for choice in request.queues]
+            queues = [await self._cached_queue(tx.connection, ctx.tenant, choice.name) for choice in request.queues]
             by_name = {queue.name: queue for queue in queues}
             for queue in queues:
                 await self._check_robot(queue, ctx.tenant, robot)
@@ -320,9 +326,11 @@ class QueuesService(Service):
                     presented=result.lease,
                     item_id=item.id,
                 )
-            queues = await self.repo.queues_by_id(tx.connection, {item.queue_id for item in found.values()})
+            queues = await self._cached_queues_by_id(tx.connection, {item.queue_id for item in found.values()})
             after: list[ItemRecord] = []
             copies: list[ItemRecord] = []
+            # Items that simply end are written together, in one statement; retries one by one.
+            ending_rows: list[dict[str, Any]] = []
             for result in request.results:
                 item = found[result.id]
                 queue = queues[item.queue_id]
@@ -335,9 +343,15 @@ class QueuesService(Service):
                 )
                 if result.state is ItemState.SUCCESSFUL and result.output is not None:
                     item.output = result.output
-                ended, copy = await self._end(tx, item, queue, ending, now, lease=result.lease)
-                after.append(ended)
-                copies += [copy] if copy is not None else []
+                if ending.retry:
+                    ended, copy = await self._end(tx, item, queue, ending, now, lease=result.lease)
+                    after.append(ended)
+                    copies += [copy] if copy is not None else []
+                    continue
+                ending_rows.append(_ending_row(item, ending, now, lease=result.lease))
+                _ended(item, ending, now, retried_by=None)
+                after.append(item)
+            await self.repo.finish_many(tx.connection, ending_rows)
             self._emit_grouped(tx, ctx.tenant, after, robot=robot, actor=robot)
         ctx.log.info("queue.items_set", robot=robot, count=len(after), retries=len(copies))
         return ItemsSet(items=[item.info() for item in after], retries=[copy.info() for copy in copies])
@@ -596,9 +610,7 @@ class QueuesService(Service):
             tx.connection, item, from_state=ItemState.IN_PROGRESS, lease=lease, values=values
         ):
             return item, None
-        item.state, item.exception, item.reason = ending.state, ending.exception, ending.reason
-        item.output = item.output if ending.state is ItemState.SUCCESSFUL else None
-        item.lease_expires_at, item.ended_at, item.updated_at, item.retried_by = None, now, now, copy_id
+        _ended(item, ending, now, retried_by=copy_id)
         if copy_id is None:
             return item, None
         seq = await self.repo.reserve_seq(tx.connection, queue, 1)
@@ -720,6 +732,40 @@ class QueuesService(Service):
             raise NotFound(f"no queue {name!r}; see 'herder queue list'")
         return queue
 
+    async def _cached_queue(self, connection: Any, tenant: str, name: str) -> QueueRecord:
+        """`_queue`, from a cache at most QUEUE_CACHE_S old (changes on this replica apply at once)."""
+        now = asyncio.get_running_loop().time()
+        cached = self._by_name.get((tenant, name))
+        if cached is not None and now - cached[0] < QUEUE_CACHE_S:
+            return cached[1]
+        queue = await self._queue(connection, tenant, name)
+        self._remember(queue, now)
+        return queue
+
+    async def _cached_queues_by_id(self, connection: Any, ids: set[str]) -> dict[str, QueueRecord]:
+        now = asyncio.get_running_loop().time()
+        found = {
+            qid: self._by_id[qid][1] for qid in ids if qid in self._by_id and now - self._by_id[qid][0] < QUEUE_CACHE_S
+        }
+        missing = ids - set(found)
+        if missing:
+            for queue in (await self.repo.queues_by_id(connection, missing)).values():
+                self._remember(queue, now)
+                found[queue.id] = queue
+        return found
+
+    def _remember(self, queue: QueueRecord, now: float) -> None:
+        if len(self._by_id) > 10_000:  # queues are few; this only bounds a pathological tenant
+            self._by_name.clear()
+            self._by_id.clear()
+        self._by_name[(queue.tenant, queue.name)] = (now, queue)
+        self._by_id[queue.id] = (now, queue)
+
+    def _forget(self, tenant: str, name: str) -> None:
+        cached = self._by_name.pop((tenant, name), None)
+        if cached is not None:
+            self._by_id.pop(cached[1].id, None)
+
     def _may_add(self, ctx: RequestContext) -> None:
         principal = ctx.principal
         if principal is None or not (principal.can(Permission.QUEUES_ADD) or principal.can(Permission.ROBOT_AGENT)):
@@ -792,6 +838,26 @@ def _changed_event(
         tenant=tenant,
         actor=actor,
     )
+
+
+def _ending_row(item: ItemRecord, ending: states.Ending, now: datetime, *, lease: int) -> dict[str, Any]:
+    """The parameters of `QueueRepository.finish_many` for one item that ends without a retry."""
+    return {
+        "b_id": item.id,
+        "b_lease": lease,
+        "b_state": ending.state.value,
+        "b_exception": ending.exception.value if ending.exception is not None else None,
+        "b_reason": ending.reason,
+        "b_output": _json(item.output) if ending.state is ItemState.SUCCESSFUL else None,
+        "b_now": now,
+    }
+
+
+def _ended(item: ItemRecord, ending: states.Ending, now: datetime, *, retried_by: str | None) -> None:
+    """Show on `item` what was written of its ending."""
+    item.state, item.exception, item.reason = ending.state, ending.exception, ending.reason
+    item.output = item.output if ending.state is ItemState.SUCCESSFUL else None
+    item.lease_expires_at, item.ended_at, item.updated_at, item.retried_by = None, now, now, retried_by
 
 
 def _json(value: dict[str, Any] | None) -> str | None:
