@@ -83,7 +83,8 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.QUEUES_ADD,
         }
     ),
-    Role.ROBOT: frozenset({Permission.ROBOT_AGENT}),
+    # Robots look up the packages they run by hand (attended runs); jobs bring theirs with them.
+    Role.ROBOT: frozenset({Permission.ROBOT_AGENT, Permission.PACKAGES_READ}),
 }
 
 

@@ -41,6 +41,7 @@ ROBOT_VERBS: tuple[tuple[str, str], ...] = (
     ("registry", "robot_goodbye"),
     ("jobs", "report"),
     ("jobs", "resume"),
+    ("packages", "resolve"),
     ("queues", "item_add"),
     ("queues", "item_next"),
     ("queues", "item_result"),
