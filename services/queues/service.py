@@ -89,6 +89,7 @@ QUEUE_CACHE_S = 2.0
 JOB_ENDS_DURABLE = "queues_job_ends"
 JOB_ENDS_BATCH = 100
 JOB_ENDS_WAIT_S = 1.0
+JOB_ENDS_GATHER_S = 0.25
 _FINAL_JOB_STATES = frozenset(state.value for state in JobState if state.final)
 _MAX_LIST_IDS = 10_000
 
@@ -690,21 +691,28 @@ class QueuesService(Service):
             durable_name=JOB_ENDS_DURABLE,
             filter_subject=subjects.event_type_subject(tenant, "jobs.job_state_changed"),
             deliver_policy=api.DeliverPolicy.NEW,
-            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_policy=api.AckPolicy.ALL,
             ack_wait=30.0,
             max_ack_pending=1000,
         )
         with contextlib.suppress(Exception):
             await js.add_consumer(stream, config)
         subscription = await js.pull_subscribe_bind(JOB_ENDS_DURABLE, stream=stream)
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                try:
-                    messages = await subscription.fetch(JOB_ENDS_BATCH, timeout=JOB_ENDS_WAIT_S)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
+                # Job ends are gathered for a moment and checked against held items in one query:
+                # most jobs hold none, and a busy fleet ends many jobs a second.
+                pending: list[Any] = []
+                deadline = None
+                while deadline is None or (loop.time() < deadline and len(pending) < JOB_ENDS_BATCH):
+                    wait = JOB_ENDS_WAIT_S if deadline is None else max(deadline - loop.time(), 0.01)
+                    with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+                        pending += await subscription.fetch(JOB_ENDS_BATCH - len(pending), timeout=wait)
+                    if pending and deadline is None:
+                        deadline = loop.time() + JOB_ENDS_GATHER_S
                 ended: list[str] = []
-                for message in messages:
+                for message in pending:
                     try:
                         event = codec.load(Event, message.data)
                     except BadRequest:
@@ -716,8 +724,7 @@ class QueuesService(Service):
                         holding = await self.repo.jobs_holding(connection, ended)
                     for job_id in holding:
                         await self.release(tenant, job_id=job_id, why=Why.JOB_ENDED)
-                for message in messages:
-                    await message.ack()
+                await pending[-1].ack()  # the consumer acknowledges all up to the last one
         except NotFoundError:
             raise
         finally:
