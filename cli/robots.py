@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -419,70 +421,21 @@ def _refused(target: Target, name: str) -> str:
     )
 
 
-async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int) -> None:
-    from herder.robot.agent import ConnectionEvents, RobotAgent
-
-    assert target.token is not None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    refused = _refused(target, name)
-    # The agent hears of its connection's losses and returns; it exists once the connection does.
-    events = ConnectionEvents()
-    async with connected(target, f"herder-robot-{name}", refused=refused, **events.options()) as nc:
-        agent = RobotAgent(
-            nc,
-            robot=name,
-            token=target.token,
-            tenant=target.tenant,
-            work_dir=work_dir,
-            heartbeat_interval_s=heartbeat,
-            max_package_bytes=max_package_bytes,
-        )
-        events.attach(agent)
-        try:
-            info = await agent.start()
-        except Unauthenticated:
-            raise Unauthenticated(refused) from None
-        print(
-            f"robot {info.name} ({info.type.value}, host {info.host}) is connected to {target.where}; Ctrl-C stops it.",
-            file=sys.stderr,
-            flush=True,
-        )
-        removed = asyncio.ensure_future(agent.removed.wait())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({removed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            removed.cancel()
-            stopping.cancel()
-            if not agent.removed.is_set():
-                print(f"robot {name} is stopping…", file=sys.stderr, flush=True)
-            await agent.stop()
-        if agent.removed.is_set():
-            raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); it stops")
-
-
-async def _run_attended(
-    target: Target,
-    name: str,
-    work_dir: Path,
-    heartbeat: float,
-    max_package_bytes: int,
-    resolving: PackageResolve,
-    input_: dict[str, Any],
-) -> tuple[PackageRef, RunResult]:
-    """Connect as the robot, run one process by hand on this terminal, say goodbye; the package and how it ended."""
+@contextlib.asynccontextmanager
+async def _agent_session(
+    target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int, signalled: asyncio.Event
+) -> AsyncIterator[RobotAgent]:
+    """The robot's agent, connected and started (SIGINT and SIGTERM set `signalled`); stopped after the
+    block. A refused token, a work folder another agent holds, and a removal are one line each."""
     from herder.robot.agent import ConnectionEvents, RobotAgent
     from herder.robot.spool import SpoolLocked
 
     assert target.token is not None
-    interrupt = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupt.set)
+        loop.add_signal_handler(sig, signalled.set)
     refused = _refused(target, name)
+    # The agent hears of its connection's losses and returns; it exists once the connection does.
     events = ConnectionEvents()
     async with connected(target, f"herder-robot-{name}", refused=refused, **events.options()) as nc:
         agent = RobotAgent(
@@ -505,15 +458,44 @@ async def _run_attended(
                 "a robot has one agent at a time"
             ) from None
         removed = asyncio.ensure_future(agent.removed.wait())
-        removed.add_done_callback(lambda _: interrupt.set())
+        removed.add_done_callback(lambda _: signalled.set())
         try:
-            ended = await _attended(agent, name, resolving, input_, interrupt)
+            yield agent
         finally:
             removed.cancel()
             await agent.stop()
         if agent.removed.is_set():
-            raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); the run was stopped")
-        return ended
+            raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); it stops")
+
+
+async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int) -> None:
+    stop = asyncio.Event()
+    async with _agent_session(target, name, work_dir, heartbeat, max_package_bytes, stop) as agent:
+        assert agent.info is not None
+        info = agent.info
+        print(
+            f"robot {info.name} ({info.type.value}, host {info.host}) is connected to {target.where}; Ctrl-C stops it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+        if not agent.removed.is_set():
+            print(f"robot {name} is stopping…", file=sys.stderr, flush=True)
+
+
+async def _run_attended(
+    target: Target,
+    name: str,
+    work_dir: Path,
+    heartbeat: float,
+    max_package_bytes: int,
+    resolving: PackageResolve,
+    input_: dict[str, Any],
+) -> tuple[PackageRef, RunResult]:
+    """Connect as the robot, run one process by hand on this terminal, say goodbye; the package and how it ended."""
+    interrupt = asyncio.Event()
+    async with _agent_session(target, name, work_dir, heartbeat, max_package_bytes, interrupt) as agent:
+        return await _attended(agent, name, resolving, input_, interrupt)
 
 
 async def _attended(

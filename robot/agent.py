@@ -39,6 +39,7 @@ import contextlib
 import itertools
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,6 +108,8 @@ SPOOL_DIR = "spool"
 SPOOL_REPORTS_SCANNED = 100
 # A run herder ended while the robot was away is killed at once: its outcome no longer counts.
 ORPHAN_GRACE_S = 0.0
+# How many ended runs an agent remembers, so that a start sent again after it ran is not run twice.
+RAN_REMEMBERED = 1000
 # A run by hand that its person interrupts (Ctrl-C) gets this long to end on its SIGINT, and as long
 # again between the SIGTERM and the SIGKILL that follow if it does not.
 ATTENDED_KILL_GRACE_S = 5.0
@@ -175,6 +178,10 @@ class RobotAgent:
         self._subscription: Subscription | None = None
         self._beat_now = asyncio.Event()
         self._stopped = False
+        # The runs this agent has ended, newest last: a start it receives again (herder sends an
+        # unacknowledged start again, and its acknowledgement may have been lost in an outage) is
+        # acknowledged, not run a second time; the run's report is on its way.
+        self._ran: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._connected_again = asyncio.Event()  # wakes the delivery of the spool when NATS is back
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spool: Spool | None = None
@@ -203,6 +210,11 @@ class RobotAgent:
             self._log.info("robot.channels_swept", count=swept, reason="left by agents that were killed")
         # What a previous run of this agent could not deliver is delivered now, first.
         self._spool = await asyncio.to_thread(Spool, self.work_dir / SPOOL_DIR)
+        # Runs whose end reports a previous agent left in the spool ended: a start of one is not run again.
+        for entry in self._spool.pending(RAN_REMEMBERED, kind=Kind.REPORT):
+            with contextlib.suppress(BadRequest):
+                report = codec.load(JobReport, entry.payload)
+                self._ran[(report.job_id, report.attempt)] = None
         # Listen before connecting: the moment the registry says the robot is there, a job may be sent.
         # The connect request queues behind the subscription, so the server has it before the registry hears.
         self._subscription = await self.nc.subscribe(
@@ -407,6 +419,8 @@ class RobotAgent:
         )
 
     def _start(self, command: StartCommand) -> CommandAck:
+        if (command.job_id, command.attempt) in self._ran:
+            return self._ack(command, detail="already ran; its report is on its way")
         run = self.current
         if run is not None:
             if run.key == (command.job_id, command.attempt):
@@ -471,6 +485,9 @@ class RobotAgent:
             if run.channel is not None:
                 await run.channel.close()
         await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+        self._ran[run.key] = None
+        while len(self._ran) > RAN_REMEMBERED:
+            self._ran.popitem(last=False)
         self.current = None
         self._spawn(self._beat_if_still_idle())
         if run.orphaned:

@@ -36,8 +36,10 @@ from herder.protocol.jobs import (
     OnRobotLost,
     Outcome,
     Priority,
+    StartCommand,
 )
 from herder.protocol.messages import Event
+from herder.protocol.packages import PackageResolve
 from herder.protocol.registry import RobotStatus, RobotType
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.host import HostConfig, ServiceHost
@@ -648,3 +650,30 @@ async def test_a_start_sent_five_times_under_one_key_makes_one_job_also_across_a
         assert len((await fleet.client.request(JobListRequest())).jobs) == 1
     finally:
         await restarted.stop()
+
+
+async def test_a_start_sent_again_after_its_run_ended_is_not_run_twice(fleet: Fleet) -> None:
+    """herder sends a start again when it has no acknowledgement on record, which an outage can
+    swallow; a robot that has already run that attempt acknowledges it and runs nothing."""
+    await fleet.run_robot("r1")
+    await fleet.publish(python_process(fleet.root, "record", RECORD))
+    marker = fleet.root / "marker"
+    job = await fleet.client.request(JobStart(process="record", robot="r1", input={"marker": str(marker)}))
+    done = await fleet.wait_job(job.id, JobState.SUCCESSFUL)
+    jobs = fleet.host.services["jobs"]
+    assert isinstance(jobs, JobsService)
+    presence = jobs.directory.get(fleet.tenant, "r1")
+    assert presence is not None and presence.session is not None
+    again = StartCommand(
+        job_id=done.id,
+        attempt=done.attempt,
+        session=presence.session,
+        package=await fleet.client.request(PackageResolve(process="record", version=done.version)),
+        input={"marker": str(marker)},
+    )
+    # Sent as the jobs service sends a start again.
+    ack = await jobs.commands.deliver(fleet.tenant, presence.host, "r1", again)
+    assert ack is not None
+    assert ack.accepted and "already ran" in ack.detail
+    await asyncio.sleep(1.0)  # a second run would have written its marker by now
+    assert marker.read_text().splitlines() == [done.id]
