@@ -14,19 +14,12 @@ from typing import Any
 
 import pytest
 
-from herder.protocol import fence
-from herder.protocol.auth import ROLE_PERMISSIONS, Permission, Role
 from tests.e2e.harness import HERDER, Up, assert_one_line_error, running_up
 from tests.support import wait_until
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# Robots look the process up themselves (the packages service, as robots): until the fence lets them,
-# 'robot run --run' can only say so.
-ROBOTS_RESOLVE = ("packages", "resolve") in fence.ROBOT_VERBS and Permission.PACKAGES_READ in ROLE_PERMISSIONS[
-    Role.ROBOT
-]
 _FOREIGN = ("HERDER_DATA_DIR", "HERDER_URL", "HERDER_TOKEN", "HERDER_ROBOT_TOKEN", "HERDER_BUNDLE")
 
 
@@ -117,11 +110,6 @@ def queue_states(up: Up, queue: str) -> dict[str, tuple[str, Any]]:
     return {item["reference"] or item["id"]: (item["state"], item["output"] or item["reason"]) for item in items}
 
 
-@pytest.mark.skipif(
-    not ROBOTS_RESOLVE,
-    reason="robots may not call packages.resolve yet (protocol/fence.py ROBOT_VERBS, protocol/auth.py Role.ROBOT), "
-    "so 'herder robot run --run' cannot look the process up",
-)
 def test_an_attended_robot_decides_by_hand_what_the_unattended_one_doubted(
     stack: Up, tmp_path: Path, agents: list[Agent]
 ) -> None:
@@ -163,13 +151,6 @@ def test_an_attended_robot_decides_by_hand_what_the_unattended_one_doubted(
     again = run_herder(stack, *robot_run(stack, "desk", desk, tmp_path / "desk", "--run", "verify", "--input", decide))
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1]) == {"approved": 0, "rejected": 0, "skipped": 0}
-
-
-@pytest.mark.skipif(ROBOTS_RESOLVE, reason="robots may look packages up: the attended run is tested whole")
-def test_an_attended_run_says_in_one_line_that_robots_may_not_look_packages_up(stack: Up, tmp_path: Path) -> None:
-    desk = add_robot(stack, "desk-nolookup", "attended", tmp_path)
-    refused = run_herder(stack, *robot_run(stack, "desk-nolookup", desk, tmp_path / "w", "--run", "verify"))
-    assert_one_line_error(refused, "robot desk-nolookup may not look packages up", "packages.resolve", logs=True)
 
 
 def test_an_unattended_robot_runs_nothing_by_hand(stack: Up, tmp_path: Path) -> None:
