@@ -55,6 +55,7 @@ from herder.protocol.errors import Unauthenticated
 from herder.protocol.jobs import MAX_INPUT_BYTES, LogStream, Outcome
 from herder.protocol.messages import new_id
 from herder.protocol.packages import PackageRef, PackageResolve
+from herder.protocol.queues import DEFAULT_QUEUE_WAIT_S
 from herder.protocol.registry import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     MAX_HEARTBEAT_INTERVAL_S,
@@ -319,6 +320,16 @@ def run_robot(
             help="The most a package may unpack to on this robot (e.g. 500MiB, 2GiB); a larger one faults its job.",
         ),
     ] = "1GiB",
+    queue_wait: Annotated[
+        float,
+        typer.Option(
+            "--queue-wait",
+            min=0,
+            max=3600,
+            help="Seconds a script's queue call waits for herder to come back (a restart) before it fails "
+            "with 'unavailable'.",
+        ),
+    ] = DEFAULT_QUEUE_WAIT_S,
     process: Annotated[
         str | None,
         typer.Option(
@@ -369,10 +380,16 @@ def run_robot(
     input_ = parse_json_object(input_json, what="--input", max_bytes=MAX_INPUT_BYTES) if input_json else {}
     target = _robot_target(name, bundle, token_file, data_dir, url)
     folder = (work_dir or Path(platformdirs.user_cache_dir("herder")) / "robots" / name).expanduser().resolve()
+    agent_options: dict[str, Any] = {
+        "work_dir": folder,
+        "heartbeat_interval_s": heartbeat,
+        "max_package_bytes": limit,
+        "queue_wait_s": queue_wait,
+    }
     if resolving is None:
-        run(lambda: _run(target, name, folder, heartbeat, limit))
+        run(lambda: _run(target, name, agent_options))
         return
-    ref, result = run(lambda: _run_attended(target, name, folder, heartbeat, limit, resolving, input_))
+    ref, result = run(lambda: _run_attended(target, name, agent_options, resolving, input_))
     ended = f"{ref.process} {ref.version} ended {result.outcome.value.capitalize()}"
     if result.outcome is not Outcome.SUCCESSFUL:
         raise Failed(f"{ended}: {result.error or result.reason}", EXIT_ERROR, result.outcome.value.lower())
@@ -423,7 +440,7 @@ def _refused(target: Target, name: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _agent_session(
-    target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int, signalled: asyncio.Event
+    target: Target, name: str, agent_options: dict[str, Any], signalled: asyncio.Event
 ) -> AsyncIterator[RobotAgent]:
     """The robot's agent, connected and started (SIGINT and SIGTERM set `signalled`); stopped after the
     block. A refused token, a work folder another agent holds, and a removal are one line each."""
@@ -438,15 +455,7 @@ async def _agent_session(
     # The agent hears of its connection's losses and returns; it exists once the connection does.
     events = ConnectionEvents()
     async with connected(target, f"herder-robot-{name}", refused=refused, **events.options()) as nc:
-        agent = RobotAgent(
-            nc,
-            robot=name,
-            token=target.token,
-            tenant=target.tenant,
-            work_dir=work_dir,
-            heartbeat_interval_s=heartbeat,
-            max_package_bytes=max_package_bytes,
-        )
+        agent = RobotAgent(nc, robot=name, token=target.token, tenant=target.tenant, **agent_options)
         events.attach(agent)
         try:
             await agent.start()
@@ -454,7 +463,7 @@ async def _agent_session(
             raise Unauthenticated(refused) from None
         except SpoolLocked:
             raise SetupError(
-                f"robot {name} runs already from {work_dir} ('herder robot run {name}'); stop that agent first: "
+                f"robot {name} runs already from {agent.work_dir} ('herder robot run {name}'); stop that agent first: "
                 "a robot has one agent at a time"
             ) from None
         removed = asyncio.ensure_future(agent.removed.wait())
@@ -468,9 +477,9 @@ async def _agent_session(
             raise SetupError(f"robot {name} was removed from herder ({agent.removed_because}); it stops")
 
 
-async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_package_bytes: int) -> None:
+async def _run(target: Target, name: str, agent_options: dict[str, Any]) -> None:
     stop = asyncio.Event()
-    async with _agent_session(target, name, work_dir, heartbeat, max_package_bytes, stop) as agent:
+    async with _agent_session(target, name, agent_options, stop) as agent:
         assert agent.info is not None
         info = agent.info
         print(
@@ -484,17 +493,11 @@ async def _run(target: Target, name: str, work_dir: Path, heartbeat: float, max_
 
 
 async def _run_attended(
-    target: Target,
-    name: str,
-    work_dir: Path,
-    heartbeat: float,
-    max_package_bytes: int,
-    resolving: PackageResolve,
-    input_: dict[str, Any],
+    target: Target, name: str, agent_options: dict[str, Any], resolving: PackageResolve, input_: dict[str, Any]
 ) -> tuple[PackageRef, RunResult]:
     """Connect as the robot, run one process by hand on this terminal, say goodbye; the package and how it ended."""
     interrupt = asyncio.Event()
-    async with _agent_session(target, name, work_dir, heartbeat, max_package_bytes, interrupt) as agent:
+    async with _agent_session(target, name, agent_options, interrupt) as agent:
         return await _attended(agent, name, resolving, input_, interrupt)
 
 

@@ -153,7 +153,8 @@ class Client:
         return Unavailable(
             f"no {service_name} service is running to answer {subject}; "
             f"start one with 'herder up' or 'herder service run {service_name}'",
-            details={"subject": subject},
+            # Nobody received the request: sending it again cannot do anything twice.
+            details={"subject": subject, "no_responders": True},
         )
 
     def _route(self, tenant: str, service: str, verb: str) -> tuple[str, dict[str, str]]:

@@ -77,6 +77,8 @@ MAX_LEASE_S = 7 * 24 * 3600.0
 MAX_PROGRESS_CHARS = 2000
 MAX_REASON_CHARS = 2000
 MAX_DESCRIPTION_CHARS = 1000
+# How long a script's queue call waits, on its robot, for herder to come back (a restart takes seconds).
+DEFAULT_QUEUE_WAIT_S = 30.0
 
 ItemContent = Annotated[dict[str, Any], json_safe(max_bytes=MAX_ITEM_CONTENT_BYTES)]
 ItemOutput = Annotated[dict[str, Any], json_safe(max_bytes=MAX_ITEM_OUTPUT_BYTES)]
@@ -515,6 +517,7 @@ class ItemStateChangedEvent(EventData):
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "DEFAULT_QUEUE_WAIT_S",
     "MAX_EVENT_ITEM_IDS",
     "MAX_ITEMS_PER_ADD",
     "MAX_ITEMS_PER_NEXT",

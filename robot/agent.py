@@ -87,7 +87,7 @@ from herder.protocol.registry import (
 )
 from herder.protocol.version import VERSION
 from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch, PackageTooLarge
-from herder.robot.channel import Channel, sweep_stale
+from herder.robot.channel import DEFAULT_RIDE_OUT_S, Channel, sweep_stale
 from herder.robot.runner import JobProcess, LogLine, RunnerError, RunResult, RunSpec
 from herder.robot.spool import Entry, Kind, Spool
 
@@ -163,8 +163,11 @@ class RobotAgent:
         work_dir: Path,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         max_package_bytes: int = MAX_UNPACKED_BYTES,
+        queue_wait_s: float = DEFAULT_RIDE_OUT_S,
     ) -> None:
         self.nc = nc
+        # How long a script's queue call waits for herder to come back (see `robot.channel`).
+        self.queue_wait_s = queue_wait_s
         self.robot = subjects.check_token(robot, "robot")
         self.tenant = tenant
         self.work_dir = work_dir
@@ -564,7 +567,7 @@ class RobotAgent:
     async def _open_channel(self, job_id: str) -> Channel | RunResult:
         """The channel of a run, or the Faulted result of a run that cannot have one."""
         try:
-            return await Channel.open(self._client, job_id, robot=self.robot)
+            return await Channel.open(self._client, job_id, robot=self.robot, ride_out_s=self.queue_wait_s)
         except OSError as exc:
             problem = f"cannot open the channel for the script's queue calls: {exc.strerror or exc}"
             return _faulted("the robot could not open the script's channel", problem)

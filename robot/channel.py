@@ -22,8 +22,11 @@ traceback in the agent's log only.
 
 A line is at most MAX_LINE_BYTES. A longer one, or one that is not a JSON request, is answered with
 `bad_request` (under its id when the line starts with one, else under `"id": null`) and the
-connection goes on with the next line. While the agent is cut off from NATS every call is answered
-`unavailable` at once; otherwise a call waits at most as long as the agent's client does.
+connection goes on with the next line. A call that cannot reach herder (the agent is cut off from
+NATS, or no queues service runs: herder is restarting) waits for it to come back, up to the
+channel's `ride_out_s` (DEFAULT_RIDE_OUT_S, `herder robot run --queue-wait`), and is then answered
+`unavailable`; a call that reached herder and got no reply in time is answered `unavailable` at once,
+since it may have been carried out.
 
 The channel closes when the run ends, however it ends: what is in flight is dropped, the socket
 and its folder are removed. An agent killed outright (SIGKILL) cannot remove its folders; they are
@@ -48,11 +51,13 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from herder.client.backoff import backoff
 from herder.client.requests import Client
 from herder.protocol import codec
 from herder.protocol.errors import BadRequest, HerderError, Internal, Unavailable
 from herder.protocol.messages import Model, Request
 from herder.protocol.queues import (
+    DEFAULT_QUEUE_WAIT_S,
     ItemAdd,
     ItemNext,
     ItemPostpone,
@@ -78,6 +83,9 @@ SOCKET_MODE = 0o600
 # A Unix socket's path must fit in sun_path (108 bytes on Linux, 104 on macOS), its NUL included.
 MAX_SOCKET_PATH_BYTES = 100
 MAX_CALL_ID = 2**53 - 1
+DEFAULT_RIDE_OUT_S = DEFAULT_QUEUE_WAIT_S
+_RETRY_BASE_S = 0.2
+_RETRY_MAX_S = 2.0
 
 # What a script may ask for, by verb, and the request each becomes.
 VERBS: Mapping[str, type[Request[Any]]] = {
@@ -280,9 +288,18 @@ def _alive(pid: int) -> bool:
 class Channel:
     """The channel of one run: a Unix socket serving the script's queue calls with the agent's client."""
 
-    def __init__(self, client: Client, job_id: str, folder: Path, *, robot: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        folder: Path,
+        *,
+        robot: str | None = None,
+        ride_out_s: float = DEFAULT_RIDE_OUT_S,
+    ) -> None:
         """Use `Channel.open`."""
         self._client = client
+        self._ride_out_s = ride_out_s
         self._job_id = job_id
         self._folder = folder
         self.path = folder / SOCKET_NAME
@@ -294,10 +311,12 @@ class Channel:
         self.holdings = Holdings()
 
     @classmethod
-    async def open(cls, client: Client, job_id: str, *, robot: str | None = None) -> Channel:
+    async def open(
+        cls, client: Client, job_id: str, *, robot: str | None = None, ride_out_s: float = DEFAULT_RIDE_OUT_S
+    ) -> Channel:
         """Open the channel of a run: its private folder and its socket, listening. `OSError` if it cannot."""
         folder = await asyncio.to_thread(_private_folder)
-        channel = cls(client, job_id, folder, robot=robot)
+        channel = cls(client, job_id, folder, robot=robot, ride_out_s=ride_out_s)
         try:
             channel._server = await asyncio.start_unix_server(channel._connection, path=str(channel.path))
             # The folder already keeps others out; the socket says the same.
@@ -390,18 +409,38 @@ class Channel:
     async def serve(self, call: Call) -> dict[str, Any]:
         """Send one call to herder as the robot and return the reply as JSON values; herder's errors raise."""
         request = request_of(call, self._job_id)
-        if not self._client.nc.is_connected:
-            raise Unavailable(
-                "the robot is cut off from herder (NATS is unreachable, it is reconnecting); try again later"
-            )
-        try:
-            reply: Model = await self._client.request(request)
-        except HerderError as exc:
-            self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
-            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ride_out_s
+        attempt = 0
+        while True:
+            try:
+                reply: Model = await self._reach(request)
+                break
+            except Unavailable as exc:
+                # Only a call that reached nobody is sent again: it cannot be carried out twice.
+                unreached = exc.details.get("cut_off") or exc.details.get("no_responders")
+                attempt += 1
+                pause = backoff(attempt, base_s=_RETRY_BASE_S, max_s=_RETRY_MAX_S)
+                if not unreached or loop.time() + pause > deadline:
+                    self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
+                    raise
+                if attempt == 1:
+                    self._log.info("channel.waiting", verb=call.verb, reason=exc.message, up_to_s=self._ride_out_s)
+                await asyncio.sleep(pause)
+            except HerderError as exc:
+                self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
+                raise
         self._log.debug("channel.served", verb=call.verb)
         self.holdings.note(request, reply)
         return reply.model_dump(mode="json")
+
+    async def _reach(self, request: Request[Any]) -> Model:
+        if not self._client.nc.is_connected:
+            raise Unavailable(
+                "the robot is cut off from herder (NATS is unreachable, it is reconnecting); try again later",
+                details={"cut_off": True},
+            )
+        return await self._client.request(request)
 
 
 __all__ = [

@@ -39,6 +39,7 @@ from herder.robot.agent import NotAttended, RobotAgent
 from herder.robot.channel import Channel
 from herder.robot.runner import LogLine
 from herder.services.common.credentials import ServiceCredential
+from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.common.natsserver import EmbeddedNats
 from herder.services.queues.service import QueuesService
 from tests.fleet import ALL_SERVICES, HEARTBEAT_S, Fleet, python_process, running_fleet
@@ -346,7 +347,7 @@ async def test_the_channel_closes_with_a_killed_run(plain_fleet: Fleet) -> None:
 
 
 async def test_a_queue_call_nothing_answers_is_unavailable_at_once(plain_fleet: Fleet) -> None:
-    await plain_fleet.run_robot("r1")
+    await plain_fleet.run_robot("r1", options=["--queue-wait", "0"])
     await plain_fleet.publish(python_process(plain_fleet.root, "unanswered", UNANSWERED))
     job = await plain_fleet.client.request(JobStart(process="unanswered", robot="r1"))
     done = await plain_fleet.wait_job(job.id, JobState.SUCCESSFUL, timeout=60)
@@ -356,10 +357,41 @@ async def test_a_queue_call_nothing_answers_is_unavailable_at_once(plain_fleet: 
     assert done.output["took_s"] < 5.0
 
 
+async def test_a_queue_call_waits_for_a_queues_service_that_comes_up(
+    plain_fleet: Fleet, nats_url: str, sqlite_url: str, tmp_path: Path, credential: ServiceCredential
+) -> None:
+    """herder restarting (its services not up yet) does not fail a script's call: the call waits."""
+    await plain_fleet.run_robot("r1")  # the default --queue-wait
+    await plain_fleet.publish(python_process(plain_fleet.root, "unanswered", UNANSWERED))
+    job = await plain_fleet.client.request(JobStart(process="unanswered", robot="r1"))
+    await plain_fleet.wait_job(job.id, JobState.RUNNING)
+    await asyncio.sleep(2.0)
+    # The services process shares the SQLite file: one process, as herder up runs them.
+    late = ServiceHost(
+        HostConfig(
+            nats_url=nats_url,
+            db_url=sqlite_url,
+            services=(QueuesService,),
+            credential=credential,
+            data_dir=tmp_path / "late",
+            migrate=False,
+        )
+    )
+    await late.start()
+    try:
+        done = await plain_fleet.wait_job(job.id, JobState.SUCCESSFUL, timeout=60)
+    finally:
+        await late.stop()
+    assert done.output is not None
+    # It reached the queues service once there was one: the queue it asked for does not exist.
+    assert done.output["code"] == "not_found" and "no queue 'work'" in done.output["message"]
+    assert done.output["took_s"] >= 2.0
+
+
 async def test_a_robot_cut_off_from_nats_answers_its_script_at_once(
     nats_server: EmbeddedNats, nc: NATS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    channel = await Channel.open(Client(nc, token=None, timeout=5.0), new_id())
+    channel = await Channel.open(Client(nc, token=None, timeout=5.0), new_id(), ride_out_s=0.0)
     monkeypatch.setenv(sdk.ENV_CHANNEL, str(channel.path))
     try:
         nats_server.stop()

@@ -235,7 +235,8 @@ class StandInClient:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[Channel, StandInClient]]:
     client = StandInClient()
-    channel = await Channel.open(cast(Client, client), JOB, robot="r1")
+    # A channel that does not wait for herder to come back: answers in these tests come at once.
+    channel = await Channel.open(cast(Client, client), JOB, robot="r1", ride_out_s=0.0)
     try:
         yield channel, client
     finally:
@@ -373,3 +374,22 @@ async def test_sweeping_removes_the_folders_of_agents_that_are_gone_and_keeps_th
     assert sweep_stale() >= 1
     assert not left.exists()
     assert channel.path.exists()  # this process's channel: alive
+
+
+async def test_a_call_made_while_cut_off_waits_for_herder_to_come_back() -> None:
+    client = StandInClient()
+    client.nc.is_connected = False
+    channel = await Channel.open(cast(Client, client), JOB, robot="r1", ride_out_s=10.0)
+
+    async def reconnect() -> None:
+        await asyncio.sleep(0.5)
+        client.nc.is_connected = True
+
+    try:
+        back = asyncio.create_task(reconnect())
+        (answer,) = await exchange(channel, add(1, "ok"))
+        await back
+        assert answer == {"id": 1, "reply": {"queue": "q", "ids": ["ok"], "count": 0, "dry_run": False}}
+        assert len(client.seen) == 1  # sent once, when it could reach herder
+    finally:
+        await channel.close()
