@@ -10,7 +10,7 @@ on each other; SQLite transactions are serialised in the one process that may op
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -219,7 +219,7 @@ def _queue(row: RowMapping) -> QueueRecord:
     )
 
 
-def _item(row: RowMapping, queue: str) -> ItemRecord:
+def _item(row: Mapping[Any, Any], queue: str) -> ItemRecord:
     return ItemRecord(
         id=row["id"],
         tenant=row["tenant"],
@@ -253,7 +253,8 @@ def _item(row: RowMapping, queue: str) -> ItemRecord:
     )
 
 
-def _dump(value: dict[str, Any] | None) -> str | None:
+def json_text(value: dict[str, Any] | None) -> str | None:
+    """A free-form value as stored: compact JSON text."""
     return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -276,7 +277,7 @@ def new_item_row(
         "queue_id": queue.id,
         "seq": seq,
         "state": _NEW,
-        "content": _dump(item.content),
+        "content": json_text(item.content),
         "reference": item.reference,
         "unique_ref": item.reference if claims_reference else None,
         "priority": item.priority.value,
@@ -304,15 +305,32 @@ def new_item_row(
     }
 
 
-def retry_of(record: ItemRecord) -> NewItem:
-    """The New copy of an item that is retried: the same work, without its postponement."""
-    return NewItem(
+def retry_row(
+    record: ItemRecord, queue: QueueRecord, *, copy_id: str, seq: int, now: datetime, created_by: str | None
+) -> dict[str, Any]:
+    """The row of the New copy that retries `record`: the same work, attempt + 1, without its postponement."""
+    work = NewItem(
         content=record.content,
         reference=record.reference,
         priority=record.priority,
         deadline=record.deadline,
         tags=record.tags,
     )
+    return new_item_row(
+        item_id=copy_id,
+        queue=queue,
+        seq=seq,
+        item=work,
+        now=now,
+        created_by=created_by,
+        attempt=record.attempt + 1,
+        retry_of=record.id,
+    )
+
+
+def record_of(row: Mapping[Any, Any], queue_name: str) -> ItemRecord:
+    """An item as a row of it (read, or about to be written) describes it."""
+    return _item(row, queue_name)
 
 
 def _apply_filter(query: Select[Any], where: ItemFilter | None, tags: TagRule) -> Select[Any]:
@@ -688,4 +706,15 @@ class QueueRepository:
         return int(result.scalar_one())
 
 
-__all__ = ["ItemRecord", "QueueRecord", "QueueRepository", "items", "metadata", "new_item_row", "queues", "retry_of"]
+__all__ = [
+    "ItemRecord",
+    "QueueRecord",
+    "QueueRepository",
+    "items",
+    "json_text",
+    "metadata",
+    "new_item_row",
+    "queues",
+    "record_of",
+    "retry_row",
+]

@@ -76,7 +76,15 @@ from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.jobs.directory import RobotDirectory
 from herder.services.queues import states
-from herder.services.queues.repository import ItemRecord, QueueRecord, QueueRepository, new_item_row, retry_of
+from herder.services.queues.repository import (
+    ItemRecord,
+    QueueRecord,
+    QueueRepository,
+    json_text,
+    new_item_row,
+    record_of,
+    retry_row,
+)
 from herder.services.queues.states import Why
 
 SWEEP_INTERVAL_S = 1.0
@@ -475,6 +483,7 @@ class QueuesService(Service):
             chosen = [found[item_id] for item_id in ids if item_id in found and found[item_id].state in retryable]
             first = await self.repo.reserve_seq(tx.connection, queue, len(chosen)) if chosen else 0
             retried: list[str] = []
+            copies: list[dict[str, Any]] = []
             for n, item in enumerate(chosen):
                 copy_id = new_id()
                 moved = await self.repo.finish(
@@ -484,24 +493,10 @@ class QueuesService(Service):
                     lease=None,
                     values={"state": ItemState.RETRIED.value, "retried_by": copy_id, "updated_at": now},
                 )
-                if not moved:
-                    continue
-                await self.repo.insert_items(
-                    tx.connection,
-                    [
-                        new_item_row(
-                            item_id=copy_id,
-                            queue=queue,
-                            seq=first + n,
-                            item=retry_of(item),
-                            now=now,
-                            created_by=ctx.actor,
-                            attempt=item.attempt + 1,
-                            retry_of=item.id,
-                        )
-                    ],
-                )
-                retried.append(item.id)
+                if moved:
+                    copies.append(retry_row(item, queue, copy_id=copy_id, seq=first + n, now=now, created_by=ctx.actor))
+                    retried.append(item.id)
+            await self.repo.insert_items(tx.connection, copies)
             if retried:
                 tx.emit(_changed_event(ctx.tenant, queue.name, ItemState.RETRIED, retried, actor=ctx.actor))
         ctx.log.info("queue.items_retried", queue=queue.name, count=len(retried))
@@ -601,7 +596,7 @@ class QueuesService(Service):
             "state": ending.state.value,
             "exception": ending.exception.value if ending.exception is not None else None,
             "reason": ending.reason,
-            "output": _json(item.output) if ending.state is ItemState.SUCCESSFUL else None,
+            "output": json_text(item.output) if ending.state is ItemState.SUCCESSFUL else None,
             "lease_expires_at": None,
             "ended_at": now,
             "updated_at": now,
@@ -615,19 +610,9 @@ class QueuesService(Service):
         if copy_id is None:
             return item, None
         seq = await self.repo.reserve_seq(tx.connection, queue, 1)
-        row = new_item_row(
-            item_id=copy_id,
-            queue=queue,
-            seq=seq,
-            item=retry_of(item),
-            now=now,
-            created_by=item.created_by,
-            attempt=item.attempt + 1,
-            retry_of=item.id,
-        )
+        row = retry_row(item, queue, copy_id=copy_id, seq=seq, now=now, created_by=item.created_by)
         await self.repo.insert_items(tx.connection, [row])
-        copy = (await self.repo.items_by_id(tx.connection, item.tenant, [copy_id]))[copy_id]
-        return item, copy
+        return item, record_of(row, queue.name)
 
     # --- background ---
 
@@ -855,7 +840,7 @@ def _ending_row(item: ItemRecord, ending: states.Ending, now: datetime, *, lease
         "b_state": ending.state.value,
         "b_exception": ending.exception.value if ending.exception is not None else None,
         "b_reason": ending.reason,
-        "b_output": _json(item.output) if ending.state is ItemState.SUCCESSFUL else None,
+        "b_output": json_text(item.output) if ending.state is ItemState.SUCCESSFUL else None,
         "b_now": now,
     }
 
@@ -865,10 +850,6 @@ def _ended(item: ItemRecord, ending: states.Ending, now: datetime, *, retried_by
     item.state, item.exception, item.reason = ending.state, ending.exception, ending.reason
     item.output = item.output if ending.state is ItemState.SUCCESSFUL else None
     item.lease_expires_at, item.ended_at, item.updated_at, item.retried_by = None, now, now, retried_by
-
-
-def _json(value: dict[str, Any] | None) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _allowed(settings: QueueSettings) -> str:
