@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -26,12 +27,14 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    Update,
     and_,
     bindparam,
     func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import RowMapping
@@ -92,7 +95,17 @@ items = Table(
     Column("started_at", UtcDateTime()),
     Column("ended_at", UtcDateTime()),
     Column("updated_at", UtcDateTime(), nullable=False),
-    Index("ix_queues_items_next", "queue_id", "state", "lane", "rank", "deadline", "seq"),
+    # New items only, in processing order: what a take walks (see migration queues_0002).
+    Index(
+        "ix_queues_items_next",
+        "queue_id",
+        "lane",
+        "rank",
+        "deadline",
+        "seq",
+        postgresql_where=text("state = 'New'"),
+        sqlite_where=text("state = 'New'"),
+    ),
     Index("ix_queues_items_seq", "queue_id", "seq"),
     Index("ix_queues_items_holder", "tenant", "robot", "state"),
     Index("ix_queues_items_job", "job_id"),
@@ -353,6 +366,65 @@ def _apply_filter(query: Select[Any], where: ItemFilter | None, tags: TagRule) -
     return query
 
 
+@lru_cache(maxsize=4)
+def _by_id_statement(dialect: str, lock: bool) -> Select[Any]:
+    """Items of tenant `b_tenant` by their ids (`b_ids`), with their queue's name; locked when asked."""
+    query = (
+        select(items, queues.c.name.label("queue_name"))
+        .join(queues, queues.c.id == items.c.queue_id)
+        .where(items.c.tenant == bindparam("b_tenant"), items.c.id.in_(bindparam("b_ids", expanding=True)))
+    )
+    if lock and dialect == "postgresql":
+        query = query.with_for_update(of=items)
+    return query
+
+
+@lru_cache(maxsize=256)
+def _take_statement(dialect: str, tags: TagRule, reference: str | None, priority: Priority | None) -> Update:
+    """The statement `QueueRepository.take` runs, built once per dialect and filter: building one
+    costs more than running it. Its parameters: `b_queue`, `b_now`, `b_count`, `b_robot`, `b_job`
+    and `b_expires` (the new lease's end)."""
+    now = bindparam("b_now", type_=UtcDateTime())
+    chosen = (
+        select(items.c.id)
+        .where(
+            items.c.queue_id == bindparam("b_queue"),
+            items.c.state == _NEW,
+            or_(items.c.postpone_until.is_(None), items.c.postpone_until <= now),
+        )
+        .order_by(items.c.lane, items.c.rank, items.c.deadline, items.c.seq)
+        .limit(bindparam("b_count", type_=Integer()))
+    )
+    chosen = _apply_filter(chosen, ItemFilter(reference=reference), tags)
+    if priority is not None:
+        chosen = chosen.where(items.c.priority == priority.value)
+    if dialect == "postgresql":
+        # As a CTE, which PostgreSQL runs once: a subquery in IN may be run again, and take more.
+        picked = chosen.with_for_update(skip_locked=True).cte("picked")
+        which = and_(items.c.id == picked.c.id, items.c.state == _NEW)
+    else:
+        # SQLite runs the statement under its one write lock, so the rows chosen are still New;
+        # a second test of the state here would have it walk every New item by the state index
+        # instead of finding the chosen ones by key.
+        which = items.c.id.in_(chosen.scalar_subquery())
+    return (
+        update(items)
+        .where(which)
+        .values(
+            state=_IN_PROGRESS,
+            robot=bindparam("b_robot"),
+            job_id=bindparam("b_job"),
+            lease=items.c.lease + 1,
+            lease_expires_at=bindparam("b_expires", type_=UtcDateTime()),
+            started_at=now,
+            postpone_until=None,
+            progress="",
+            updated_at=now,
+        )
+        .returning(*items.c)
+    )
+
+
 class QueueRepository:
     """Reads and writes of queues and items, on a connection the caller's transaction owns."""
 
@@ -457,42 +529,19 @@ class QueueRepository:
 
         One statement: the chosen rows are locked as they are chosen (`SKIP LOCKED` on PostgreSQL,
         so concurrent takers pass each other by) and moved in the same breath."""
-        chosen = (
-            select(items.c.id)
-            .where(
-                items.c.queue_id == queue.id,
-                items.c.state == _NEW,
-                or_(items.c.postpone_until.is_(None), items.c.postpone_until <= now),
-            )
-            .order_by(items.c.lane, items.c.rank, items.c.deadline, items.c.seq)
-            .limit(count)
-        )
-        chosen = _apply_filter(chosen, ItemFilter(reference=reference), tags)
-        if priority is not None:
-            chosen = chosen.where(items.c.priority == priority.value)
-        if connection.dialect.name == "postgresql":
-            # As a CTE, which PostgreSQL runs once: a subquery in IN may be run again, and take more.
-            picked = chosen.with_for_update(skip_locked=True).cte("picked")
-            which = and_(items.c.id == picked.c.id, items.c.state == _NEW)
-        else:
-            which = and_(items.c.id.in_(chosen.scalar_subquery()), items.c.state == _NEW)
+        statement = _take_statement(connection.dialect.name, tags, reference, priority)
         rows = (
             (
                 await connection.execute(
-                    update(items)
-                    .where(which)
-                    .values(
-                        state=_IN_PROGRESS,
-                        robot=robot,
-                        job_id=job_id,
-                        lease=items.c.lease + 1,
-                        lease_expires_at=now + timedelta(seconds=queue.settings.lease_s),
-                        started_at=now,
-                        postpone_until=None,
-                        progress="",
-                        updated_at=now,
-                    )
-                    .returning(*items.c)
+                    statement,
+                    {
+                        "b_queue": queue.id,
+                        "b_now": now,
+                        "b_count": count,
+                        "b_robot": robot,
+                        "b_job": job_id,
+                        "b_expires": now + timedelta(seconds=queue.settings.lease_s),
+                    },
                 )
             )
             .mappings()
@@ -520,16 +569,10 @@ class QueueRepository:
         """Items by id (of `tenant` only), with their queue's name; locked for update when asked."""
         found: dict[str, ItemRecord] = {}
         wanted = sorted(set(ids))
+        statement = _by_id_statement(connection.dialect.name, lock)
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
-            query = (
-                select(items, queues.c.name.label("queue_name"))
-                .join(queues, queues.c.id == items.c.queue_id)
-                .where(items.c.tenant == tenant, items.c.id.in_(chunk))
-            )
-            if lock and connection.dialect.name == "postgresql":
-                query = query.with_for_update(of=items)
-            for row in (await connection.execute(query)).mappings():
+            for row in (await connection.execute(statement, {"b_tenant": tenant, "b_ids": chunk})).mappings():
                 found[row["id"]] = _item(row, row["queue_name"])
         return found
 

@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Permission, PrincipalKind
-from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
+from herder.protocol.errors import BadRequest, Conflict, Forbidden, HerderError, NotFound
 from herder.protocol.jobs import JobState
 from herder.protocol.messages import Event, Model, new_id, utcnow
 from herder.protocol.queues import (
@@ -74,6 +74,7 @@ from herder.services.common import database
 from herder.services.common.bus import ensure_bucket, ensure_event_stream
 from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
+from herder.services.common.together import Entry, Together
 from herder.services.jobs.directory import RobotDirectory
 from herder.services.queues import states
 from herder.services.queues.repository import (
@@ -100,6 +101,15 @@ JOB_ENDS_WAIT_S = 1.0
 JOB_ENDS_GATHER_S = 0.25
 _FINAL_JOB_STATES = frozenset(state.value for state in JobState if state.final)
 _MAX_LIST_IDS = 10_000
+# At most this many robots' requests share one transaction.
+TOGETHER_MAX = 64
+# Batches of each kind under way at once, on PostgreSQL.
+TOGETHER_WORKERS = 3
+
+# What `item_result` answers: the items after the change, and the retries made.
+_Set = tuple[list["ItemRecord"], list["ItemRecord"]]
+# A robot's `item_next` or `item_result`, as it waits to be served with others.
+_RobotCall = tuple[ItemNext | ItemResultRequest, RequestContext]
 
 
 class QueuesService(Service):
@@ -122,8 +132,17 @@ class QueuesService(Service):
         for tenant in sorted(tenants | {subjects.DEFAULT_TENANT}):
             await self._follow_job_ends(tenant)
         self.tasks.periodic("queues.sweep", self.sweep, SWEEP_INTERVAL_S)
+        # Robots' takes and results, served in batches: one transaction and one commit for whatever
+        # arrived together (see `together`).
+        # SQLite has one writer and herder one connection to it; PostgreSQL commits several at once.
+        workers = TOGETHER_WORKERS if self.engine.dialect.name == "postgresql" else 1
+        self._together: Together[_RobotCall, Any] = Together(
+            "queues.robots", self._robots_together, max_batch=TOGETHER_MAX, workers=workers
+        )
+        self._together.start(self.tasks)
 
     async def teardown(self) -> None:
+        await self._together.stop(self.tasks)
         await self.tasks.cancel("queues.sweep")
         await self.directory.stop()
 
@@ -283,87 +302,142 @@ class QueuesService(Service):
     async def item_next(self, request: ItemNext, ctx: RequestContext) -> ItemsTaken:
         """Give the calling robot its next items (up to `count`), across the queues named."""
         robot = ctx.robot_name()
-        tags = states.parse_tags(request.tags)
-        now = utcnow()
-        taken: list[ItemRecord] = []
-        async with self.runtime.events.transaction(defer=True) as tx:
-            queues = [await self._cached_queue(tx.connection, ctx.tenant, choice.name) for choice in request.queues]
-            by_name = {queue.name: queue for queue in queues}
-            for queue in queues:
-                await self._check_robot(queue, ctx.tenant, robot)
-            for name in states.queue_order(request.queues, request.order):
-                wanted = request.count - len(taken)
-                if wanted <= 0:
-                    break
-                got = await self.repo.take(
-                    tx.connection,
-                    by_name[name],
-                    count=wanted,
-                    now=now,
-                    robot=robot,
-                    job_id=request.job_id,
-                    tags=tags,
-                    reference=request.reference,
-                    priority=request.priority,
-                )
-                if got:
-                    self._emit_changed(tx, ctx.tenant, name, ItemState.IN_PROGRESS, got, robot=robot, actor=robot)
-                taken += got
+        states.parse_tags(request.tags)  # a bad rule is refused here, before it waits for a batch
+        taken: list[ItemRecord] = await self._together.submit((request, ctx))
         if taken:
             ctx.log.info("queue.items_taken", robot=robot, count=len(taken), job_id=request.job_id)
         return ItemsTaken(items=[item.info() for item in taken])
+
+    async def _take(self, tx: Transaction, request: ItemNext, ctx: RequestContext, now: datetime) -> list[ItemRecord]:
+        robot = ctx.robot_name()
+        tags = states.parse_tags(request.tags)
+        queues = [await self._cached_queue(tx.connection, ctx.tenant, choice.name) for choice in request.queues]
+        by_name = {queue.name: queue for queue in queues}
+        for queue in queues:
+            await self._check_robot(queue, ctx.tenant, robot)
+        taken: list[ItemRecord] = []
+        for name in states.queue_order(request.queues, request.order):
+            wanted = request.count - len(taken)
+            if wanted <= 0:
+                break
+            got = await self.repo.take(
+                tx.connection,
+                by_name[name],
+                count=wanted,
+                now=now,
+                robot=robot,
+                job_id=request.job_id,
+                tags=tags,
+                reference=request.reference,
+                priority=request.priority,
+            )
+            if got:
+                self._emit_changed(tx, ctx.tenant, name, ItemState.IN_PROGRESS, got, robot=robot, actor=robot)
+            taken += got
+        return taken
 
     @endpoint(permission=Permission.ROBOT_AGENT)
     async def item_result(self, request: ItemResultRequest, ctx: RequestContext) -> ItemsSet:
         """Set the results of items the calling robot holds, all or none."""
         robot = ctx.robot_name()
-        now = utcnow()
         ids = [result.id for result in request.results]
         if len(set(ids)) != len(ids):
             raise BadRequest("results: an item is named twice; give each item's result once")
-        async with self.runtime.events.transaction(defer=True) as tx:
-            found = await self.repo.items_by_id(tx.connection, ctx.tenant, ids, lock=True)
-            for result in request.results:
-                item = found.get(result.id)
-                if item is None:
-                    raise NotFound(f"no item {result.id}")
-                states.check_holder(
-                    state=item.state,
-                    robot=item.robot,
-                    lease=item.lease,
-                    caller=robot,
-                    presented=result.lease,
-                    item_id=item.id,
-                )
-            queues = await self._cached_queues_by_id(tx.connection, {item.queue_id for item in found.values()})
-            after: list[ItemRecord] = []
-            copies: list[ItemRecord] = []
-            # Items that simply end are written together, in one statement; retries one by one.
-            ending_rows: list[dict[str, Any]] = []
-            for result in request.results:
-                item = found[result.id]
-                queue = queues[item.queue_id]
-                ending = states.after_result(
-                    result.state,
-                    result.exception,
-                    result.reason,
-                    attempt=item.attempt,
-                    max_retries=queue.settings.max_retries,
-                )
-                if result.state is ItemState.SUCCESSFUL and result.output is not None:
-                    item.output = result.output
-                if ending.retry:
-                    ended, copy = await self._end(tx, item, queue, ending, now, lease=result.lease)
-                    after.append(ended)
-                    copies += [copy] if copy is not None else []
-                    continue
-                ending_rows.append(_ending_row(item, ending, now, lease=result.lease))
-                _ended(item, ending, now, retried_by=None)
-                after.append(item)
-            await self.repo.finish_many(tx.connection, ending_rows)
-            self._emit_grouped(tx, ctx.tenant, after, robot=robot, actor=robot)
+        after, copies = await self._together.submit((request, ctx))
         ctx.log.info("queue.items_set", robot=robot, count=len(after), retries=len(copies))
         return ItemsSet(items=[item.info() for item in after], retries=[copy.info() for copy in copies])
+
+    async def _robots_together(self, entries: list[Entry[_RobotCall, Any]]) -> None:
+        """Serve robots' concurrent takes and results in one transaction: the items results name are
+        read (and locked) at once, each result request is checked and applied in turn against what
+        the ones before it changed, the items that simply end are written in one statement, then each
+        take is served. A request refused is refused alone, before anything was written for it."""
+        now = utcnow()
+        served: list[tuple[Entry[_RobotCall, Any], Any]] = []
+        async with self.runtime.events.transaction(defer=True) as tx:
+            setting = [entry for entry in entries if isinstance(entry.value[0], ItemResultRequest)]
+            if setting:
+                wanted: dict[str, list[str]] = defaultdict(list)
+                for entry in setting:
+                    request, ctx = entry.value
+                    assert isinstance(request, ItemResultRequest)
+                    wanted[ctx.tenant] += [result.id for result in request.results]
+                found: dict[str, dict[str, ItemRecord]] = {
+                    tenant: await self.repo.items_by_id(tx.connection, tenant, ids, lock=True)
+                    for tenant, ids in sorted(wanted.items())
+                }
+                queue_ids = {item.queue_id for items_of in found.values() for item in items_of.values()}
+                queues = await self._cached_queues_by_id(tx.connection, queue_ids)
+                ending_rows: list[dict[str, Any]] = []
+                for entry in setting:
+                    request, ctx = entry.value
+                    assert isinstance(request, ItemResultRequest)
+                    try:
+                        answer = await self._set_results(tx, request, ctx, found[ctx.tenant], queues, now, ending_rows)
+                    except HerderError as exc:
+                        entry.fail(exc)
+                        continue
+                    served.append((entry, answer))
+                await self.repo.finish_many(tx.connection, ending_rows)
+            for entry in entries:
+                request, ctx = entry.value
+                if isinstance(request, ItemNext):
+                    try:
+                        served.append((entry, await self._take(tx, request, ctx, now)))
+                    except HerderError as exc:
+                        entry.fail(exc)
+        for entry, answer in served:
+            entry.answer(answer)
+
+    async def _set_results(
+        self,
+        tx: Transaction,
+        request: ItemResultRequest,
+        ctx: RequestContext,
+        found: dict[str, ItemRecord],
+        queues: dict[str, QueueRecord],
+        now: datetime,
+        ending_rows: list[dict[str, Any]],
+    ) -> _Set:
+        """Check one request's results against the items as they stand, then apply them: retries are
+        written at once, plain endings are added to `ending_rows` for the caller to write."""
+        robot = ctx.robot_name()
+        for result in request.results:
+            item = found.get(result.id)
+            if item is None:
+                raise NotFound(f"no item {result.id}")
+            states.check_holder(
+                state=item.state,
+                robot=item.robot,
+                lease=item.lease,
+                caller=robot,
+                presented=result.lease,
+                item_id=item.id,
+            )
+        after: list[ItemRecord] = []
+        copies: list[ItemRecord] = []
+        for result in request.results:
+            item = found[result.id]
+            queue = queues[item.queue_id]
+            ending = states.after_result(
+                result.state,
+                result.exception,
+                result.reason,
+                attempt=item.attempt,
+                max_retries=queue.settings.max_retries,
+            )
+            if result.state is ItemState.SUCCESSFUL and result.output is not None:
+                item.output = result.output
+            if ending.retry:
+                ended, copy = await self._end(tx, item, queue, ending, now, lease=result.lease)
+                after.append(ended)
+                copies += [copy] if copy is not None else []
+                continue
+            ending_rows.append(_ending_row(item, ending, now, lease=result.lease))
+            _ended(item, ending, now, retried_by=None)
+            after.append(item)
+        self._emit_grouped(tx, ctx.tenant, after, robot=robot, actor=robot)
+        return after, copies
 
     @endpoint(permission=Permission.ROBOT_AGENT)
     async def item_postpone(self, request: ItemPostpone, ctx: RequestContext) -> ItemInfo:

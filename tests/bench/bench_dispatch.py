@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
 import shutil
@@ -669,7 +670,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     logs.configure(level="warning")
     if argv[:1] == [SERVICES_FLAG]:
-        asyncio.run(serve_services(*argv[1:4]))
+        # HERDER_BENCH_PROFILE=FILE: the services' process writes a cProfile of its run to FILE.
+        profile_to = os.environ.get("HERDER_BENCH_PROFILE")
+        if profile_to:
+            with cProfile.Profile() as profile:
+                asyncio.run(serve_services(*argv[1:4]))
+            profile.dump_stats(profile_to)
+        else:
+            asyncio.run(serve_services(*argv[1:4]))
         return 0
     if argv[:1] == [ROBOTS_FLAG]:
         asyncio.run(serve_robot(*argv[1:3]))

@@ -607,7 +607,7 @@ async def run_database(
         ratios: dict[str, float] = {}
         # herder and pgqueuer take turns in each mode, so that a change of load on the machine
         # hits both alike.
-        for mode in MODES:
+        for mode in MODES if args.mode == "both" else (args.mode,):
             count = batch_count(mode, args)
             cycles[mode] = await run_cycle(admin, robots, mode, f"bench-{mode}", args.items, count, pids)
             if pgq is not None:
@@ -762,6 +762,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both", help="(%(default)s)")
+    parser.add_argument("--mode", choices=(*MODES, "both"), default="both", help="which cycles to run (%(default)s)")
     parser.add_argument("--items", type=int, default=DEFAULT_ITEMS, help="items per mode (%(default)s)")
     parser.add_argument("--consumers", type=int, default=DEFAULT_CONSUMERS, help="consumer robots (%(default)s)")
     parser.add_argument(

@@ -129,7 +129,7 @@ def test_db_upgrade(tmp_path: Path) -> None:
         "common_0002",
         "jobs_0002",
         "packages_0001",
-        "queues_0001",
+        "queues_0002",
         "registry_0001",
     ]
     assert_one_line_error(herder("db", "upgrade", "--db", "sqlite:////no/such/dir/h.db"), "does not exist")

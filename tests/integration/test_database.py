@@ -50,7 +50,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "registry_0001",
                 "packages_0001",
                 "jobs_0002",
-                "queues_0001",
+                "queues_0002",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -235,6 +235,51 @@ async def test_a_stale_lease_or_another_holder_is_refused(fleet: Fleet, robots: 
     with pytest.raises(Conflict, match="stale"):
         await r2.client.request(ItemProgress(id=copy.id, lease=copy.lease + 1, progress="page 2 of 3"))
     assert (await r2.complete(copy)).state is ItemState.SUCCESSFUL
+
+
+async def test_requests_served_together_are_answered_each_on_its_own(
+    fleet: Fleet, robots: dict[str, RobotLink]
+) -> None:
+    """Robots' takes and results arriving at once share a transaction; a refused one fails alone,
+    and what the others did stands."""
+    await make_queue(fleet, "together", max_retries=1)
+    await add(fleet, "together", *(NewItem(content={"n": n}) for n in range(40)))
+    r1, r2 = robots["r1"], robots["r2"]
+    mine = await r1.next("together", count=10)
+    theirs = await r2.next("together", count=10)
+    good = [r1.complete(item) for item in mine[:5]]
+    retried = [r1.fail(item, ExceptionKind.APPLICATION) for item in mine[5:7]]
+    stolen = [r1.complete(item) for item in theirs[:5]]  # r2's items: refused
+    stale = [
+        r2.client.request(
+            ItemResultRequest(results=[ItemResult(id=item.id, lease=item.lease + 1, state=ItemState.SUCCESSFUL)])
+        )
+        for item in theirs[5:]
+    ]
+    takes = [r2.next("together", count=2) for _ in range(5)]
+    outcomes = await asyncio.gather(*good, *retried, *stolen, *stale, *takes, return_exceptions=True)
+    done, failed, refused_stolen, refused_stale, taken = (
+        outcomes[:5],
+        outcomes[5:7],
+        outcomes[7:12],
+        outcomes[12:17],
+        outcomes[17:],
+    )
+    assert all(isinstance(item, ItemInfo) and item.state is ItemState.SUCCESSFUL for item in done)
+    for outcome in failed:
+        assert isinstance(outcome, tuple)
+        ended, copies = cast(tuple[ItemInfo, list[ItemInfo]], outcome)
+        assert ended.state is ItemState.RETRIED and len(copies) == 1 and copies[0].attempt == 2
+    assert all(isinstance(exc, Conflict) and "held by another robot" in exc.message for exc in refused_stolen)
+    assert all(isinstance(exc, Conflict) and "stale" in exc.message for exc in refused_stale)
+    handed = [item.id for batch in taken if isinstance(batch, list) for item in batch]
+    assert len(handed) == 10 and len(set(handed)) == 10  # no item twice
+    assert not {item.id for item in mine + theirs} & set(handed)
+    counts = (await fleet.client.request(QueueShow(name="together"))).stats.counts
+    # 40 added + 2 retry copies: 5 Successful, 2 Retried, 3 still r1's, 10 r2's (refused, untouched),
+    # 10 taken by r2 just now, 12 New.
+    assert counts["Successful"] == 5 and counts["Retried"] == 2
+    assert counts["InProgress"] == 3 + 10 + 10 and counts["New"] == 12
 
 
 async def test_a_postponed_item_waits_until_it_is_due(fleet: Fleet, robots: dict[str, RobotLink]) -> None:
