@@ -113,6 +113,15 @@ def refuse_tokens_in_arguments(args: Sequence[str]) -> None:
                 f"put the token in a file and pass --token-file FILE, or set {variable}",
                 EXIT_USAGE,
             )
+        if any(arg == option or arg.startswith(option + "=") for option in _SECRET_OPTIONS):
+            fail(
+                "secrets are not taken on the command line, where shell history and 'ps' would keep them; "
+                "'herder credential set' asks for the secret at a hidden prompt, or reads it from stdin",
+                EXIT_USAGE,
+            )
+
+
+_SECRET_OPTIONS = ("--password", "--secret")
 
 
 def asks_for_json(args: Sequence[str]) -> bool:

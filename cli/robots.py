@@ -67,6 +67,7 @@ from herder.protocol.registry import (
     RobotShow,
     RobotType,
 )
+from herder.protocol.secrets import RobotKeyReset
 from herder.protocol.values import parse_json_object
 
 if TYPE_CHECKING:
@@ -274,6 +275,24 @@ def remove(
         print_json(removed.robot)
     else:
         print(f"removed robot {removed.robot.name}")
+
+
+@robot_app.command("reset-key")
+def reset_key(
+    name: Annotated[str, typer.Argument(help="The robot.")],
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Forget a robot's sealing key (the robot was reinstalled, its key lost); its agent registers a new
+    one when it next starts. Until then no credential can be sealed to it."""
+    reset = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(RobotKeyReset(robot=name)))
+    if json_out:
+        print_json(reset)
+    else:
+        print(f"robot {reset.robot}: its sealing key is forgotten; its agent registers a new one when it starts")
 
 
 @robot_app.command("run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import TypeVar
 
 import nats.errors
@@ -163,13 +164,17 @@ class Client:
         key = (tenant, service, verb, self.content_type)
         route = self._routes.get(key)
         if route is None:
-            headers = {Header.TYPE: f"{service}.{verb}", Header.SCHEMA: _SCHEMA}
+            headers = {Header.TYPE: f"{service}.{verb}", Header.SCHEMA: _SCHEMA, Header.ORIGIN: _ORIGIN}
             if self.content_type != codec.MSGPACK:
                 headers[Header.CONTENT_TYPE] = self.content_type
             if self._authorization:
                 headers[Header.AUTHORIZATION] = self._authorization
             route = self._routes[key] = (subjects.service(tenant, service, verb), headers)
         return route
+
+
+# The host this process runs on, as requests say where they come from.
+_ORIGIN = (socket.gethostname() or "unknown")[:128]
 
 
 def _reply(request: Request[R], reply: Msg, service_name: str) -> R:

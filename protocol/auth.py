@@ -51,6 +51,14 @@ class Permission(StrEnum):
     QUEUES_MANAGE = "queues.manage"
     # Add items to queues (robots may too, with their own token).
     QUEUES_ADD = "queues.add"
+    ASSETS_READ = "secrets.assets.read"
+    # Set and delete assets.
+    ASSETS_MANAGE = "secrets.assets.manage"
+    # List credentials (names, usernames, scopes, expiry: never a secret).
+    CREDENTIALS_READ = "secrets.credentials.read"
+    CREDENTIALS_MANAGE = "secrets.credentials.manage"
+    # See a credential's secret (`credential get --reveal`): admins only, until finer roles come.
+    SECRETS_REVEAL = "secrets.reveal"
     # What a robot agent may do with its own token: connect, heartbeat, report on its jobs, take,
     # add and finish queue items.
     ROBOT_AGENT = "robot.agent"
@@ -71,6 +79,10 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.QUEUES_READ,
             Permission.QUEUES_MANAGE,
             Permission.QUEUES_ADD,
+            Permission.ASSETS_READ,
+            Permission.ASSETS_MANAGE,
+            Permission.CREDENTIALS_READ,
+            Permission.CREDENTIALS_MANAGE,
         }
     ),
     Role.INTEGRATOR: frozenset(
@@ -81,6 +93,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.JOBS_START,
             Permission.QUEUES_READ,
             Permission.QUEUES_ADD,
+            Permission.ASSETS_READ,
         }
     ),
     # Robots look up the packages they run by hand (attended runs); jobs bring theirs with them.

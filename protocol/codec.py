@@ -35,6 +35,8 @@ class Header:
     AUTHORIZATION = "Authorization"
     CORRELATION_ID = "Hd-Correlation-Id"
     MSG_ID = "Nats-Msg-Id"
+    # Where a request was sent from, as its sender says (the host): recorded with reads of secrets.
+    ORIGIN = "Hd-Origin"
     # The NATS service API's error headers, so `nats micro` and other clients see errors too.
     ERROR = "Nats-Service-Error"
     ERROR_CODE = "Nats-Service-Error-Code"

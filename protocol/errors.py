@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     LICENCE_EXHAUSTED = "licence_exhausted"
+    DECRYPTION_FAILED = "decryption_failed"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -93,6 +94,13 @@ class Unavailable(HerderError):
     code = ErrorCode.UNAVAILABLE
 
 
+class DecryptionFailed(HerderError):
+    """A stored secret does not decrypt (the master key is not the one it was written with, or its
+    row was changed); that secret alone is refused, and nothing is overwritten."""
+
+    code = ErrorCode.DECRYPTION_FAILED
+
+
 class Internal(HerderError):
     """The service failed unexpectedly; its log has the details under the correlation id."""
 
@@ -108,6 +116,7 @@ ERROR_CLASSES: dict[ErrorCode, type[HerderError]] = {
         NotFound,
         Conflict,
         LicenceExhausted,
+        DecryptionFailed,
         Unavailable,
         Internal,
     )

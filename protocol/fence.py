@@ -47,6 +47,12 @@ ROBOT_VERBS: tuple[tuple[str, str], ...] = (
     ("queues", "item_result"),
     ("queues", "item_postpone"),
     ("queues", "item_progress"),
+    ("secrets", "secrets_key"),
+    ("secrets", "asset_get"),
+    ("secrets", "asset_write"),
+    ("secrets", "credential_fetch"),
+    ("secrets", "credential_write"),
+    ("secrets", "robot_key_set"),
 )
 
 # The NATS service API's discovery subjects: a client may ask who serves what (`herder status`).

@@ -190,6 +190,16 @@ class JobShow(Request[JobInfo]):
     id: JobIdOrPrefix
 
 
+class RobotJob(Request[JobInfo]):
+    """A robot's own job, by id: `not_found` unless the job was given to the calling robot. Services
+    ask it on a robot's behalf (the secrets service, before it hands a credential to a job)."""
+
+    service = SERVICE
+    verb = "robot_job"
+
+    id: JobId
+
+
 class JobStop(Request[JobInfo]):
     """Soft stop: the script sees `should_stop()` and ends itself. A Pending job is cancelled."""
 

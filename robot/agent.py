@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -54,6 +55,7 @@ from pydantic import ValidationError
 
 from herder.client.backoff import backoff
 from herder.client.requests import Client
+from herder.client.sealing import load_or_create_key, public_text
 from herder.client.tasks import Supervisor
 from herder.packaging.archive import MAX_UNPACKED_BYTES
 from herder.protocol import codec, subjects
@@ -85,9 +87,11 @@ from herder.protocol.registry import (
     RobotInfo,
     RobotType,
 )
+from herder.protocol.secrets import RobotKeySet
 from herder.protocol.version import VERSION
 from herder.robot.cache import PackageCache, PackageFetchError, PackageHashMismatch, PackageTooLarge
-from herder.robot.channel import DEFAULT_RIDE_OUT_S, Channel, sweep_stale
+from herder.robot.channel import DEFAULT_RIDE_OUT_S, Channel, Secrets, sweep_stale
+from herder.robot.masking import Masks
 from herder.robot.runner import JobProcess, LogLine, RunnerError, RunResult, RunSpec
 from herder.robot.spool import Entry, Kind, Spool
 
@@ -104,6 +108,12 @@ IDLE_BEAT_DELAY_S = 0.25
 # A heartbeat this many intervals late means the process was frozen (SIGSTOP, a sleeping laptop).
 FROZEN_INTERVALS = 3
 SPOOL_DIR = "spool"
+# The robot's sealing key (X25519, private, 0600) in its work folder.
+KEY_FILE = "sealing.key"
+# While the secrets service is away, the key's registration is tried again up to this often.
+KEY_RETRY_MAX_S = 30.0
+# A key refused (another was registered before) is tried again this long after, for an operator's reset.
+KEY_REFUSED_RETRY_S = 60.0
 # A robot runs one job at a time, so only a few end reports can wait in its spool; the newest counts.
 SPOOL_REPORTS_SCANNED = 100
 # A run herder ended while the robot was away is killed at once: its outcome no longer counts.
@@ -179,6 +189,8 @@ class RobotAgent:
         self._js = nc.jetstream()
         self._cache = PackageCache(work_dir / "packages", self._js, tenant, max_unpacked_bytes=max_package_bytes)
         self._subscription: Subscription | None = None
+        # The robot's X25519 key: credentials come sealed to it (made on the first start, 0600).
+        self._seal_key: X25519PrivateKey | None = None
         self._beat_now = asyncio.Event()
         self._stopped = False
         # The runs this agent has ended, newest last: a start it receives again (herder sends an
@@ -211,6 +223,7 @@ class RobotAgent:
         swept = await asyncio.to_thread(sweep_stale)
         if swept:
             self._log.info("robot.channels_swept", count=swept, reason="left by agents that were killed")
+        self._seal_key = await asyncio.to_thread(load_or_create_key, self.work_dir / KEY_FILE)
         # What a previous run of this agent could not deliver is delivered now, first.
         self._spool = await asyncio.to_thread(Spool, self.work_dir / SPOOL_DIR)
         # Runs whose end reports a previous agent left in the spool ended: a start of one is not run again.
@@ -238,6 +251,7 @@ class RobotAgent:
             self.spool.close()
             raise
         self.info = connected.robot
+        self._supervisor.watch("robot.sealing_key", self._register_key)
         self._supervisor.watch("robot.heartbeat", self._heartbeat_forever)
         self._supervisor.watch("robot.delivery", self._deliver_forever)
         self._log.info(
@@ -347,6 +361,27 @@ class RobotAgent:
         self._kill(run, ORPHAN_GRACE_S, because="herder had ended the job")
 
     # --- heartbeats ---
+
+    async def _register_key(self) -> None:
+        """Register the robot's sealing key with the secrets service, until it is registered: herder
+        may be starting, or run no secrets service yet. A key refused (the robot registered another
+        before) is logged, and tried again now and then, once an operator has reset it."""
+        assert self._seal_key is not None
+        request = RobotKeySet(public_key=public_text(self._seal_key.public_key()))
+        attempt = 0
+        while True:
+            try:
+                await self._client.request(request)
+                self._log.info("robot.sealing_key_registered")
+                return
+            except Forbidden as exc:
+                self._log.error("robot.sealing_key_refused", reason=exc.message)
+                await asyncio.sleep(KEY_REFUSED_RETRY_S)
+            except HerderError as exc:
+                attempt += 1
+                if attempt == 1:
+                    self._log.info("robot.sealing_key_waiting", reason=exc.message)
+                await asyncio.sleep(backoff(attempt, base_s=0.5, max_s=KEY_RETRY_MAX_S))
 
     async def _heartbeat_forever(self) -> None:
         subject = subjects.heartbeat(self.tenant, self.robot)
@@ -513,7 +548,7 @@ class RobotAgent:
         if run.kill_grace_s is not None or run.stop_asked:
             return RunResult(Outcome.STOPPED, None, "stopped before the script started", None, None)
         await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True, mode=0o700)
-        channel = await self._open_channel(command.job_id)
+        channel = await self._open_channel(command.job_id, logs.masks)
         if isinstance(channel, RunResult):
             return channel
         run.channel = channel
@@ -564,10 +599,13 @@ class RobotAgent:
         except PackageFetchError as exc:
             return _faulted("the package could not be fetched", str(exc))
 
-    async def _open_channel(self, job_id: str) -> Channel | RunResult:
+    async def _open_channel(self, job_id: str, masks: Masks | None = None) -> Channel | RunResult:
         """The channel of a run, or the Faulted result of a run that cannot have one."""
+        secrets = Secrets(self._seal_key, self.tenant) if self._seal_key is not None else None
         try:
-            return await Channel.open(self._client, job_id, robot=self.robot, ride_out_s=self.queue_wait_s)
+            return await Channel.open(
+                self._client, job_id, robot=self.robot, ride_out_s=self.queue_wait_s, secrets=secrets, masks=masks
+            )
         except OSError as exc:
             problem = f"cannot open the channel for the script's queue calls: {exc.strerror or exc}"
             return _faulted("the robot could not open the script's channel", problem)
@@ -856,6 +894,8 @@ class JobLog:
         self._job_id = job_id
         self._attempt = attempt
         self._seq = first_seq - 1
+        # The passwords the run's channel handed to the script: masked in every line from then on.
+        self.masks = Masks()
 
     def line(self, line: LogLine) -> None:
         """Keep a line the runner read from the script."""
@@ -876,6 +916,8 @@ class JobLog:
         key: str | None = None,
     ) -> None:
         self._seq += 1
+        if self.masks:
+            message, fields = self.masks.text(message), self.masks.value(fields)
         record = LogRecord(
             job_id=self._job_id,
             attempt=self._attempt,

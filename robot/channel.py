@@ -46,15 +46,16 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import ValidationError
 
+from herder.client import sealing
 from herder.client.backoff import backoff
 from herder.client.requests import Client
 from herder.protocol import codec
-from herder.protocol.errors import BadRequest, HerderError, Internal, Unavailable
+from herder.protocol.errors import BadRequest, Conflict, HerderError, Internal, Unavailable
 from herder.protocol.messages import Model, Request
 from herder.protocol.queues import (
     DEFAULT_QUEUE_WAIT_S,
@@ -65,10 +66,22 @@ from herder.protocol.queues import (
     ItemResultRequest,
     ItemsTaken,
 )
+from herder.protocol.secrets import (
+    AssetGet,
+    AssetWrite,
+    CredentialFetch,
+    CredentialWrite,
+    TransportKeyRequest,
+    credential_fetch_context,
+    credential_write_context,
+)
 from herder.robot import sdk
+from herder.robot.masking import Masks
 from herder.robot.runner import LineSplitter
 
 log = structlog.get_logger("herder.robot")
+
+R = TypeVar("R", bound=Model)
 
 # The SDK keeps its requests within this; what a script sends past it is refused, not read.
 MAX_LINE_BYTES = sdk.MAX_CHANNEL_LINE_BYTES
@@ -94,7 +107,14 @@ VERBS: Mapping[str, type[Request[Any]]] = {
     "item_result": ItemResultRequest,
     "item_postpone": ItemPostpone,
     "item_progress": ItemProgress,
+    "asset_get": AssetGet,
+    "asset_write": AssetWrite,
 }
+# Verbs the agent serves itself, with the robot's key: a credential comes sealed to the robot and is
+# opened here; a credential written is sealed here to the secrets service.
+SECRET_VERBS = ("credential_get", "credential_set")
+_CREDENTIAL_GET_FIELDS = frozenset({"name"})
+_CREDENTIAL_SET_FIELDS = frozenset({"name", "username", "password", "own"})
 
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(\d{1,16})\s*[,}]')
 _FOLDER_NAME = re.compile(re.escape(FOLDER_PREFIX) + r"(\d{1,10})-[A-Za-z0-9_]+")
@@ -149,9 +169,9 @@ def parse_call(kept: bytes, length: int) -> Call:
     if not isinstance(call_id, int) or isinstance(call_id, bool) or not 0 <= call_id <= MAX_CALL_ID:
         raise BadCall(f'the request needs an "id": a whole number from 0 to {MAX_CALL_ID}', None)
     verb = message.get("verb")
-    if not isinstance(verb, str) or verb not in VERBS:
+    if not isinstance(verb, str) or (verb not in VERBS and verb not in SECRET_VERBS):
         shown = repr(verb)[:60]
-        raise BadCall(f"the channel serves no verb {shown}; it serves {', '.join(VERBS)}", call_id)
+        raise BadCall(f"the channel serves no verb {shown}; it serves {', '.join((*VERBS, *SECRET_VERBS))}", call_id)
     body = message.get("body", {})
     if not isinstance(body, dict):
         raise BadCall(f'the "body" of {verb} must be a JSON object', call_id)
@@ -175,6 +195,8 @@ def request_of(call: Call, job_id: str) -> Request[Any]:
     body = dict(call.body)
     if call.verb == "item_next":
         body["job_id"] = job_id
+    if call.verb == "asset_get" and "robot" in body:
+        raise BadRequest("asset_get: a script reads its own robot's values; leave out 'robot'")
     try:
         return VERBS[call.verb].model_validate(body)
     except ValidationError as exc:
@@ -285,6 +307,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Secrets:
+    """What a channel needs to open credentials sealed to its robot: the robot's key and tenant."""
+
+    key: Any  # X25519PrivateKey
+    tenant: str
+
+
+def _only(call: Call, fields: frozenset[str]) -> None:
+    unknown = sorted(set(call.body) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise BadRequest(f"{call.verb}: unknown fields {', '.join(map(str, unknown))}; it takes {known}")
+
+
+M = TypeVar("M", bound=Model)
+
+
+def _validated(model: type[M], verb: str, body: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise codec.invalid(f"{verb} request", exc) from None
+
+
+def _day(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 class Channel:
     """The channel of one run: a Unix socket serving the script's queue calls with the agent's client."""
 
@@ -296,9 +347,14 @@ class Channel:
         *,
         robot: str | None = None,
         ride_out_s: float = DEFAULT_RIDE_OUT_S,
+        secrets: Secrets | None = None,
+        masks: Masks | None = None,
     ) -> None:
         """Use `Channel.open`."""
         self._client = client
+        self._robot = robot
+        self._secrets = secrets
+        self._transport_key: str | None = None
         self._ride_out_s = ride_out_s
         self._job_id = job_id
         self._folder = folder
@@ -309,14 +365,24 @@ class Channel:
         self._closed = False
         self._log = log.bind(job_id=job_id, robot=robot)
         self.holdings = Holdings()
+        # The passwords handed to the script, masked in the job's log (the agent gives its log's).
+        self.masks = masks if masks is not None else Masks()
 
     @classmethod
     async def open(
-        cls, client: Client, job_id: str, *, robot: str | None = None, ride_out_s: float = DEFAULT_RIDE_OUT_S
+        cls,
+        client: Client,
+        job_id: str,
+        *,
+        robot: str | None = None,
+        ride_out_s: float = DEFAULT_RIDE_OUT_S,
+        secrets: Secrets | None = None,
+        masks: Masks | None = None,
     ) -> Channel:
-        """Open the channel of a run: its private folder and its socket, listening. `OSError` if it cannot."""
+        """Open the channel of a run: its private folder and its socket, listening. `OSError` if it cannot.
+        Without `secrets` (the robot's key) the script can read no credential."""
         folder = await asyncio.to_thread(_private_folder)
-        channel = cls(client, job_id, folder, robot=robot, ride_out_s=ride_out_s)
+        channel = cls(client, job_id, folder, robot=robot, ride_out_s=ride_out_s, secrets=secrets, masks=masks)
         try:
             channel._server = await asyncio.start_unix_server(channel._connection, path=str(channel.path))
             # The folder already keeps others out; the socket says the same.
@@ -408,13 +474,24 @@ class Channel:
 
     async def serve(self, call: Call) -> dict[str, Any]:
         """Send one call to herder as the robot and return the reply as JSON values; herder's errors raise."""
+        if call.verb == "credential_get":
+            return await self._credential_get(call)
+        if call.verb == "credential_set":
+            return await self._credential_set(call)
         request = request_of(call, self._job_id)
+        reply: Model = await self._send(call.verb, request)
+        self.holdings.note(request, reply)
+        answer: dict[str, Any] = reply.model_dump(mode="json")
+        return answer
+
+    async def _send(self, verb: str, request: Request[R]) -> R:
+        """Send `request`, riding out an outage of herder for a call that reached nobody."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ride_out_s
         attempt = 0
         while True:
             try:
-                reply: Model = await self._reach(request)
+                reply = await self._reach(request)
                 break
             except Unavailable as exc:
                 # Only a call that reached nobody is sent again: it cannot be carried out twice.
@@ -422,19 +499,77 @@ class Channel:
                 attempt += 1
                 pause = backoff(attempt, base_s=_RETRY_BASE_S, max_s=_RETRY_MAX_S)
                 if not unreached or loop.time() + pause > deadline:
-                    self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
+                    self._log.info("channel.refused", verb=verb, code=exc.code.value, reason=exc.message)
                     raise
                 if attempt == 1:
-                    self._log.info("channel.waiting", verb=call.verb, reason=exc.message, up_to_s=self._ride_out_s)
+                    self._log.info("channel.waiting", verb=verb, reason=exc.message, up_to_s=self._ride_out_s)
                 await asyncio.sleep(pause)
             except HerderError as exc:
-                self._log.info("channel.refused", verb=call.verb, code=exc.code.value, reason=exc.message)
+                self._log.info("channel.refused", verb=verb, code=exc.code.value, reason=exc.message)
                 raise
-        self._log.debug("channel.served", verb=call.verb)
-        self.holdings.note(request, reply)
-        return reply.model_dump(mode="json")
+        self._log.debug("channel.served", verb=verb)
+        return reply
 
-    async def _reach(self, request: Request[Any]) -> Model:
+    def _with_secrets(self, verb: str) -> Secrets:
+        if self._secrets is None or self._robot is None:
+            raise Unavailable(f"{verb}: this robot has no sealing key, so it can receive no credential")
+        return self._secrets
+
+    async def _credential_get(self, call: Call) -> dict[str, Any]:
+        secrets = self._with_secrets(call.verb)
+        _only(call, _CREDENTIAL_GET_FIELDS)
+        request = _validated(CredentialFetch, call.verb, {"name": call.body.get("name"), "job_id": self._job_id})
+        reply = await self._send(call.verb, request)
+        assert self._robot is not None
+        context = sealing.context(*credential_fetch_context(secrets.tenant, self._robot, self._job_id, request.name))
+        try:
+            secret = sealing.open_sealed(secrets.key, sealing.Sealed.from_text(reply.sealed_secret), context)
+            password = secret.decode()
+        except (sealing.SealError, UnicodeDecodeError) as exc:
+            raise Internal(f"credential {request.name!r} came sealed in a way this robot cannot open ({exc})") from None
+        if not self.masks.add(password):
+            self._log.warning("channel.secret_too_short_to_mask", credential=request.name)
+        return {
+            "name": reply.name,
+            "username": reply.username,
+            "password": password,
+            "expires_on": _day(reply.expires_on),
+        }
+
+    async def _credential_set(self, call: Call) -> dict[str, Any]:
+        secrets = self._with_secrets(call.verb)
+        _only(call, _CREDENTIAL_SET_FIELDS)
+        password = call.body.get("password")
+        if not isinstance(password, str) or not password:
+            raise BadRequest("credential_set: 'password' is a string, not empty")
+        name = call.body.get("name")
+        assert self._robot is not None
+        for attempt in range(2):
+            if self._transport_key is None or attempt:
+                self._transport_key = (await self._send(call.verb, TransportKeyRequest())).public_key
+            key = sealing.public_from_text(self._transport_key)
+            context = credential_write_context(secrets.tenant, self._robot, self._job_id, str(name))
+            box = sealing.seal(key, password.encode(), sealing.context(*context))
+            body = {
+                "name": name,
+                "username": call.body.get("username"),
+                "sealed_secret": box.text(),
+                "sealed_to": self._transport_key,
+                "job_id": self._job_id,
+                "own": call.body.get("own", False),
+            }
+            request = _validated(CredentialWrite, call.verb, body)
+            try:
+                await self._send(call.verb, request)
+            except Conflict as exc:
+                if attempt == 0 and "transport key" in exc.message:
+                    continue  # the service's key changed (a master key rotation): seal again to the new one
+                raise
+            break
+        self.masks.add(password)
+        return {}
+
+    async def _reach(self, request: Request[R]) -> R:
         if not self._client.nc.is_connected:
             raise Unavailable(
                 "the robot is cut off from herder (NATS is unreachable, it is reconnecting); try again later",
@@ -445,11 +580,13 @@ class Channel:
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "SECRET_VERBS",
     "VERBS",
     "BadCall",
     "Call",
     "Channel",
     "Holdings",
+    "Secrets",
     "answer_line",
     "error_of",
     "leading_id",

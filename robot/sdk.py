@@ -80,16 +80,22 @@ LEVELS = ("debug", "info", "warning", "error")
 MAX_CHANNEL_LINE_BYTES = 1_200_000
 
 __all__ = [
+    "CallError",
+    "Credential",
     "Item",
     "Log",
     "NotOnRobot",
     "Queue",
     "QueueError",
     "Queues",
+    "asset",
+    "credential",
     "job_input",
     "log",
     "queue",
     "queues",
+    "set_asset",
+    "set_credential",
     "set_output",
     "should_stop",
 ]
@@ -292,13 +298,13 @@ _MAX_JSON_DEPTH = 32
 _ITEM_KEYS = frozenset({"content", "reference", "priority", "deadline", "postpone", "postpone_until", "tags"})
 
 
-class QueueError(Exception):
-    """herder refused a queue call, or could not serve it.
+class CallError(Exception):
+    """herder refused a call of the script (a queue's, an asset's, a credential's), or could not serve it.
 
     `code` is herder's error code (`bad_request`, `not_found`, `conflict`, `forbidden`, `unavailable`,
-    `internal`, …), `str()` is the one-line message, and `details` holds what else herder said (for
-    `bad_request`, the fields that failed under `errors`). `unavailable` means herder could not be
-    reached in time: the call may be tried again later.
+    `decryption_failed`, `internal`, …), `str()` is the one-line message, and `details` holds what else
+    herder said (for `bad_request`, the fields that failed under `errors`). `unavailable` means herder
+    could not be reached in time: the call may be tried again later.
     """
 
     def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None) -> None:
@@ -308,15 +314,20 @@ class QueueError(Exception):
         self.details: dict[str, Any] = dict(details or {})
 
     def __repr__(self) -> str:
-        return f"QueueError({self.code!r}, {self.message!r})"
+        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+
+# The name queue code has always caught.
+QueueError = CallError
 
 
 class NotOnRobot(RuntimeError):
-    """A queue call from a script that no robot runs: queues are reached through the robot only."""
+    """A call from a script that no robot runs: queues, assets and credentials are reached through the robot only."""
 
     def __init__(self) -> None:
         super().__init__(
-            "queues need a robot: run this script as a herder job, or by hand on an attended robot with "
+            "queues, assets and credentials need a robot: run this script as a herder job, or by hand on an "
+            "attended robot with "
             f"'herder robot run ROBOT --run PROCESS' ({ENV_CHANNEL} is not set: no robot runs this script)"
         )
 
@@ -335,6 +346,55 @@ def queues(
     item gives it), or by weight (`order="weighted"`: a queue of weight 3 is tried first three times as
     often as one of weight 1; `weights` lists them in the order of `names`, or maps names to them)."""
     return Queues(names, order=order, weights=weights)
+
+
+def asset(name: str) -> Any:
+    """The value of asset `name` as this robot reads it (its own, its group's, or the global one), typed:
+    a str, bool, int, a JSON value, or a calendar's list of dates (YYYY-MM-DD)."""
+    return _call(None, "asset_get", {"name": _name(name, "an asset")})["value"]
+
+
+def set_asset(name: str, value: Any, *, own: bool = False) -> None:
+    """Write asset `name` (one robots may write): its global value, or this robot's own with `own=True`."""
+    _call(None, "asset_write", {"name": _name(name, "an asset"), "value": value, "own": bool(own)})
+
+
+class Credential:
+    """A credential as a script reads it. `password` is the secret; `repr()` and `str()` never show it,
+    and a log line of this job that contains it is masked by the robot before it leaves."""
+
+    __slots__ = ("expires_on", "name", "password", "username")
+
+    def __init__(self, name: str, username: str, password: str, expires_on: str | None) -> None:
+        self.name = name
+        self.username = username
+        self.password = password
+        self.expires_on = expires_on
+
+    def __repr__(self) -> str:
+        return f"Credential(name={self.name!r}, username={self.username!r}, password='***')"
+
+    __str__ = __repr__
+
+
+def credential(name: str) -> Credential:
+    """Credential `name` for this job (sealed to this robot on the way; opened by its agent)."""
+    reply = _call(None, "credential_get", {"name": _name(name, "a credential")})
+    return Credential(reply["name"], reply["username"], reply["password"], reply.get("expires_on"))
+
+
+def set_credential(name: str, username: str, password: str, *, own: bool = False) -> None:
+    """Write credential `name` (one robots may write): its global value, or this robot's own with `own=True`."""
+    if not isinstance(username, str) or not isinstance(password, str) or not password:
+        raise TypeError("a credential's username and password are strings, and the password is not empty")
+    body = {"name": _name(name, "a credential"), "username": username, "password": password, "own": bool(own)}
+    _call(None, "credential_set", body)
+
+
+def _name(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{what}'s name is a str, not {type(name).__name__}")
+    return name
 
 
 @dataclass(eq=False)

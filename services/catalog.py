@@ -18,6 +18,7 @@ _CLASSES = {
     "registry": "herder.services.registry.service:RegistryService",
     "jobs": "herder.services.jobs.service:JobsService",
     "queues": "herder.services.queues.service:QueuesService",
+    "secrets": "herder.services.secrets.service:SecretsService",
 }
 
 NAMES: tuple[str, ...] = tuple(_CLASSES)

@@ -34,10 +34,18 @@ from herder.services.jobs.service import JobsService
 from herder.services.packages.service import PackagesService
 from herder.services.queues.service import QueuesService
 from herder.services.registry.service import RegistryService
+from herder.services.secrets.service import SecretsService
 from tests.conftest import running_stack
 from tests.support import eventually
 
-ALL_SERVICES: tuple[type[Service], ...] = (AuthService, RegistryService, PackagesService, JobsService, QueuesService)
+ALL_SERVICES: tuple[type[Service], ...] = (
+    AuthService,
+    RegistryService,
+    PackagesService,
+    JobsService,
+    QueuesService,
+    SecretsService,
+)
 HEARTBEAT_S = 0.5
 ROBOT_CONNECT_TIMEOUT_S = 30.0
 

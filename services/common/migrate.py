@@ -25,6 +25,7 @@ MIGRATION_LOCATIONS = (
     ("herder.services.packages.migrations", ""),
     ("herder.services.jobs.migrations", ""),
     ("herder.services.queues.migrations", ""),
+    ("herder.services.secrets.migrations", ""),
 )
 # Serialises concurrent upgrades of one PostgreSQL database by several processes.
 _PG_LOCK_KEY = 0x6864_6D69_6772  # "hdmigr"

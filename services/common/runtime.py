@@ -147,6 +147,7 @@ class RequestContext:
         "_service_log",
         "bearer",
         "idempotency_key",
+        "origin",
         "principal",
         "tenant",
     )
@@ -159,10 +160,13 @@ class RequestContext:
         correlation_id: str | None,
         idempotency_key: str | None,
         service_log: structlog.stdlib.BoundLogger,
+        origin: str | None = None,
     ) -> None:
         self.tenant = tenant
         self.principal = principal
         self.idempotency_key = idempotency_key
+        # Where the caller says it sent the request from (its host): informative, not proof.
+        self.origin = origin
         # The caller's token, so that a service can ask another on the caller's behalf (and with no
         # more rights than the caller has). Never logged, never stored.
         self.bearer: str | None = None
@@ -482,6 +486,7 @@ class ServiceRunner:
             correlation_id=sent_id,
             idempotency_key=headers.get(Header.MSG_ID),
             service_log=self._log,
+            origin=_origin(headers.get(Header.ORIGIN)),
         )
         error: HerderError | None = None
         reply_headers: dict[str, str] | None = None
@@ -628,6 +633,16 @@ class ServiceRunner:
                     f"not a {route.spec.request_model.reply_model.__name__}"
                 )
             return rebuilt
+
+
+def _origin(value: str | None) -> str | None:
+    """The origin a caller gave, if it is a plausible host name (printable, short)."""
+    if value is None or _ORIGIN.fullmatch(value) is None:
+        return None
+    return value
+
+
+_ORIGIN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def _bearer_secret(authorization: str) -> str:

@@ -50,6 +50,7 @@ from herder.protocol.jobs import (
     LogLevel,
     LogRecord,
     LogStream,
+    RobotJob,
     StartCommand,
     StopCommand,
 )
@@ -231,6 +232,16 @@ class JobsService(Service):
         async with database.read(self.engine) as connection:
             record = await self._find(connection, ctx.tenant, request.id)
         return await self._info(record)
+
+    @endpoint(permission=Permission.ROBOT_AGENT)
+    async def robot_job(self, request: RobotJob, ctx: RequestContext) -> JobInfo:
+        """The calling robot's own job; another robot's, or none, is `not_found` alike."""
+        robot = ctx.robot_name()
+        async with database.read(self.engine) as connection:
+            record = await self.repo.get(connection, ctx.tenant, request.id)
+        if record is None or record.robot != robot:
+            raise NotFound(f"robot {robot} has no job {request.id}")
+        return record.info()
 
     @endpoint(permission=Permission.JOBS_STOP)
     async def stop(self, request: JobStop, ctx: RequestContext) -> JobInfo:

@@ -17,6 +17,7 @@ from herder.services.jobs import repository as jobs_repository
 from herder.services.packages import repository as packages_repository
 from herder.services.queues import repository as queues_repository
 from herder.services.registry import repository as registry_repository
+from herder.services.secrets import repository as secrets_repository
 
 
 def _metadata() -> MetaData:
@@ -29,6 +30,7 @@ def _metadata() -> MetaData:
         registry_repository.metadata,
         jobs_repository.metadata,
         queues_repository.metadata,
+        secrets_repository.metadata,
     )
     for source in sources:
         for table in source.tables.values():
@@ -51,6 +53,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "packages_0001",
                 "jobs_0002",
                 "queues_0002",
+                "secrets_0001",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing

@@ -24,6 +24,7 @@ from herder.protocol.queues import ItemAdd, ItemNext, ItemsAdded, ItemsTaken
 from herder.robot import sdk
 from herder.robot.channel import (
     MAX_LINE_BYTES,
+    SECRET_VERBS,
     VERBS,
     BadCall,
     Call,
@@ -52,10 +53,13 @@ def line(message: object) -> tuple[bytes, int]:
 # --- the verb table ---
 
 
-def test_the_channel_serves_the_item_verbs_and_nothing_else() -> None:
-    assert set(VERBS) == {"item_add", "item_next", "item_result", "item_postpone", "item_progress"}
+def test_the_channel_serves_the_item_and_asset_verbs_and_nothing_else() -> None:
+    items = {"item_add", "item_next", "item_result", "item_postpone", "item_progress"}
+    assert set(VERBS) == items | {"asset_get", "asset_write"}
+    assert SECRET_VERBS == ("credential_get", "credential_set")
     # Every verb it serves is one the fence lets a robot call: the agent sends them with its own token.
-    assert {("queues", model.verb) for model in VERBS.values()} <= set(fence.ROBOT_VERBS)
+    assert {(model.service, model.verb) for model in VERBS.values()} <= set(fence.ROBOT_VERBS)
+    assert {("secrets", "credential_fetch"), ("secrets", "credential_write")} <= set(fence.ROBOT_VERBS)
     assert all(verb == model.verb for verb, model in VERBS.items())
 
 
