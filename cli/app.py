@@ -31,6 +31,7 @@ app.add_typer(jobs.job_app, name="job")
 app.add_typer(queues.queue_app, name="queue")
 app.add_typer(secrets.asset_app, name="asset")
 app.add_typer(secrets.credential_app, name="credential")
+app.add_typer(secrets.secrets_app, name="secrets")
 app.add_typer(fence.fence_app, name="fence")
 
 service_app = typer.Typer(help="Run herder services on their own (the way to scale out).", no_args_is_help=True)

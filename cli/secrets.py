@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import sys
 from datetime import date
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from herder.cli.context import BundleOption, DataDirOption, JsonOption, TokenFileOption, UrlOption, call, resolve
+from herder.cli.context import (
+    BundleOption,
+    DataDirOption,
+    JsonOption,
+    TokenFileOption,
+    UrlOption,
+    call,
+    default_data_dir,
+    resolve,
+)
 from herder.cli.output import EXIT_USAGE, Column, WideOption, fail, print_json, print_table
 from herder.client import secrets as credentials
+from herder.client.errors import SetupError
 from herder.protocol.secrets import (
     AssetDelete,
     AssetGet,
@@ -30,7 +42,9 @@ from herder.protocol.secrets import (
     CredentialDelete,
     CredentialInfo,
     CredentialListRequest,
+    RewrapReport,
     Scope,
+    SecretsRewrap,
 )
 from herder.protocol.values import parse_json_object
 
@@ -363,3 +377,105 @@ def credential_delete(
         print_json(info)
         return
     print(f"credential {name}: {'deleted' if scope is None else scope.describe() + ' value deleted'}")
+
+
+# --- the master key ---
+
+secrets_app = typer.Typer(
+    help="The master key that protects stored credentials: rotate it, and retire old versions.",
+    no_args_is_help=True,
+)
+
+
+def _key_file(data_dir: Path | None) -> Path:
+    from herder.services.secrets import envelope  # the local stack's key file: the services' own format
+
+    if os.environ.get(envelope.MASTER_KEY_ENV):
+        fail(
+            f"the master keys come from {envelope.MASTER_KEY_ENV} here: rotate by setting it to "
+            "'NEW_VERSION:NEW_KEY,OLD_VERSION:OLD_KEY' for every secrets service, restarting them, then "
+            "running 'herder secrets rewrap'"
+        )
+    path = (data_dir or default_data_dir()) / envelope.KEY_FILE
+    if not path.exists():
+        fail(f"no master key file at {path}; give the stack's data folder with --data-dir")
+    return path
+
+
+def _report_line(report: RewrapReport) -> str:
+    in_use = ", ".join(f"version {v}: {n}" for v, n in sorted(report.in_use.items())) or "none stored"
+    return f"master key version {report.current_version} is current; {report.rewrapped} rewrapped; in use: {in_use}"
+
+
+@secrets_app.command("rotate-key")
+def rotate_key(
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Add a new master key version and rewrap every stored secret under it, while the service serves.
+
+    Run it on the machine whose data folder holds master.key; the secrets services there read the new
+    version within seconds. Old versions stay until 'herder secrets retire-key'."""
+    from herder.services.secrets import envelope
+
+    path = _key_file(data_dir)
+    target = resolve(data_dir, url, token_file, bundle)
+    try:
+        version = envelope.add_version(path)
+    except (OSError, ValueError, KeyError) as exc:
+        fail(f"cannot add a version to {path}: {exc}")
+    print(f"master key version {version} added to {path}", file=sys.stderr)
+    report = call(target, lambda c: c.request(SecretsRewrap()))
+    if json_out:
+        print_json(report)
+        return
+    print(_report_line(report))
+    for failure in report.failed:
+        print(f"not rewrapped: {failure}", file=sys.stderr)
+
+
+@secrets_app.command("rewrap")
+def rewrap(
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Rewrap every stored secret under the current master key, and say which versions are in use."""
+    report = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(SecretsRewrap()))
+    if json_out:
+        print_json(report)
+        return
+    print(_report_line(report))
+
+
+@secrets_app.command("retire-key")
+def retire_key(
+    version: Annotated[int, typer.Argument(help="The master key version to remove.")],
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
+) -> None:
+    """Remove an old master key version from the key file, once no stored secret needs it."""
+    from herder.services.secrets import envelope
+
+    path = _key_file(data_dir)
+    try:
+        current = envelope.read_key_file(path).current
+    except SetupError as exc:
+        fail(str(exc))
+    if version == current:
+        fail(f"master key version {version} is the current one; rotate first ('herder secrets rotate-key')")
+    report = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(SecretsRewrap()))
+    if report.in_use.get(str(version)):
+        fail(f"{report.in_use[str(version)]} stored secrets still need version {version}; they did not rewrap")
+    try:
+        envelope.retire_version(path, version)
+    except SetupError as exc:
+        fail(str(exc))
+    print(f"master key version {version} retired from {path}")

@@ -59,6 +59,14 @@ class Permission(StrEnum):
     CREDENTIALS_MANAGE = "secrets.credentials.manage"
     # See a credential's secret (`credential get --reveal`): admins only, until finer roles come.
     SECRETS_REVEAL = "secrets.reveal"
+    # Rewrap the stored secrets under a new master key (`herder secrets rotate-key`): admins only.
+    SECRETS_ROTATE = "secrets.rotate"
+    # List and download the files of storage buckets.
+    STORAGE_READ = "storage.read"
+    # Upload and delete files in storage buckets.
+    STORAGE_WRITE = "storage.write"
+    # Create storage buckets, change their limits and who may use them, delete them.
+    STORAGE_MANAGE = "storage.manage"
     # What a robot agent may do with its own token: connect, heartbeat, report on its jobs, take,
     # add and finish queue items.
     ROBOT_AGENT = "robot.agent"
@@ -83,6 +91,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.ASSETS_MANAGE,
             Permission.CREDENTIALS_READ,
             Permission.CREDENTIALS_MANAGE,
+            Permission.STORAGE_READ,
+            Permission.STORAGE_WRITE,
+            Permission.STORAGE_MANAGE,
         }
     ),
     Role.INTEGRATOR: frozenset(
@@ -94,6 +105,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.QUEUES_READ,
             Permission.QUEUES_ADD,
             Permission.ASSETS_READ,
+            Permission.STORAGE_READ,
         }
     ),
     # Robots look up the packages they run by hand (attended runs); jobs bring theirs with them.

@@ -372,6 +372,25 @@ class RobotKeyReset(Request[RobotKey]):
     robot: Name
 
 
+class RewrapReport(Model):
+    """What a rewrap did: every stored secret's data key is now wrapped by the current master key,
+    but for those that failed (which stay as they were)."""
+
+    current_version: int
+    versions_loaded: list[int]
+    rewrapped: int
+    # Stored secrets per master key version, after the rewrap.
+    in_use: dict[str, int]
+    failed: list[str] = Field(default_factory=list)
+
+
+class SecretsRewrap(Request[RewrapReport]):
+    """Load the master keys again (a version was added) and rewrap every data key under the current one."""
+
+    service = SERVICE
+    verb = "secrets_rewrap"
+
+
 # --- contexts: what each sealed box is bound to ---
 
 

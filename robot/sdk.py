@@ -88,6 +88,7 @@ __all__ = [
     "Queue",
     "QueueError",
     "Queues",
+    "Secret",
     "asset",
     "credential",
     "job_input",
@@ -359,6 +360,16 @@ def set_asset(name: str, value: Any, *, own: bool = False) -> None:
     _call(None, "asset_write", {"name": _name(name, "an asset"), "value": value, "own": bool(own)})
 
 
+class Secret(str):
+    """A secret string: itself wherever a string is used, but `repr()` shows `'***'`, so that a
+    debugger, a traceback's locals or Robot Framework's argument logging never shows it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 class Credential:
     """A credential as a script reads it. `password` is the secret; `repr()` and `str()` never show it,
     and a log line of this job that contains it is masked by the robot before it leaves."""
@@ -368,7 +379,7 @@ class Credential:
     def __init__(self, name: str, username: str, password: str, expires_on: str | None) -> None:
         self.name = name
         self.username = username
-        self.password = password
+        self.password = Secret(password)
         self.expires_on = expires_on
 
     def __repr__(self) -> str:

@@ -6,9 +6,11 @@ Both encryptions carry the same associated data, which names the tenant, the cre
 scope: a ciphertext copied to another row does not decrypt. Rotating the master key rewraps the
 data keys (small, and no secret is decrypted for it); the ciphertexts stay as they are.
 
-The master keys come from `HERDER_MASTER_KEY` (base64 of 32 bytes: one key, version 1) or from a
-key file (JSON: `{"current": N, "keys": {"1": "<base64>", ...}}`), which `herder up` makes on
-first start, readable by its owner only.
+The master keys come from `HERDER_MASTER_KEY` or from a key file (JSON: `{"current": N, "keys":
+{"1": "<base64>", ...}}`), which `herder up` makes on first start, readable by its owner only.
+`HERDER_MASTER_KEY` is base64 of 32 bytes (one key, version 1), or versions with their keys,
+current first: `2:<base64>,1:<base64>`. Rotating adds a version (`add_version`), rewraps every data
+key under it, and then lets the old version go (`retire_version`) once nothing uses it.
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ class KeyRing:
         data_key = self._decrypt(master, sealed.wrapped_key, context)
         return Sealed(self.current, self._encrypt(self._keys[self.current], data_key, context), sealed.ciphertext)
 
-    def derive(self, purpose: str) -> bytes:
-        """A 32-byte key for `purpose`, derived from the current master key (the same on every replica)."""
+    def derive(self, purpose: str, version: int | None = None) -> bytes:
+        """A 32-byte key for `purpose`, derived from the master key of `version` (the current one by
+        default): the same on every replica that holds that master key."""
         hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=f"herder {purpose}".encode())
-        return hkdf.derive(self._keys[self.current])
+        return hkdf.derive(self._keys[self.current if version is None else version])
 
     @staticmethod
     def _encrypt(key: bytes, plaintext: bytes, context: bytes) -> bytes:
@@ -130,7 +133,7 @@ def load_ring(data_dir: Path | None, *, create: bool) -> KeyRing:
     (made there, 0600, when `create` and there is none)."""
     from_env = os.environ.get(MASTER_KEY_ENV)
     if from_env:
-        return KeyRing({1: _decode_key(from_env, MASTER_KEY_ENV)}, 1)
+        return ring_from_env(from_env)
     if data_dir is None:
         raise SetupError(f"the secrets service needs a master key: set {MASTER_KEY_ENV} or give it a data folder")
     path = data_dir / KEY_FILE
@@ -139,6 +142,42 @@ def load_ring(data_dir: Path | None, *, create: bool) -> KeyRing:
             raise SetupError(f"no master key: {path} does not exist and {MASTER_KEY_ENV} is not set")
         write_key_file(path, {1: new_key_text()}, 1)
     return read_key_file(path)
+
+
+def ring_from_env(text: str) -> KeyRing:
+    """The ring `HERDER_MASTER_KEY` names: one key (version 1), or `N:<base64>` pairs, current first."""
+    if ":" not in text:
+        return KeyRing({1: _decode_key(text, MASTER_KEY_ENV)}, 1)
+    keys: dict[int, bytes] = {}
+    for n, part in enumerate(text.split(",")):
+        version, _, key = part.strip().partition(":")
+        if not version.isdigit() or int(version) < 1 or int(version) in keys:
+            raise SetupError(f"{MASTER_KEY_ENV}: part {n + 1} is not 'VERSION:BASE64' with a new version number")
+        keys[int(version)] = _decode_key(key, f"{MASTER_KEY_ENV} version {version}")
+    return KeyRing(keys, next(iter(keys)))
+
+
+def add_version(path: Path) -> int:
+    """Add a new random master key to the key file at `path` and make it current; its version."""
+    ring_file = json.loads(path.read_text())
+    keys = {int(version): text for version, text in ring_file["keys"].items()}
+    version = max(keys) + 1
+    keys[version] = new_key_text()
+    write_key_file(path, keys, version)
+    return version
+
+
+def retire_version(path: Path, version: int) -> None:
+    """Remove master key `version` from the key file (the caller made sure nothing uses it)."""
+    ring_file = json.loads(path.read_text())
+    keys = {int(v): text for v, text in ring_file["keys"].items()}
+    current = int(ring_file["current"])
+    if version == current:
+        raise SetupError(f"master key version {version} is the current one; rotate to a new one first")
+    if version not in keys:
+        raise SetupError(f"{path} holds no master key version {version}")
+    del keys[version]
+    write_key_file(path, keys, current)
 
 
 def read_key_file(path: Path) -> KeyRing:

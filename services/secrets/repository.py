@@ -358,12 +358,29 @@ class SecretsRepository:
         await connection.execute(delete(credential_values).where(credential_values.c.credential_id == credential_id))
         await connection.execute(delete(credentials).where(credentials.c.id == credential_id))
 
-    async def all_credential_ids(self, connection: AsyncConnection) -> list[tuple[str, str]]:
-        """(tenant, name) of every credential, for a key rotation."""
+    async def all_values(self, connection: AsyncConnection) -> list[tuple[str, str, str, SecretValueRecord]]:
+        """(credential id, tenant, name, value) of every stored secret, for a key rotation."""
         rows = await connection.execute(
-            select(credentials.c.tenant, credentials.c.name).order_by(credentials.c.tenant, credentials.c.name)
+            select(credentials.c.id, credentials.c.tenant, credentials.c.name, credential_values)
+            .join(credential_values, credential_values.c.credential_id == credentials.c.id)
+            .order_by(credentials.c.tenant, credentials.c.name)
         )
-        return [(row.tenant, row.name) for row in rows]
+        return [
+            (
+                row.id,
+                row.tenant,
+                row.name,
+                SecretValueRecord(
+                    scope=_scope(row),
+                    username=row.username,
+                    expires_on=row.expires_on,
+                    sealed=Sealed(row.key_version, bytes(row.wrapped_key), bytes(row.ciphertext)),
+                    updated_at=row.updated_at,
+                    updated_by=row.updated_by,
+                ),
+            )
+            for row in rows
+        ]
 
     # --- robots' keys ---
 

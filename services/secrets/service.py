@@ -13,8 +13,10 @@ with `secrets.reveal`. Every read and write of a credential is an event, never w
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -49,12 +51,14 @@ from herder.protocol.secrets import (
     CredentialSet,
     CredentialValue,
     CredentialWrite,
+    RewrapReport,
     RobotKey,
     RobotKeyReset,
     RobotKeySet,
     Scope,
     ScopeKind,
     SealedCredential,
+    SecretsRewrap,
     TransportKey,
     TransportKeyRequest,
     credential_fetch_context,
@@ -78,6 +82,8 @@ from herder.services.secrets.repository import (
 
 # A robot's job, once checked as running, is trusted for this long before it is checked again.
 JOB_CHECK_S = 5.0
+# How often a replica looks whether the master key file changed (a rotation on this machine).
+KEY_FILE_CHECK_S = 2.0
 _LIVE_JOB_STATES = frozenset({JobState.RUNNING, JobState.STOPPING, JobState.TERMINATING})
 _TRANSPORT_PURPOSE = "secrets transport key"
 
@@ -96,22 +102,53 @@ class SecretsService(Service):
         self.repo = SecretsRepository()
         self.ring = envelope.load_ring(self.runtime.data_dir, create=True)
         self._transport_keys = self._derive_transport_keys()
+        # The key file, when the keys come from one: read again when it changes (a rotation).
+        self._key_file = None if os.environ.get(envelope.MASTER_KEY_ENV) else self._key_path()
+        self._key_file_seen = self._key_file_stamp()
         robots_kv = await ensure_bucket(self.runtime.js, subjects.ROBOTS_BUCKET, self.runtime.jetstream)
         self.directory = RobotDirectory(robots_kv, supervisor=self.tasks)
         await self.directory.start()
         # (tenant, robot, job id) -> (process, when the check expires)
         self._live_jobs: dict[tuple[str, str, str], tuple[str, float]] = {}
+        if self._key_file is not None:
+            self.tasks.periodic("secrets.key_file", self._reload_if_changed, KEY_FILE_CHECK_S)
 
     async def teardown(self) -> None:
+        await self.tasks.cancel("secrets.key_file")
         await self.directory.stop()
 
     def _derive_transport_keys(self) -> dict[str, X25519PrivateKey]:
         """The transport key of the current master key first, then those of older versions (a CLI may
         have sealed to one a moment before a rotation)."""
-        return {
-            sealing.public_text(key.public_key()): key
-            for key in [X25519PrivateKey.from_private_bytes(self.ring.derive(_TRANSPORT_PURPOSE))]
-        }
+        versions = [self.ring.current, *(v for v in reversed(self.ring.versions) if v != self.ring.current)]
+        keys = [X25519PrivateKey.from_private_bytes(self.ring.derive(_TRANSPORT_PURPOSE, v)) for v in versions]
+        return {sealing.public_text(key.public_key()): key for key in keys}
+
+    def _key_path(self) -> Path | None:
+        return self.runtime.data_dir / envelope.KEY_FILE if self.runtime.data_dir is not None else None
+
+    def _key_file_stamp(self) -> tuple[int, int] | None:
+        if self._key_file is None:
+            return None
+        try:
+            stat = self._key_file.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def _reload_keys(self) -> None:
+        """Read the master keys again; the ring in use stays when they cannot be read."""
+        stamp = self._key_file_stamp()
+        ring = envelope.load_ring(self.runtime.data_dir, create=False)
+        changed = (ring.current, ring.versions) != (self.ring.current, self.ring.versions)
+        self.ring, self._key_file_seen = ring, stamp
+        self._transport_keys = self._derive_transport_keys()
+        if changed:
+            self.log.info("secrets.master_keys_loaded", current=ring.current, versions=ring.versions)
+
+    async def _reload_if_changed(self) -> None:
+        if self._key_file_stamp() != self._key_file_seen:
+            self._reload_keys()
 
     # --- assets ---
 
@@ -374,6 +411,41 @@ class SecretsService(Service):
         ctx.log.info("secrets.robot_key_reset", robot=request.robot)
         return RobotKey(robot=request.robot, public_key=registered[0], registered_at=registered[1])
 
+    @endpoint(permission=Permission.SECRETS_ROTATE)
+    async def secrets_rewrap(self, request: SecretsRewrap, ctx: RequestContext) -> RewrapReport:
+        """Load the master keys again and rewrap every stored data key under the current one. Each value
+        is rewritten only if it is still the one read, so a secret set meanwhile is left as it is
+        (already under the current key); readers are never without a key that opens what they read."""
+        if self._key_file is not None:
+            self._reload_keys()
+        async with database.read(self.engine) as connection:
+            stored = await self.repo.all_values(connection)
+        rewrapped, failed = 0, []
+        for credential_id, tenant, name, value in stored:
+            if value.sealed.key_version == self.ring.current:
+                continue
+            try:
+                new = self.ring.rewrap(value.sealed, at_rest_context(tenant, name, value.scope))
+            except envelope.DecryptionFailed as exc:
+                failed.append(f"{tenant}/{name} ({value.scope.describe()}): {exc}")
+                continue
+            async with self.runtime.events.transaction() as tx:
+                if await self.repo.rewrap(tx.connection, credential_id, value.scope, value.sealed, new):
+                    rewrapped += 1
+        async with database.read(self.engine) as connection:
+            in_use: dict[str, int] = {}
+            for _, _, _, value in await self.repo.all_values(connection):
+                key = str(value.sealed.key_version)
+                in_use[key] = in_use.get(key, 0) + 1
+        ctx.log.info("secrets.rewrapped", current=self.ring.current, rewrapped=rewrapped, failed=len(failed))
+        return RewrapReport(
+            current_version=self.ring.current,
+            versions_loaded=self.ring.versions,
+            rewrapped=rewrapped,
+            in_use=in_use,
+            failed=failed,
+        )
+
     # --- the checks, in one place ---
 
     def _reader(self, ctx: RequestContext, named: str | None, permission: str) -> str | None:
@@ -443,8 +515,11 @@ class SecretsService(Service):
         return secret
 
     def _open_stored(self, record: CredentialRecord, value: SecretValueRecord) -> bytes:
+        context = at_rest_context(record.tenant, record.name, value.scope)
         try:
-            return self.ring.open(value.sealed, at_rest_context(record.tenant, record.name, value.scope))
+            if value.sealed.key_version not in self.ring.versions and self._key_file is not None:
+                self._reload_keys()  # written under a version another replica rotated to a moment ago
+            return self.ring.open(value.sealed, context)
         except envelope.DecryptionFailed as exc:
             self.log.error(
                 "secrets.decryption_failed", credential=record.name, scope=value.scope.describe(), reason=str(exc)

@@ -91,3 +91,19 @@ def test_secrets_are_refused_on_the_command_line(stack: Stack) -> None:
         assert_one_line_error(result, "not taken on the command line")
         assert result.returncode == 2
     assert_one_line_error(stack.herder("credential", "set", "empty", "--username", "u", stdin=""), "empty")
+
+
+def test_the_master_key_rotates_and_the_old_one_retires(stack: Stack) -> None:
+    made = stack.herder("credential", "set", "rotated", "--username", "u", stdin="Rotated-Secret-1")
+    assert made.returncode == 0, made.stderr
+    rotated = stack.herder("secrets", "rotate-key")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "version 2 is current" in rotated.stdout and "version 2:" in rotated.stdout
+    assert "version 1:" not in rotated.stdout  # every stored secret rewrapped
+    assert stack.herder("credential", "get", "rotated", "--reveal").stdout.strip() == "Rotated-Secret-1"
+    assert_one_line_error(stack.herder("secrets", "retire-key", "2"), "current one")
+    retired = stack.herder("secrets", "retire-key", "1")
+    assert retired.returncode == 0, retired.stderr
+    assert stack.herder("credential", "get", "rotated", "--reveal").stdout.strip() == "Rotated-Secret-1"
+    key_file = json.loads((Path(stack.up.data_dir) / "master.key").read_text())
+    assert sorted(key_file["keys"]) == ["2"] and key_file["current"] == 2

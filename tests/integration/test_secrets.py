@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -35,10 +36,13 @@ from herder.protocol.secrets import (
     CredentialListRequest,
     RobotKeySet,
     Scope,
+    SecretsRewrap,
 )
 from herder.services.common.credentials import ServiceCredential
+from herder.services.secrets import envelope
 from herder.services.secrets.repository import credential_values
-from tests.fleet import Fleet, python_process, running_fleet
+from herder.services.secrets.service import KEY_FILE_CHECK_S as SERVICE_KEY_CHECK_S
+from tests.fleet import Fleet, command_process, python_process, running_fleet
 from tests.support import connect_as, eventually
 
 PASSWORD = "s3cr3t-Pa55word-for-the-ERP"
@@ -280,3 +284,98 @@ async def test_the_secret_is_nowhere_on_the_bus_in_the_database_the_store_or_the
 
 def _files_holding(root: Path, data: bytes) -> list[Path]:
     return [path for path in root.rglob("*") if path.is_file() and data in path.read_bytes()]
+
+
+async def test_a_key_rotation_under_load_fails_no_read(fleet: Fleet, tmp_path: Path) -> None:
+    admin = fleet.client
+    names = [f"login-{n}" for n in range(4)]
+    for name in names:
+        await credentials.set_credential(admin, name, "user", f"Secret-of-{name}")
+    key_file = tmp_path / envelope.KEY_FILE
+    assert key_file.exists()
+    reads, failures = 0, []
+    stop = asyncio.Event()
+
+    async def read_forever(name: str) -> None:
+        nonlocal reads
+        while not stop.is_set():
+            try:
+                assert (await credentials.reveal_credential(admin, name)).secret == f"Secret-of-{name}"
+                reads += 1
+            except Exception as exc:  # every failure is one too many: kept, to be shown
+                failures.append(repr(exc))
+
+    readers = [asyncio.ensure_future(read_forever(name)) for name in names]
+    try:
+        await asyncio.sleep(0.3)
+        version = await asyncio.to_thread(envelope.add_version, key_file)
+        report = await admin.request(SecretsRewrap())
+        assert report.current_version == version == 2
+        assert report.rewrapped == len(names) and report.in_use == {"2": len(names)} and not report.failed
+        # Set during the rotation: written under the new version.
+        await credentials.set_credential(admin, "fresh", "user", "Secret-of-fresh")
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(envelope.retire_version, key_file, 1)
+        await asyncio.sleep(SERVICE_KEY_CHECK_S + 1.0)  # the service reads the file again
+        assert (await admin.request(SecretsRewrap())).versions_loaded == [2]
+        await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+    assert not failures, failures[:3]
+    assert reads > 20
+    assert (await credentials.reveal_credential(admin, "fresh")).secret == "Secret-of-fresh"
+
+
+RF_SUITE = """
+*** Settings ***
+Library    herder.robot.RobotLibrary
+
+*** Tasks ***
+Log In
+    ${login}=    Get Credential    erp
+    Should Be Equal    ${login.username}    robot-user
+    ${length}=    Get Length    ${login.password}
+    Should Be Equal As Integers    ${length}    PASSWORD_LENGTH
+    ${url}=    Get Asset    erp-url
+    Should Be Equal    ${url}    https://erp.example/
+""".replace("PASSWORD_LENGTH", str(len(PASSWORD)))
+
+# Runs the suite at the most talkative log level, then looks for the password in what it wrote.
+RF_RUN_AND_CHECK = """
+import os
+import sys
+from pathlib import Path
+
+import robot
+
+from herder.robot import sdk
+
+out = Path(os.environ["HERDER_JOB_DIR"]) / "rf"
+code = robot.run("suite.robot", outputdir=str(out), loglevel="TRACE", report="NONE", consolecolors="off")
+if code:
+    sys.exit(code)
+secret = sdk.credential("erp").password
+leaks = [name for name in ("output.xml", "log.html") if secret in (out / name).read_text()]
+print(f"leaks: {leaks}", flush=True)
+sys.exit(5 if leaks else 0)
+"""
+
+
+async def test_the_robot_framework_library_keeps_the_password_out_of_its_output(fleet: Fleet, tmp_path: Path) -> None:
+    await credentials.set_credential(fleet.client, "erp", "robot-user", PASSWORD)
+    await fleet.client.request(AssetSet(name="erp-url", type=AssetType.TEXT, value="https://erp.example/"))
+    await fleet.publish(
+        command_process(
+            tmp_path, "rf-login", [sys.executable, "check.py"], {"suite.robot": RF_SUITE, "check.py": RF_RUN_AND_CHECK}
+        )
+    )
+    token = await fleet.add_robot("r1")
+    agent = fleet.start_robot("r1", token)
+    await fleet.wait_robot("r1", RobotStatus.AVAILABLE, agent=agent)
+    job = await fleet.client.request(JobStart(process="rf-login", robot="r1"))
+    done = await fleet.wait_job(job.id, JobState.SUCCESSFUL, JobState.FAULTED, timeout=90.0)
+    lines = [line.message for line in await fleet.logs(job.id)]
+    assert done.state is JobState.SUCCESSFUL, (done.reason, lines[-20:])
+    assert "leaks: []" in lines
+    assert PASSWORD not in "\n".join(lines)
