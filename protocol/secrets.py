@@ -427,6 +427,8 @@ class CredentialChangedEvent(EventData):
     name: str
     scope: Scope | None
     change: str  # set | written | deleted
+    # Where the change came from: a robot's host, or what the client said (`Hd-Origin`).
+    origin: str | None = None
 
 
 class CredentialReadEvent(EventData):

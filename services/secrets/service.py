@@ -301,7 +301,11 @@ class SecretsService(Service):
                     record.processes = list(request.processes)
                 await self.repo.update_credential(tx.connection, record)
             await self._store_secret(tx, record, request.scope, request.username, secret, request.expires_on, ctx)
-            _emit(tx, ctx, CredentialChangedEvent(name=record.name, scope=request.scope, change="set"))
+            _emit(
+                tx,
+                ctx,
+                CredentialChangedEvent(name=record.name, scope=request.scope, change="set", origin=self._origin(ctx)),
+            )
         return await self._credential_info(ctx.tenant, request.name)
 
     @endpoint(permission=Permission.CREDENTIALS_READ)
@@ -324,7 +328,13 @@ class SecretsService(Service):
                 if not await self.repo.delete_credential_value(tx.connection, record.id, request.scope):
                     raise NotFound(f"credential {request.name!r} has no {request.scope.describe()} value")
                 record.values = [value for value in record.values if value.scope != request.scope]
-            _emit(tx, ctx, CredentialChangedEvent(name=record.name, scope=request.scope, change="deleted"))
+            _emit(
+                tx,
+                ctx,
+                CredentialChangedEvent(
+                    name=record.name, scope=request.scope, change="deleted", origin=self._origin(ctx)
+                ),
+            )
         return _credential_info(record)
 
     @endpoint(permission=Permission.SECRETS_REVEAL)
@@ -381,7 +391,11 @@ class SecretsService(Service):
             current = next((value for value in record.values if value.scope == scope), None)
             expires = current.expires_on if current is not None else None
             await self._store_secret(tx, record, scope, request.username, secret, expires, ctx)
-            _emit(tx, ctx, CredentialChangedEvent(name=record.name, scope=scope, change="written"))
+            _emit(
+                tx,
+                ctx,
+                CredentialChangedEvent(name=record.name, scope=scope, change="written", origin=self._origin(ctx)),
+            )
         return await self._credential_info(ctx.tenant, request.name)
 
     @endpoint(permission=Permission.ROBOT_AGENT)

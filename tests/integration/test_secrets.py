@@ -379,3 +379,33 @@ async def test_the_robot_framework_library_keeps_the_password_out_of_its_output(
     assert done.state is JobState.SUCCESSFUL, (done.reason, lines[-20:])
     assert "leaks: []" in lines
     assert PASSWORD not in "\n".join(lines)
+
+
+WRITES_ITS_CREDENTIAL = """
+from herder.robot import sdk
+
+def main():
+    sdk.set_credential("rotating-login", "robot-user", "Changed-By-The-Robot-9")
+    try:
+        sdk.set_credential("fixed-login", "robot-user", "Not-Allowed-1")
+    except sdk.CallError as exc:
+        return {"refused": exc.code}
+    return {"refused": None}
+"""
+
+
+async def test_a_robot_writes_a_credential_it_may_write_and_no_other(fleet: Fleet, tmp_path: Path) -> None:
+    await credentials.set_credential(fleet.client, "rotating-login", "robot-user", "Before-1", robots_may_write=True)
+    await credentials.set_credential(fleet.client, "fixed-login", "robot-user", "Fixed-1")
+    await fleet.publish(python_process(tmp_path, "changer", WRITES_ITS_CREDENTIAL))
+    token = await fleet.add_robot("r1")
+    agent = fleet.start_robot("r1", token)
+    await fleet.wait_robot("r1", RobotStatus.AVAILABLE, agent=agent)
+    job = await fleet.client.request(JobStart(process="changer", robot="r1"))
+    done = await fleet.wait_job(job.id, JobState.SUCCESSFUL, JobState.FAULTED, timeout=60.0)
+    assert done.state is JobState.SUCCESSFUL, done.reason
+    assert done.output == {"refused": "forbidden"}
+    assert (await credentials.reveal_credential(fleet.client, "rotating-login")).secret == "Changed-By-The-Robot-9"
+    assert (await credentials.reveal_credential(fleet.client, "fixed-login")).secret == "Fixed-1"
+    logged = json.dumps([line.model_dump(mode="json") for line in await fleet.logs(job.id)])
+    assert "Changed-By-The-Robot-9" not in logged
