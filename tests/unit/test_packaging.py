@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"protocol", "services", "robot", "coordinator", "cli", "client", "packaging"}
 # Only the commands that run services (`herder up`, `service run`, `db upgrade`) or set up their
 # servers (`herder fence`) may load them.
-SERVICE_RUNNERS = {ROOT / "cli" / "stack.py", ROOT / "cli" / "fence.py"}
+# The CLI's commands that run services or tend a local stack's own files (its fence, its master key).
+SERVICE_RUNNERS = {ROOT / "cli" / "stack.py", ROOT / "cli" / "fence.py", ROOT / "cli" / "secrets.py"}
 
 
 def _declared() -> set[str]:
