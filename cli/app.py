@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from herder.cli import fence, jobs, packages, queues, robots, secrets, stack, status, tap, tokens
+from herder.cli import fence, jobs, packages, queues, robots, secrets, stack, status, storage, tap, tokens
 from herder.cli.output import asks_for_json, refuse_tokens_in_arguments, report_errors
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.add_typer(jobs.job_app, name="job")
 app.add_typer(queues.queue_app, name="queue")
 app.add_typer(secrets.asset_app, name="asset")
 app.add_typer(secrets.credential_app, name="credential")
+app.add_typer(storage.storage_app, name="storage")
 app.add_typer(secrets.secrets_app, name="secrets")
 app.add_typer(fence.fence_app, name="fence")
 

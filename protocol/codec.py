@@ -8,6 +8,7 @@ client (and the `nats` CLI) can integrate. Metadata rides in NATS headers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from typing import Any, TypeVar
 
 import msgpack
@@ -63,11 +64,21 @@ def check_size(data: bytes, what: str = "message", max_payload: int = MAX_PAYLOA
 
 
 def dump(model: Model, content_type: str = MSGPACK) -> bytes:
-    """Encode a model as `content_type`."""
+    """Encode a model as `content_type`. A model's top-level `bytes` fields (a chunk of a file) travel
+    as msgpack bin, and in JSON as the model's config says (base64)."""
     if content_type == JSON:
         return model.model_dump_json().encode()
-    packed: bytes = msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+    binary = _binary_fields(type(model))
+    plain = model.model_dump(mode="json", exclude=set(binary) if binary else None)
+    for name in binary:
+        plain[name] = getattr(model, name)
+    packed: bytes = msgpack.packb(plain, use_bin_type=True)
     return packed
+
+
+@cache
+def _binary_fields(model_cls: type[Model]) -> tuple[str, ...]:
+    return tuple(name for name, field in model_cls.model_fields.items() if field.annotation is bytes)
 
 
 def load(model_cls: type[M], data: bytes, content_type: str = MSGPACK) -> M:

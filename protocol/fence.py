@@ -53,6 +53,13 @@ ROBOT_VERBS: tuple[tuple[str, str], ...] = (
     ("secrets", "credential_fetch"),
     ("secrets", "credential_write"),
     ("secrets", "robot_key_set"),
+    ("storage", "file_list"),
+    ("storage", "file_delete"),
+    ("storage", "download"),
+    ("storage", "upload_begin"),
+    ("storage", "upload_chunk"),
+    ("storage", "upload_end"),
+    ("storage", "upload_cancel"),
 )
 
 # The NATS service API's discovery subjects: a client may ask who serves what (`herder status`).

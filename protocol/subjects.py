@@ -12,6 +12,7 @@ fence a tenant or a robot by subject:
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass
 
@@ -65,6 +66,12 @@ def packages_bucket(tenant: str) -> str:
     return f"HERDER_PACKAGES_{check_tenant(tenant)}"
 
 
+def storage_bucket(tenant: str) -> str:
+    """The object store of a tenant's storage buckets' files: `HERDER_STORAGE_<tenant>`, one object per
+    file (named `<bucket id>/<path>`), and each chunk of an upload in progress staged as its own object."""
+    return f"HERDER_STORAGE_{check_tenant(tenant)}"
+
+
 def object_store_stream(bucket: str) -> str:
     """The JetStream stream behind an object store."""
     return f"OBJ_{bucket}"
@@ -73,6 +80,11 @@ def object_store_stream(bucket: str) -> str:
 def object_chunks(bucket: str, nuid: str) -> str:
     """Where the chunks of one object of an object store are: `$O.<bucket>.C.<nuid>`."""
     return f"$O.{bucket}.C.{check_token(nuid, 'object id')}"
+
+
+def object_meta(bucket: str, name: str) -> str:
+    """Where the metadata of the object `name` of an object store is: `$O.<bucket>.M.<name in base64url>`."""
+    return f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
 
 
 def object_store_writes(bucket: str) -> tuple[str, str]:

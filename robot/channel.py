@@ -52,6 +52,7 @@ import structlog
 from pydantic import ValidationError
 
 from herder.client import sealing
+from herder.client import storage as storage_files
 from herder.client.backoff import backoff
 from herder.client.requests import Client
 from herder.protocol import codec
@@ -75,6 +76,7 @@ from herder.protocol.secrets import (
     credential_fetch_context,
     credential_write_context,
 )
+from herder.protocol.storage import FileDelete, FileListRequest
 from herder.robot import sdk
 from herder.robot.masking import Masks
 from herder.robot.runner import LineSplitter
@@ -115,6 +117,13 @@ VERBS: Mapping[str, type[Request[Any]]] = {
 SECRET_VERBS = ("credential_get", "credential_set")
 _CREDENTIAL_GET_FIELDS = frozenset({"name"})
 _CREDENTIAL_SET_FIELDS = frozenset({"name", "username", "password", "own"})
+# Verbs the agent serves itself for storage buckets: it reads the local file of a put and writes the
+# one of a get itself (script and agent run as one user on one machine), streaming it with
+# `herder.client.storage`; a list or a delete goes to the storage service as it is.
+STORAGE_VERBS = ("storage_put", "storage_get", "storage_list", "storage_delete")
+_STORAGE_FILE_FIELDS = frozenset({"bucket", "path", "local_file"})
+_STORAGE_LIST_FIELDS = frozenset({"bucket", "prefix", "cursor"})
+_STORAGE_DELETE_FIELDS = frozenset({"bucket", "path"})
 
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(\d{1,16})\s*[,}]')
 _FOLDER_NAME = re.compile(re.escape(FOLDER_PREFIX) + r"(\d{1,10})-[A-Za-z0-9_]+")
@@ -169,9 +178,10 @@ def parse_call(kept: bytes, length: int) -> Call:
     if not isinstance(call_id, int) or isinstance(call_id, bool) or not 0 <= call_id <= MAX_CALL_ID:
         raise BadCall(f'the request needs an "id": a whole number from 0 to {MAX_CALL_ID}', None)
     verb = message.get("verb")
-    if not isinstance(verb, str) or (verb not in VERBS and verb not in SECRET_VERBS):
+    if not isinstance(verb, str) or (verb not in VERBS and verb not in SECRET_VERBS and verb not in STORAGE_VERBS):
         shown = repr(verb)[:60]
-        raise BadCall(f"the channel serves no verb {shown}; it serves {', '.join((*VERBS, *SECRET_VERBS))}", call_id)
+        served = ", ".join((*VERBS, *SECRET_VERBS, *STORAGE_VERBS))
+        raise BadCall(f"the channel serves no verb {shown}; it serves {served}", call_id)
     body = message.get("body", {})
     if not isinstance(body, dict):
         raise BadCall(f'the "body" of {verb} must be a JSON object', call_id)
@@ -473,6 +483,8 @@ class Channel:
                 await writer.drain()
 
     async def serve(self, call: Call) -> dict[str, Any]:
+        if call.verb in STORAGE_VERBS:
+            return await self._storage(call)
         """Send one call to herder as the robot and return the reply as JSON values; herder's errors raise."""
         if call.verb == "credential_get":
             return await self._credential_get(call)
@@ -569,6 +581,27 @@ class Channel:
         self.masks.add(password)
         return {}
 
+    async def _storage(self, call: Call) -> dict[str, Any]:
+        """A storage call: a put or a get moves the local file itself; a list or a delete is sent as it is."""
+        if call.verb == "storage_list":
+            _only(call, _STORAGE_LIST_FIELDS)
+            listed = await self._send(call.verb, _validated(FileListRequest, call.verb, call.body))
+            return listed.model_dump(mode="json")
+        if call.verb == "storage_delete":
+            _only(call, _STORAGE_DELETE_FIELDS)
+            deleted = await self._send(call.verb, _validated(FileDelete, call.verb, call.body))
+            return deleted.model_dump(mode="json")
+        _only(call, _STORAGE_FILE_FIELDS)
+        # Checked here, before any file is touched: the bucket's name and the path in it.
+        named = _validated(FileDelete, call.verb, {"bucket": call.body.get("bucket"), "path": call.body.get("path")})
+        local_file = call.body.get("local_file")
+        if not isinstance(local_file, str) or not os.path.isabs(local_file):
+            raise BadRequest(f"{call.verb}: 'local_file' is the local file's absolute path (the SDK makes it so)")
+        move = storage_files.upload if call.verb == "storage_put" else storage_files.download
+        info = await move(self._client, named.bucket, named.path, local_file)
+        self._log.info(f"channel.{call.verb}", bucket=info.bucket, path=info.path, size=info.size)
+        return info.model_dump(mode="json")
+
     async def _reach(self, request: Request[R]) -> R:
         if not self._client.nc.is_connected:
             raise Unavailable(
@@ -581,6 +614,7 @@ class Channel:
 __all__ = [
     "MAX_LINE_BYTES",
     "SECRET_VERBS",
+    "STORAGE_VERBS",
     "VERBS",
     "BadCall",
     "Call",

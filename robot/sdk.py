@@ -23,6 +23,14 @@ Run by hand (`python -c "import hello; print(hello.main({}))"`), the same script
 herder: `job_input()` is `{}`, `should_stop()` is `False`, `sdk.log` prints readable lines to
 stderr and `set_output` prints the output there too.
 
+Files in storage buckets, shared with people and other processes, through the robot too (it reads and
+writes the local files itself):
+
+    shared = sdk.storage("finance")
+    shared.get("in/invoices.xlsx", "invoices.xlsx")
+    shared.put("out/report.pdf", "report.pdf")
+    names = [f["path"] for f in shared.list("out/")]
+
 Work queues, through the robot that runs the script (it holds the token; the script never does):
 
     invoices = sdk.queue("invoices")
@@ -89,6 +97,7 @@ __all__ = [
     "QueueError",
     "Queues",
     "Secret",
+    "Storage",
     "asset",
     "credential",
     "job_input",
@@ -99,6 +108,7 @@ __all__ = [
     "set_credential",
     "set_output",
     "should_stop",
+    "storage",
 ]
 
 
@@ -323,11 +333,11 @@ QueueError = CallError
 
 
 class NotOnRobot(RuntimeError):
-    """A call from a script that no robot runs: queues, assets and credentials are reached through the robot only."""
+    """A call from a script no robot runs: queues, assets, credentials and storage are reached through a robot."""
 
     def __init__(self) -> None:
         super().__init__(
-            "queues, assets and credentials need a robot: run this script as a herder job, or by hand on an "
+            "queues, assets, credentials and storage need a robot: run this script as a herder job, or by hand on an "
             "attended robot with "
             f"'herder robot run ROBOT --run PROCESS' ({ENV_CHANNEL} is not set: no robot runs this script)"
         )
@@ -406,6 +416,82 @@ def _name(name: object, what: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{what}'s name is a str, not {type(name).__name__}")
     return name
+
+
+# --- storage buckets, through the run's channel: the agent moves the local files itself ---
+
+# A put or a get moves a whole file before the agent answers (the agent bounds each of its requests to
+# herder): this only bounds the wait on an agent that stopped answering at all.
+STORAGE_CALL_TIMEOUT_S = 3600.0
+
+
+class Storage:
+    """A storage bucket, as a script reaches it through its robot; see `sdk.storage`.
+
+    A file is described by a dict: `bucket`, `path`, `size`, `sha256`, `content_type`, `updated_at`
+    (ISO 8601) and `updated_by`. herder's refusals raise `CallError` (`not_found`: no such bucket or
+    file; `forbidden`: the bucket does not let this robot in; `bad_request`: over a limit, or a path
+    that is not one, like `reports/june.xlsx`).
+    """
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+
+    def __repr__(self) -> str:
+        return f"Storage({self.bucket!r})"
+
+    def put(self, path: str, local_file: str | os.PathLike[str]) -> dict[str, Any]:
+        """Upload `local_file` to `path` in the bucket, replacing the file there; the file as stored.
+        Nothing is stored unless all of it arrives intact."""
+        body = {"bucket": self.bucket, "path": _storage_path(path), "local_file": _local_file(local_file)}
+        return _link().call("storage_put", body, timeout_s=STORAGE_CALL_TIMEOUT_S)
+
+    def get(self, path: str, local_file: str | os.PathLike[str]) -> dict[str, Any]:
+        """Download `path` of the bucket to `local_file` (into it when it is a folder); the file's info.
+        The local file is replaced only once the whole file has arrived with the right sha256."""
+        body = {"bucket": self.bucket, "path": _storage_path(path), "local_file": _local_file(local_file)}
+        return _link().call("storage_get", body, timeout_s=STORAGE_CALL_TIMEOUT_S)
+
+    def list(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The files whose paths start with `prefix` (every file when empty), by path."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"a prefix is a str, not {type(prefix).__name__}")
+        link = _link()
+        found: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            body: dict[str, Any] = {"bucket": self.bucket, "prefix": prefix}
+            if cursor is not None:
+                body["cursor"] = cursor
+            reply = link.call("storage_list", body)
+            found += list(reply.get("files") or [])
+            cursor = reply.get("next_cursor")
+            if not cursor:
+                return found
+
+    def delete(self, path: str) -> dict[str, Any]:
+        """Delete `path` from the bucket; the file as it was."""
+        return _call(None, "storage_delete", {"bucket": self.bucket, "path": _storage_path(path)})
+
+
+def storage(bucket: str) -> Storage:
+    """The storage bucket `bucket`, reached through the robot that runs the script."""
+    if not isinstance(bucket, str):
+        raise TypeError(f"a bucket's name is a str, not {type(bucket).__name__}")
+    return Storage(bucket)
+
+
+def _storage_path(path: object) -> str:
+    if not isinstance(path, str):
+        raise TypeError(f"a path in a bucket is a str like 'reports/june.xlsx', not {type(path).__name__}")
+    return path
+
+
+def _local_file(local_file: object) -> str:
+    """A local file as the agent takes it: absolute (the agent does not run in the script's folder)."""
+    if not isinstance(local_file, str | os.PathLike):
+        raise TypeError(f"a local file is a str or a path, not {type(local_file).__name__}")
+    return os.path.abspath(os.fspath(local_file))
 
 
 @dataclass(eq=False)
@@ -840,8 +926,10 @@ class _Link:
         self._connection: _Connection | None = None
         self._ids = itertools.count(1)
 
-    def call(self, verb: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Send one call and wait for its reply; `QueueError` for an error answer (or none)."""
+    def call(self, verb: str, body: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Send one call and wait for its reply (up to `timeout_s`, CHANNEL_CALL_TIMEOUT_S by default);
+        `QueueError` for an error answer (or none)."""
+        wait_s = CHANNEL_CALL_TIMEOUT_S if timeout_s is None else timeout_s
         try:
             encoded = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
@@ -870,11 +958,9 @@ class _Link:
                     "unavailable",
                     f"the channel to the robot agent broke ({exc.strerror or exc}); the run may be ending",
                 ) from None
-        if not waiter.done.wait(CHANNEL_CALL_TIMEOUT_S):
+        if not waiter.done.wait(wait_s):
             connection.answered(call_id)
-            raise QueueError(
-                "unavailable", f"the robot agent did not answer {verb} within {CHANNEL_CALL_TIMEOUT_S:g} s"
-            )
+            raise QueueError("unavailable", f"the robot agent did not answer {verb} within {wait_s:g} s")
         error = waiter.answer.get("error")
         if error is not None:
             if not isinstance(error, dict):

@@ -19,6 +19,7 @@ _CLASSES = {
     "jobs": "herder.services.jobs.service:JobsService",
     "queues": "herder.services.queues.service:QueuesService",
     "secrets": "herder.services.secrets.service:SecretsService",
+    "storage": "herder.services.storage.service:StorageService",
 }
 
 NAMES: tuple[str, ...] = tuple(_CLASSES)

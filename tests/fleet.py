@@ -1,8 +1,9 @@
 """A whole herder on a test's nats-server and database, with real robot agents as subprocesses.
 
-`Fleet` runs the auth, registry, packages, jobs and queues services in one `ServiceHost`, holds an admin
-client, registers robots, starts `herder robot run` for them as child processes (so that they can
-be killed with SIGKILL like any real robot), publishes process folders, and waits on jobs.
+`Fleet` runs the auth, registry, packages, jobs, queues, secrets and storage services in one
+`ServiceHost`, holds an admin client, registers robots, starts `herder robot run` for them as child
+processes (so that they can be killed with SIGKILL like any real robot), publishes process folders,
+and waits on jobs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from herder.services.packages.service import PackagesService
 from herder.services.queues.service import QueuesService
 from herder.services.registry.service import RegistryService
 from herder.services.secrets.service import SecretsService
+from herder.services.storage.service import StorageService
 from tests.conftest import running_stack
 from tests.support import eventually
 
@@ -45,6 +47,7 @@ ALL_SERVICES: tuple[type[Service], ...] = (
     JobsService,
     QueuesService,
     SecretsService,
+    StorageService,
 )
 HEARTBEAT_S = 0.5
 ROBOT_CONNECT_TIMEOUT_S = 30.0

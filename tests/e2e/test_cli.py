@@ -25,7 +25,15 @@ def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
     assert status.returncode == 0, status.stderr
     assert "auth" in status.stdout and "database  sqlite  ok" in status.stdout
     report = json.loads(herder("status", "--json", env=up.env).stdout)
-    assert [s["name"] for s in report["services"]] == ["auth", "jobs", "packages", "queues", "registry", "secrets"]
+    assert [s["name"] for s in report["services"]] == [
+        "auth",
+        "jobs",
+        "packages",
+        "queues",
+        "registry",
+        "secrets",
+        "storage",
+    ]
     assert report["database"]["ok"] is True and report["nats"]["jetstream"]["streams"] >= 2
 
     tap = subprocess.Popen(
@@ -132,6 +140,7 @@ def test_db_upgrade(tmp_path: Path) -> None:
         "queues_0002",
         "registry_0001",
         "secrets_0001",
+        "storage_0001",
     ]
     assert_one_line_error(herder("db", "upgrade", "--db", "sqlite:////no/such/dir/h.db"), "does not exist")
 

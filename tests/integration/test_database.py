@@ -18,6 +18,7 @@ from herder.services.packages import repository as packages_repository
 from herder.services.queues import repository as queues_repository
 from herder.services.registry import repository as registry_repository
 from herder.services.secrets import repository as secrets_repository
+from herder.services.storage import repository as storage_repository
 
 
 def _metadata() -> MetaData:
@@ -31,6 +32,7 @@ def _metadata() -> MetaData:
         jobs_repository.metadata,
         queues_repository.metadata,
         secrets_repository.metadata,
+        storage_repository.metadata,
     )
     for source in sources:
         for table in source.tables.values():
@@ -54,6 +56,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "jobs_0002",
                 "queues_0002",
                 "secrets_0001",
+                "storage_0001",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing

@@ -25,6 +25,7 @@ from herder.robot import sdk
 from herder.robot.channel import (
     MAX_LINE_BYTES,
     SECRET_VERBS,
+    STORAGE_VERBS,
     VERBS,
     BadCall,
     Call,
@@ -57,9 +58,13 @@ def test_the_channel_serves_the_item_and_asset_verbs_and_nothing_else() -> None:
     items = {"item_add", "item_next", "item_result", "item_postpone", "item_progress"}
     assert set(VERBS) == items | {"asset_get", "asset_write"}
     assert SECRET_VERBS == ("credential_get", "credential_set")
+    assert STORAGE_VERBS == ("storage_put", "storage_get", "storage_list", "storage_delete")
     # Every verb it serves is one the fence lets a robot call: the agent sends them with its own token.
     assert {(model.service, model.verb) for model in VERBS.values()} <= set(fence.ROBOT_VERBS)
     assert {("secrets", "credential_fetch"), ("secrets", "credential_write")} <= set(fence.ROBOT_VERBS)
+    # What the agent sends for the storage verbs (`herder.client.storage`), with the robot's own token.
+    storage = {"file_list", "file_delete", "download", "upload_begin", "upload_chunk", "upload_end", "upload_cancel"}
+    assert {("storage", verb) for verb in storage} <= set(fence.ROBOT_VERBS)
     assert all(verb == model.verb for verb, model in VERBS.items())
 
 
@@ -270,6 +275,28 @@ async def test_the_socket_is_private_and_goes_with_its_folder(served: tuple[Chan
     await channel.close()
     assert not channel.path.parent.exists()
     await channel.close()  # twice is fine
+
+
+@pytest.mark.parametrize(
+    ("verb", "body", "fragment"),
+    [
+        ("storage_put", {"bucket": "b", "path": "p", "local_file": "/tmp/x", "mode": "w"}, "unknown fields mode"),
+        ("storage_put", {"bucket": "b", "path": "p", "local_file": "relative.txt"}, "absolute path"),
+        ("storage_get", {"bucket": "b", "path": "p"}, "absolute path"),
+        ("storage_get", {"bucket": "b", "path": "../etc/passwd", "local_file": "/tmp/x"}, "'..' part"),
+        ("storage_put", {"bucket": "a.b", "path": "p", "local_file": "/tmp/x"}, "bucket"),
+        ("storage_list", {"bucket": "b", "local_file": "/tmp/x"}, "unknown fields local_file"),
+        ("storage_list", {"bucket": "b", "prefix": "/"}, "prefix"),
+        ("storage_delete", {"bucket": "b", "path": "a//b"}, "empty part"),
+    ],
+)
+async def test_storage_calls_are_checked_before_any_file_or_herder_is_touched(
+    served: tuple[Channel, StandInClient], verb: str, body: dict[str, Any], fragment: str
+) -> None:
+    channel, client = served
+    with pytest.raises(BadRequest, match=fragment):
+        await channel.serve(Call(1, verb, body))
+    assert client.seen == []
 
 
 async def test_calls_in_flight_are_answered_by_id_as_they_finish(served: tuple[Channel, StandInClient]) -> None:

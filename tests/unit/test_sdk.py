@@ -263,7 +263,7 @@ def answer_with(**replies: dict[str, Any]) -> Answer:
 @pytest.mark.usefixtures("outside_herder")
 def test_outside_herder_a_queue_call_says_queues_need_a_robot() -> None:
     invoices = sdk.queue("invoices")  # naming a queue is fine; using it needs a robot
-    needs = r"queues, assets and credentials need a robot: run this script as a herder job"
+    needs = r"queues, assets, credentials and storage need a robot: run this script as a herder job"
     with pytest.raises(sdk.NotOnRobot, match=needs) as refused:
         invoices.next()
     assert "herder robot run ROBOT --run PROCESS" in str(refused.value)

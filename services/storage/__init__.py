@@ -1,0 +1,1 @@
+"""The storage service: named buckets of files robots and people share, in the JetStream object store."""

@@ -1,0 +1,1 @@
+"""Alembic revisions of the storage service (branch `storage`)."""
