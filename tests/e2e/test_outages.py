@@ -37,7 +37,9 @@ from herder.protocol.registry import RobotListRequest
 from tests.e2e.harness import HERDER, herder, processes_under
 from tests.support import connect_postgres, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Four stacks of seven service processes each, outages of up to 60 s: more than the suite's 180 s a
+# test may take on a busy 2-core machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
 HEARTBEAT_S = "0.5"
 # Scripts print a step every PAUSE_S seconds.
