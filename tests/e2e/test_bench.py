@@ -173,3 +173,36 @@ def test_the_queues_benchmark_refuses_nonsense_options() -> None:
     )
     assert done.returncode == 2
     assert "--batch must be at most 1000" in done.stderr
+
+
+SECRETS = BENCH.parent / "bench_secrets.py"
+
+
+def test_the_secrets_benchmark_fetches_sealed_credentials_and_counts_every_one() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SECRETS),
+            "--json",
+            "--robots=3",
+            "--fetches=60",
+            "--warmup=5",
+            "--paced-rate=0",
+            "--crypto-ops=50",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    runs = report["results"]["sqlite"]["runs"]
+    for mode in ("sealed", "unsealed"):
+        run = runs[mode]
+        assert (run["fetches"], run["mismatches"], run["errors"]) == (60, 0, 0)
+        assert run["fetches_per_s"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"]
+        assert run["cpu"]["services_us"] > 0
+    crypto = report["results"]["sqlite"]["crypto"]
+    assert crypto["per_fetch_us"] > 0
+    assert report["targets_met"]["mismatches and errors == 0, every run"] is True
