@@ -886,10 +886,11 @@ def render(results: list[Result], args: argparse.Namespace, env: dict[str, Any])
     ]
     for result in results:
         c = result.crypto
-        share = c.per_fetch_us / (result.single["sealed"].p50_ms * 1e3) * 100
+        p50_us = result.single["sealed"].p50_ms * 1e3
+        share = f"{c.per_fetch_us / p50_us * 100:>20.1f}%" if p50_us else f"{'-':>21}"
         lines.append(
             f"  {result.database:<9} {c.ring_seal_us:>10.1f} {c.ring_open_us:>10.1f} {c.box_seal_us:>10.1f} "
-            f"{c.box_open_us:>10.1f} {c.per_fetch_us:>10.1f} {share:>20.1f}%"
+            f"{c.box_open_us:>10.1f} {c.per_fetch_us:>10.1f} {share}"
         )
     lines += [
         "    ring: the master key's envelope (seal: a credential stored; open: once per fetch); box: sealed to the",
