@@ -104,6 +104,17 @@ def _scope(row: Any) -> Scope:
     return Scope(kind=kind, name=row.scope_name or None)
 
 
+def _secret_value(row: Any) -> SecretValueRecord:
+    return SecretValueRecord(
+        scope=_scope(row),
+        username=row.username,
+        expires_on=row.expires_on,
+        sealed=Sealed(row.key_version, bytes(row.wrapped_key), bytes(row.ciphertext)),
+        updated_at=row.updated_at,
+        updated_by=row.updated_by,
+    )
+
+
 @dataclass
 class ValueRecord:
     scope: Scope
@@ -265,16 +276,7 @@ class SecretsRepository:
                 .order_by(credential_values.c.scope_kind, credential_values.c.scope_name)
             )
             for row in rows:
-                found[row.credential_id].values.append(
-                    SecretValueRecord(
-                        scope=_scope(row),
-                        username=row.username,
-                        expires_on=row.expires_on,
-                        sealed=Sealed(row.key_version, bytes(row.wrapped_key), bytes(row.ciphertext)),
-                        updated_at=row.updated_at,
-                        updated_by=row.updated_by,
-                    )
-                )
+                found[row.credential_id].values.append(_secret_value(row))
         return list(found.values())
 
     async def credential(self, connection: AsyncConnection, tenant: str, name: str) -> CredentialRecord | None:
@@ -370,14 +372,7 @@ class SecretsRepository:
                 row.id,
                 row.tenant,
                 row.name,
-                SecretValueRecord(
-                    scope=_scope(row),
-                    username=row.username,
-                    expires_on=row.expires_on,
-                    sealed=Sealed(row.key_version, bytes(row.wrapped_key), bytes(row.ciphertext)),
-                    updated_at=row.updated_at,
-                    updated_by=row.updated_by,
-                ),
+                _secret_value(row),
             )
             for row in rows
         ]
