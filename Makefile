@@ -35,7 +35,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/mypy -p herder.protocol -p herder.services -p herder.robot -p herder.coordinator -p herder.cli -p herder.client -p herder.packaging
 	$(BIN)/mypy -p tests --exclude tests/bench
 	@# The benchmarks run as scripts and import benchlib from their own folder.
-	cd tests/bench && $(abspath $(BIN))/mypy --config-file ../../pyproject.toml --cache-dir ../../.mypy_cache benchlib.py bench_rpc.py bench_dispatch.py bench_queues.py bench_secrets.py
+	cd tests/bench && $(abspath $(BIN))/mypy --config-file ../../pyproject.toml --cache-dir ../../.mypy_cache benchlib.py bench_rpc.py bench_dispatch.py bench_queues.py bench_secrets.py bench_scheduler.py
 
 demo: $(STAMP) ## An embedded stack in a temporary folder, a robot, four jobs (run, stopped, killed)
 	HERDER=$(BIN)/herder deploy/demo.sh
@@ -45,6 +45,7 @@ bench: $(STAMP) ## Run the benchmarks and print their figures
 	$(BIN)/python tests/bench/bench_dispatch.py
 	$(BIN)/python tests/bench/bench_queues.py
 	$(BIN)/python tests/bench/bench_secrets.py
+	$(BIN)/python tests/bench/bench_scheduler.py
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .mypy-path .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from herder.cli import fence, jobs, packages, queues, robots, secrets, stack, status, storage, tap, tokens
+from herder.cli import fence, jobs, packages, queues, robots, secrets, stack, status, storage, tap, tokens, triggers
 from herder.cli.output import asks_for_json, refuse_tokens_in_arguments, report_errors
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.add_typer(robots.robot_app, name="robot")
 app.add_typer(packages.package_app, name="package")
 app.add_typer(jobs.job_app, name="job")
 app.add_typer(queues.queue_app, name="queue")
+app.add_typer(triggers.trigger_app, name="trigger")
 app.add_typer(secrets.asset_app, name="asset")
 app.add_typer(secrets.credential_app, name="credential")
 app.add_typer(storage.storage_app, name="storage")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Any, TextIO
 
 import typer
@@ -27,7 +28,7 @@ from herder.cli.output import Column, WideOption, fail, print_json, print_table,
 from herder.client.follow import JobFollower
 from herder.client.requests import Client
 from herder.protocol import codec, subjects
-from herder.protocol.errors import BadRequest
+from herder.protocol.errors import BadRequest, NotFound
 from herder.protocol.jobs import (
     DEFAULT_LOST_AFTER_S,
     MAX_INPUT_BYTES,
@@ -218,11 +219,20 @@ def show(
     bundle: BundleOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Show one job: where it runs, its state and why, its input and output."""
+    """Show one job: where it runs, its state and why, its input and output, and its chain: the trigger or
+    the job that started it, and the jobs it started."""
     request = JobShow(id=job_id)  # a malformed id is refused before connecting
-    job = call(resolve(data_dir, url, token_file, bundle), lambda c: c.request(request))
+    stack = resolve(data_dir, url, token_file, bundle)
+    chain = run(lambda: _chain_of(stack, request))
+    job = chain.job
     if json_out:
-        print_json(job)
+        print_json(
+            {
+                **job.model_dump(mode="json"),
+                "parent": _brief(chain.parent) if chain.parent is not None else None,
+                "children": [_brief(child) for child in chain.children],
+            }
+        )
         return
     target = f"robot {job.target_robot}" if job.target_robot else f"group {job.target_group}"
     fields = [
@@ -245,8 +255,66 @@ def show(
     ]
     if job.error:
         fields.append(("error", job.error))
+    fields += _chain_fields(chain)
     for label, value in fields:
-        print(f"{label:<14} {value}")
+        print(f"{label:<14} {value}" if label else f"  {value}")
+
+
+# `job show` lists at most this many of the jobs a job started, the newest.
+CHILDREN_SHOWN = 100
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A job with the job that started it (None when none did, or it is not found) and the jobs it
+    started, oldest first."""
+
+    job: JobInfo
+    parent: JobInfo | None
+    children: list[JobInfo]
+
+
+async def _chain_of(target: Target, request: JobShow) -> _Chain:
+    async with connected(target, "herder-cli") as nc:
+        client = Client(nc, token=target.token, tenant=target.tenant)
+        job = await client.request(request)
+
+        async def parent() -> JobInfo | None:
+            if job.parent_job is None:
+                return None
+            try:
+                return await client.request(JobShow(id=job.parent_job))
+            except NotFound:
+                return None
+
+        started, listed = await asyncio.gather(
+            parent(), client.request(JobListRequest(parent_job=job.id, limit=CHILDREN_SHOWN))
+        )
+    return _Chain(job=job, parent=started, children=listed.jobs[::-1])
+
+
+def _brief(job: JobInfo) -> dict[str, Any]:
+    """A job of a chain, as `job show --json` gives it."""
+    return {"id": job.id, "process": job.process, "version": job.version, "state": job.state.value, "robot": job.robot}
+
+
+def _chain_fields(chain: _Chain) -> list[tuple[str, str]]:
+    """The lines of `job show` about its chain: the trigger, the parent, the children (one line each, unlabelled)."""
+    job = chain.job
+    fields: list[tuple[str, str]] = []
+    if job.trigger:
+        fields.append(("trigger", job.trigger))
+    if job.parent_job:
+        parent = chain.parent
+        shown = f"{parent.id} {parent.process} {parent.state.value}" if parent else f"{job.parent_job} (not found)"
+        fields.append(("parent", shown))
+    count = len(chain.children)
+    if count >= CHILDREN_SHOWN:
+        fields.append(("children", f"the newest {count} (it may have started more), oldest first"))
+    else:
+        fields.append(("children", {0: "-", 1: "1"}.get(count, f"{count}, oldest first")))
+    fields += [("", f"{child.id} {child.process} {child.state.value}") for child in chain.children]
+    return fields
 
 
 @job_app.command("stop")

@@ -23,6 +23,8 @@ class PrincipalKind(StrEnum):
     TOKEN = "token"
     ROBOT = "robot"
     USER = "user"
+    # One of herder's own services, asking another with no caller behind it (a trigger firing).
+    SERVICE = "service"
 
 
 class Role(StrEnum):
@@ -67,6 +69,8 @@ class Permission(StrEnum):
     STORAGE_WRITE = "storage.write"
     # Create storage buckets, change their limits and who may use them, delete them.
     STORAGE_MANAGE = "storage.manage"
+    # Add, enable, disable and remove triggers (firing one by hand takes jobs.start).
+    TRIGGERS_MANAGE = "scheduler.triggers.manage"
     # What a robot agent may do with its own token: connect, heartbeat, report on its jobs, take,
     # add and finish queue items.
     ROBOT_AGENT = "robot.agent"
@@ -94,6 +98,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
             Permission.STORAGE_READ,
             Permission.STORAGE_WRITE,
             Permission.STORAGE_MANAGE,
+            Permission.TRIGGERS_MANAGE,
         }
     ),
     Role.INTEGRATOR: frozenset(

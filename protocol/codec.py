@@ -38,6 +38,9 @@ class Header:
     MSG_ID = "Nats-Msg-Id"
     # Where a request was sent from, as its sender says (the host): recorded with reads of secrets.
     ORIGIN = "Hd-Origin"
+    # Where the answer to a durable request (one published to a JetStream stream, which keeps no
+    # reply subject of its own) goes: a subject of the sender's own inbox.
+    REPLY_TO = "Hd-Reply-To"
     # The NATS service API's error headers, so `nats micro` and other clients see errors too.
     ERROR = "Nats-Service-Error"
     ERROR_CODE = "Nats-Service-Error-Code"

@@ -9,7 +9,9 @@ or subscription outside them. So
   archives of its tenant;
 - a **client** (the CLI, an integrator's script in any language) sends requests to its tenant's
   services, hears only its own inbox, and reads its tenant's events, job logs and package
-  archives through JetStream (never writes into them; operators may upload archives);
+  archives through JetStream (never writes into them; operators may upload archives); a client
+  whose role may start jobs also publishes durable job requests into its tenant's request stream
+  (`hd.<tenant>.req.jobs`, where only the jobs service reads them: their tokens stay with services);
 - a **service** connects with the stack's service credential, which the callout exempts, and may
   do anything.
 
@@ -41,6 +43,8 @@ ROBOT_VERBS: tuple[tuple[str, str], ...] = (
     ("registry", "robot_goodbye"),
     ("jobs", "report"),
     ("jobs", "resume"),
+    ("jobs", "robot_start"),
+    ("jobs", "robot_job"),
     ("packages", "resolve"),
     ("queues", "item_add"),
     ("queues", "item_next"),
@@ -120,14 +124,17 @@ def robot_permissions(tenant: str, robot: str, token: str) -> BusPermissions:
     )
 
 
-def client_permissions(tenant: str, token: str, *, uploads_packages: bool) -> BusPermissions:
+def client_permissions(tenant: str, token: str, *, uploads_packages: bool, starts_jobs: bool = False) -> BusPermissions:
     """A client's: requests to its tenant's services and its own inbox; reading its tenant's events,
-    logs and packages; uploading package archives when its role may publish packages."""
+    logs and packages; uploading package archives when its role may publish packages; publishing
+    durable job requests (`hd.<tenant>.req.jobs`) when its role may start jobs."""
     bucket = subjects.packages_bucket(tenant)
     uploads = subjects.object_store_writes(bucket) if uploads_packages else ()
+    job_requests = (subjects.job_requests(tenant),) if starts_jobs else ()
     return BusPermissions(
         publish=(
             f"{subjects.PREFIX}.{subjects.check_tenant(tenant)}.svc.>",
+            *job_requests,
             *_stream_reader(subjects.events_stream(tenant)),
             *_stream_reader(subjects.logs_stream(tenant)),
             *_stream_reader(subjects.object_store_stream(bucket)),

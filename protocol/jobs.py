@@ -18,11 +18,19 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
-from herder.protocol.messages import Creating, EventData, Model, Request, matching
+from herder.protocol.messages import (
+    IDEMPOTENCY_KEY_PATTERN,
+    IDEMPOTENCY_KEY_RULE,
+    Creating,
+    EventData,
+    Model,
+    Request,
+    matching,
+)
 from herder.protocol.packages import PackageRef, ProcessName, Version
 from herder.protocol.registry import Name, RemovedCommand
 from herder.protocol.values import MAX_VALUE_BYTES, NUL_FREE, SafeText, json_safe
@@ -108,6 +116,27 @@ class OnRobotLost(StrEnum):
     REQUEUE = "requeue"
 
 
+class WhenBusy(StrEnum):
+    """What a start does when no robot it may run on is free: `queue` the job (it waits as Pending for
+    the first free robot), or `skip` it (refused with `conflict`: a trigger records the skip)."""
+
+    QUEUE = "queue"
+    SKIP = "skip"
+
+
+class Strategy(StrEnum):
+    """Which robot of a group a job aimed at the group goes to when none is free: the `first-free`
+    one (the job waits for whichever frees first), or the busy robot with the `fewest-pending` jobs
+    waiting for it by name (the job is aimed at that robot from then on)."""
+
+    FIRST_FREE = "first-free"
+    FEWEST_PENDING = "fewest-pending"
+
+
+# Trigger names, as the scheduler service keeps them (the same rule as robot and group names).
+TriggerName = Name
+
+
 class JobInfo(Model):
     """A job as shown to people and programs."""
 
@@ -127,21 +156,26 @@ class JobInfo(Model):
     output: dict[str, Any] | None = None
     error: str | None = None
     timeout_s: float | None = None
+    stop_after_s: float | None = None
     kill_grace_s: float = DEFAULT_KILL_GRACE_S
     on_robot_lost: OnRobotLost = OnRobotLost.FAULT
     lost_after_s: float = DEFAULT_LOST_AFTER_S
     lost_at: datetime | None = None  # when herder lost contact with the robot running it
+    trigger: str | None = None  # the trigger that created it
+    parent_job: str | None = None  # the job whose script started it (`sdk.start_job`)
     created_at: datetime
     created_by: str | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
 
 
-class JobStart(Creating, Request[JobInfo]):
-    """Start a process on a robot, or on any available robot of a group."""
+MAX_RUN_S = 7 * 24 * 3600.0
 
-    service = SERVICE
-    verb = "start"
+
+class JobSpec(Model):
+    """What a new job runs, where, and how long it may take: shared by every way a job starts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     process: ProcessName
     version: Version | None = None  # None: the newest version
@@ -149,16 +183,52 @@ class JobStart(Creating, Request[JobInfo]):
     group: Name | None = None
     input: JobInput = Field(default_factory=dict)
     priority: Priority = Priority.NORMAL
-    timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    # Hard stop (by the robot) once the job has been Running this long: "abort after".
+    timeout_s: float | None = Field(None, gt=0, le=MAX_RUN_S)
+    # Soft stop (the script sees `should_stop()`) once the job has been Running this long: "stop after".
+    stop_after_s: float | None = Field(None, gt=0, le=MAX_RUN_S)
     kill_grace_s: float = Field(DEFAULT_KILL_GRACE_S, ge=0, le=3600)
     on_robot_lost: OnRobotLost = OnRobotLost.FAULT
     lost_after_s: float = Field(DEFAULT_LOST_AFTER_S, ge=MIN_LOST_AFTER_S, le=MAX_LOST_AFTER_S)
+    when_busy: WhenBusy = WhenBusy.QUEUE
+    strategy: Strategy = Strategy.FIRST_FREE
 
     @model_validator(mode="after")
-    def _one_target(self) -> JobStart:
+    def _one_target(self) -> Self:
         if (self.robot is None) == (self.group is None):
             raise ValueError("name exactly one target: a robot or a group")
+        if self.strategy is Strategy.FEWEST_PENDING and self.group is None:
+            raise ValueError("strategy fewest-pending chooses among a group's robots: aim the job at a group")
         return self
+
+
+class JobStart(Creating, JobSpec, Request[JobInfo]):
+    """Start a process on a robot, or on any available robot of a group.
+
+    `trigger` and `max_concurrent` are the scheduler's: a start from a trigger names it, and is
+    refused with `conflict` while the trigger has `max_concurrent` jobs Pending or running."""
+
+    service = SERVICE
+    verb = "start"
+
+    trigger: TriggerName | None = None
+    max_concurrent: int | None = Field(None, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _limit_of_a_trigger(self) -> JobStart:
+        if self.max_concurrent is not None and self.trigger is None:
+            raise ValueError("max_concurrent counts the jobs of a trigger: name the trigger")
+        return self
+
+
+class RobotJobStart(Creating, JobSpec, Request[JobInfo]):
+    """A running script starts another job (`sdk.start_job`), through its robot's agent (robot token):
+    `job_id` is the robot's own job, which the new one records as its parent."""
+
+    service = SERVICE
+    verb = "robot_start"
+
+    job_id: JobId
 
 
 class JobList(Model):
@@ -178,6 +248,8 @@ class JobListRequest(Request[JobList]):
     process: ProcessName | None = None
     robot: Name | None = None
     group: Name | None = None
+    trigger: TriggerName | None = None
+    parent_job: JobId | None = None  # the jobs this one started
     limit: int = Field(100, ge=1, le=1000)
 
 
@@ -191,7 +263,8 @@ class JobShow(Request[JobInfo]):
 
 
 class RobotJob(Request[JobInfo]):
-    """A robot's own job, by id: `not_found` unless the job was given to the calling robot. Services
+    """A robot's own job, or one that a job of the robot started, by id: `not_found` otherwise. A
+    robot's agent asks it to follow a job its script started (`sdk.start_job(wait=True)`); services
     ask it on a robot's behalf (the secrets service, before it hands a credential to a job)."""
 
     service = SERVICE
@@ -372,6 +445,11 @@ class JobCreatedEvent(EventData):
     priority: Priority
     target_robot: str | None = None
     target_group: str | None = None
+    trigger: str | None = None
+    parent_job: str | None = None
+    # The caller's request id (its idempotency key), so that an integrator who published a durable
+    # request (`hd.<tenant>.req.jobs`) can tell which job it made.
+    request_id: str | None = None
 
 
 class JobOutcomeCorrectedEvent(EventData):
@@ -402,6 +480,62 @@ class JobStateChangedEvent(EventData):
     reason: str = ""
 
 
+# --- durable job requests, published by integrators on hd.<tenant>.req.jobs ---
+
+
+class JobRequestState(StrEnum):
+    """The verdict on a durable job request: final either way, the request is not tried again."""
+
+    ACCEPTED = "accepted"  # a job was created (or had been, under the same request id)
+    REFUSED = "refused"  # no job: the code and reason say why
+
+
+class JobRequestInfo(Model):
+    """A durable job request as the jobs service recorded its verdict: never its token."""
+
+    # None when the request came without an id (or with one unfit to be an idempotency key).
+    request_id: str | None = None
+    state: JobRequestState
+    code: str | None = None  # the error code of a refusal, as in error replies
+    reason: str = ""
+    principal: str | None = None  # who sent it, when its token was known
+    process: str | None = None
+    job_id: str | None = None
+    tries: int = 1  # how often the request was delivered before its verdict
+    published_at: datetime | None = None  # when the stream stored it
+    decided_at: datetime
+
+
+class JobRequestList(Model):
+    """The reply to `requests`, newest first."""
+
+    requests: list[JobRequestInfo]
+
+
+class JobRequestListRequest(Request[JobRequestList]):
+    """The verdicts on durable job requests, newest first: all, the accepted or the refused ones, or
+    those of one request id."""
+
+    service = SERVICE
+    verb = "requests"
+
+    state: JobRequestState | None = None
+    request_id: Annotated[str, matching(IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_KEY_RULE)] | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class JobRequestRefusedEvent(EventData):
+    """A durable job request was refused: no job, and it is not tried again. Never carries the token."""
+
+    event_type: ClassVar[str] = "jobs.request_refused"
+
+    request_id: str | None = None
+    code: str
+    reason: str
+    process: str | None = None
+    tries: int = 1
+
+
 __all__ = [
     "ACTIVE_STATES",
     "DEFAULT_KILL_GRACE_S",
@@ -424,9 +558,15 @@ __all__ = [
     "JobOutcomeCorrectedEvent",
     "JobOutput",
     "JobReport",
+    "JobRequestInfo",
+    "JobRequestList",
+    "JobRequestListRequest",
+    "JobRequestRefusedEvent",
+    "JobRequestState",
     "JobResume",
     "JobResumed",
     "JobShow",
+    "JobSpec",
     "JobStart",
     "JobState",
     "JobStateChangedEvent",
@@ -438,6 +578,10 @@ __all__ = [
     "OnRobotLost",
     "Outcome",
     "Priority",
+    "RobotJobStart",
     "StartCommand",
     "StopCommand",
+    "Strategy",
+    "TriggerName",
+    "WhenBusy",
 ]

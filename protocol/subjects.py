@@ -8,6 +8,8 @@ fence a tenant or a robot by subject:
     hd.<tenant>.evt.<domain>.<event>     state changes, kept in the HERDER_EVENTS stream
     hd.<tenant>.tel.<robot>.<kind>       heartbeats, logs, screenshots
     hd.<tenant>.tel.<robot>.log.<job>    one job's log lines, kept in the HERDER_LOGS stream
+    hd.<tenant>.req.<service>            durable requests, kept in the HERDER_REQUESTS stream until
+                                         served (`hd.<tenant>.req.jobs`: job requests of integrators)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ TOKENS_BUCKET = "HERDER_TOKENS"
 ROBOTS_BUCKET = "HERDER_ROBOTS"
 HEARTBEAT = "heartbeat"
 LOG = "log"
+# The kind of subject durable requests are published on: `hd.<tenant>.req.<service>`.
+REQUESTS = "req"
 # Stands for "no robot" where a subject needs one: the log of a job that never reached a robot.
 NO_ROBOT = "_"
 
@@ -59,6 +63,24 @@ def logs_stream(tenant: str) -> str:
 def logs_stream_subjects(tenant: str) -> str:
     """What a tenant's log stream holds."""
     return f"{PREFIX}.{check_tenant(tenant)}.tel.*.{LOG}.*"
+
+
+def requests_stream(tenant: str) -> str:
+    """The JetStream stream of a tenant's durable requests: `HERDER_REQUESTS_<tenant>`, holding `hd.<tenant>.req.>`.
+
+    A request published there waits for its service, however long that service is down, and is
+    removed once the service has answered it."""
+    return f"HERDER_REQUESTS_{check_tenant(tenant)}"
+
+
+def requests_stream_subjects(tenant: str) -> str:
+    """What a tenant's stream of durable requests holds."""
+    return f"{PREFIX}.{check_tenant(tenant)}.{REQUESTS}.>"
+
+
+def job_requests(tenant: str) -> str:
+    """`hd.<tenant>.req.jobs`: where integrators publish durable job requests (JetStream keeps them)."""
+    return _join((tenant, "tenant"), (REQUESTS, "kind"), ("jobs", "service"))
 
 
 def packages_bucket(tenant: str) -> str:

@@ -599,12 +599,20 @@ class RobotAgent:
         except PackageFetchError as exc:
             return _faulted("the package could not be fetched", str(exc))
 
-    async def _open_channel(self, job_id: str, masks: Masks | None = None) -> Channel | RunResult:
-        """The channel of a run, or the Faulted result of a run that cannot have one."""
+    async def _open_channel(
+        self, job_id: str, masks: Masks | None = None, *, herder_job: bool = True
+    ) -> Channel | RunResult:
+        """The channel of a run (of a herder job, or by hand), or the Faulted result of a run that cannot have one."""
         secrets = Secrets(self._seal_key, self.tenant) if self._seal_key is not None else None
         try:
             return await Channel.open(
-                self._client, job_id, robot=self.robot, ride_out_s=self.queue_wait_s, secrets=secrets, masks=masks
+                self._client,
+                job_id,
+                robot=self.robot,
+                ride_out_s=self.queue_wait_s,
+                secrets=secrets,
+                masks=masks,
+                herder_job=herder_job,
             )
         except OSError as exc:
             problem = f"cannot open the channel for the script's queue calls: {exc.strerror or exc}"
@@ -668,7 +676,7 @@ class RobotAgent:
             return folder
         if interrupt is not None and interrupt.is_set():
             return RunResult(Outcome.STOPPED, None, "stopped before the script started", None, None)
-        channel = await self._open_channel(job_id)
+        channel = await self._open_channel(job_id, herder_job=False)
         if isinstance(channel, RunResult):
             return channel
         work = self.work_dir / ATTENDED_DIR / job_id

@@ -16,9 +16,10 @@ The wire is newline-delimited JSON, one object per line, both ways:
 `id` is the caller's (a non-negative integer) and comes back with the answer. Answers go out as
 requests finish, not in the order they came, so a script with threads may have several in flight.
 `body` is the verb's request model in JSON (see herder.protocol.queues); `item_next` is taken for the
-run's job, whatever the body says. Errors carry herder's codes and messages (protocol/errors.py),
-with `details` when herder gave some; a failure of the agent itself is `internal`, with the
-traceback in the agent's log only.
+run's job, whatever the body says, and `job_start` (`sdk.start_job`) starts a job as the run's own job,
+which herder records as the new one's parent: a body naming a `job_id` is refused. Errors carry
+herder's codes and messages (protocol/errors.py), with `details` when herder gave some; a failure of
+the agent itself is `internal`, with the traceback in the agent's log only.
 
 A line is at most MAX_LINE_BYTES. A longer one, or one that is not a JSON request, is answered with
 `bad_request` (under its id when the line starts with one, else under `"id": null`) and the
@@ -56,7 +57,8 @@ from herder.client import storage as storage_files
 from herder.client.backoff import backoff
 from herder.client.requests import Client
 from herder.protocol import codec
-from herder.protocol.errors import BadRequest, Conflict, HerderError, Internal, Unavailable
+from herder.protocol.errors import BadRequest, Conflict, HerderError, Internal, NotFound, Unavailable
+from herder.protocol.jobs import RobotJob, RobotJobStart
 from herder.protocol.messages import Model, Request
 from herder.protocol.queues import (
     DEFAULT_QUEUE_WAIT_S,
@@ -124,6 +126,12 @@ STORAGE_VERBS = ("storage_put", "storage_get", "storage_list", "storage_delete")
 _STORAGE_FILE_FIELDS = frozenset({"bucket", "path", "local_file"})
 _STORAGE_LIST_FIELDS = frozenset({"bucket", "prefix", "cursor"})
 _STORAGE_DELETE_FIELDS = frozenset({"bucket", "path"})
+# Verbs the agent serves itself for jobs: a start is sent as the run's own job (`jobs.robot_start`), which
+# herder records as the new job's parent; the script names what runs where, never the parent.
+JOB_VERBS = ("job_start", "job_state")
+_JOB_START_FIELDS = frozenset(RobotJobStart.model_fields) - {"job_id"}
+
+_SERVED = (*VERBS, *SECRET_VERBS, *STORAGE_VERBS, *JOB_VERBS)
 
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(\d{1,16})\s*[,}]')
 _FOLDER_NAME = re.compile(re.escape(FOLDER_PREFIX) + r"(\d{1,10})-[A-Za-z0-9_]+")
@@ -178,9 +186,9 @@ def parse_call(kept: bytes, length: int) -> Call:
     if not isinstance(call_id, int) or isinstance(call_id, bool) or not 0 <= call_id <= MAX_CALL_ID:
         raise BadCall(f'the request needs an "id": a whole number from 0 to {MAX_CALL_ID}', None)
     verb = message.get("verb")
-    if not isinstance(verb, str) or (verb not in VERBS and verb not in SECRET_VERBS and verb not in STORAGE_VERBS):
+    if not isinstance(verb, str) or verb not in _SERVED:
         shown = repr(verb)[:60]
-        served = ", ".join((*VERBS, *SECRET_VERBS, *STORAGE_VERBS))
+        served = ", ".join(_SERVED)
         raise BadCall(f"the channel serves no verb {shown}; it serves {served}", call_id)
     body = message.get("body", {})
     if not isinstance(body, dict):
@@ -359,14 +367,18 @@ class Channel:
         ride_out_s: float = DEFAULT_RIDE_OUT_S,
         secrets: Secrets | None = None,
         masks: Masks | None = None,
+        herder_job: bool = True,
     ) -> None:
         """Use `Channel.open`."""
         self._client = client
         self._robot = robot
+        self._herder_job = herder_job
         self._secrets = secrets
         self._transport_key: str | None = None
         self._ride_out_s = ride_out_s
         self._job_id = job_id
+        # The jobs this run started: the only ones its script may follow.
+        self._started_jobs: set[str] = set()
         self._folder = folder
         self.path = folder / SOCKET_NAME
         self._server: asyncio.AbstractServer | None = None
@@ -388,11 +400,22 @@ class Channel:
         ride_out_s: float = DEFAULT_RIDE_OUT_S,
         secrets: Secrets | None = None,
         masks: Masks | None = None,
+        herder_job: bool = True,
     ) -> Channel:
         """Open the channel of a run: its private folder and its socket, listening. `OSError` if it cannot.
-        Without `secrets` (the robot's key) the script can read no credential."""
+        Without `secrets` (the robot's key) the script can read no credential; without `herder_job` (a run
+        by hand, whose `job_id` herder does not know) it can start no job."""
         folder = await asyncio.to_thread(_private_folder)
-        channel = cls(client, job_id, folder, robot=robot, ride_out_s=ride_out_s, secrets=secrets, masks=masks)
+        channel = cls(
+            client,
+            job_id,
+            folder,
+            robot=robot,
+            ride_out_s=ride_out_s,
+            secrets=secrets,
+            masks=masks,
+            herder_job=herder_job,
+        )
         try:
             channel._server = await asyncio.start_unix_server(channel._connection, path=str(channel.path))
             # The folder already keeps others out; the socket says the same.
@@ -483,9 +506,13 @@ class Channel:
                 await writer.drain()
 
     async def serve(self, call: Call) -> dict[str, Any]:
+        """Send one call to herder as the robot and return the reply as JSON values; herder's errors raise."""
         if call.verb in STORAGE_VERBS:
             return await self._storage(call)
-        """Send one call to herder as the robot and return the reply as JSON values; herder's errors raise."""
+        if call.verb == "job_start":
+            return await self._job_start(call)
+        if call.verb == "job_state":
+            return await self._job_state(call)
         if call.verb == "credential_get":
             return await self._credential_get(call)
         if call.verb == "credential_set":
@@ -581,6 +608,31 @@ class Channel:
         self.masks.add(password)
         return {}
 
+    async def _job_start(self, call: Call) -> dict[str, Any]:
+        """Start a job as the run's own job: herder makes it the new job's parent (only while it runs here)."""
+        if "job_id" in call.body:
+            raise BadRequest("job_start: a script starts jobs as its own job, which its robot names; leave out job_id")
+        if not self._herder_job:
+            raise Conflict(
+                "job_start: a run by hand ('herder robot run --run') is no herder job, so it cannot start one; "
+                "start the process as a herder job on an unattended robot to have it start others"
+            )
+        _only(call, _JOB_START_FIELDS)
+        request = _validated(RobotJobStart, call.verb, {**call.body, "job_id": self._job_id})
+        job = await self._send(call.verb, request)
+        self._started_jobs.add(job.id)
+        self._log.info("channel.job_started", child_job=job.id, process=job.process, state=job.state.value)
+        return job.model_dump(mode="json")
+
+    async def _job_state(self, call: Call) -> dict[str, Any]:
+        """A job this run started, as herder has it now (`sdk.start_job(wait=True)` follows it)."""
+        _only(call, frozenset({"id"}))
+        job_id = call.body.get("id")
+        if job_id not in self._started_jobs:
+            raise NotFound(f"job_state: this run started no job {job_id!r}; a script follows only the jobs it starts")
+        job = await self._send(call.verb, _validated(RobotJob, call.verb, {"id": job_id}))
+        return job.model_dump(mode="json")
+
     async def _storage(self, call: Call) -> dict[str, Any]:
         """A storage call: a put or a get moves the local file itself; a list or a delete is sent as it is."""
         if call.verb == "storage_list":
@@ -612,6 +664,7 @@ class Channel:
 
 
 __all__ = [
+    "JOB_VERBS",
     "MAX_LINE_BYTES",
     "SECRET_VERBS",
     "STORAGE_VERBS",

@@ -46,6 +46,11 @@ Work queues, through the robot that runs the script (it holds the token; the scr
 herder's refusals raise `QueueError` (its `code` is herder's error code, `str()` its one-line
 message). Queues need a robot: run by hand, outside herder, a queue call raises `NotOnRobot`.
 
+Other jobs, started by this one (herder records it as their parent; `herder job show` shows the chain):
+
+    report = sdk.start_job("month-end-report", group="finance", input={"month": "2026-05"})
+    sdk.log.info("report.started", job=report.id, state=report.state)
+
 Only the standard library is imported here: scripts start fast and need nothing else installed.
 """
 
@@ -59,6 +64,8 @@ import socket
 import stat
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -97,6 +104,7 @@ __all__ = [
     "QueueError",
     "Queues",
     "Secret",
+    "StartedJob",
     "Storage",
     "asset",
     "credential",
@@ -108,6 +116,7 @@ __all__ = [
     "set_credential",
     "set_output",
     "should_stop",
+    "start_job",
     "storage",
 ]
 
@@ -310,7 +319,8 @@ _ITEM_KEYS = frozenset({"content", "reference", "priority", "deadline", "postpon
 
 
 class CallError(Exception):
-    """herder refused a call of the script (a queue's, an asset's, a credential's), or could not serve it.
+    """herder refused a call of the script (a queue's, an asset's, a credential's, a job start), or could not
+    serve it.
 
     `code` is herder's error code (`bad_request`, `not_found`, `conflict`, `forbidden`, `unavailable`,
     `decryption_failed`, `internal`, …), `str()` is the one-line message, and `details` holds what else
@@ -332,13 +342,20 @@ class CallError(Exception):
 QueueError = CallError
 
 
-class NotOnRobot(RuntimeError):
-    """A call from a script no robot runs: queues, assets, credentials and storage are reached through a robot."""
+class _ChannelBroke(CallError):
+    """`unavailable` because the channel itself failed (the socket could not be reached, broke, or closed
+    before the answer came), not because herder said so: a call under an idempotency key may go again."""
 
-    def __init__(self) -> None:
+
+class NotOnRobot(RuntimeError):
+    """A call from a script no robot runs: queues, assets, credentials, storage and starting jobs are reached
+    through a robot."""
+
+    def __init__(self, message: str | None = None) -> None:
         super().__init__(
-            "queues, assets, credentials and storage need a robot: run this script as a herder job, or by hand on an "
-            "attended robot with "
+            message
+            or "queues, assets, credentials and storage need a robot: run this script as a herder job, or by hand on "
+            "an attended robot with "
             f"'herder robot run ROBOT --run PROCESS' ({ENV_CHANNEL} is not set: no robot runs this script)"
         )
 
@@ -492,6 +509,128 @@ def _local_file(local_file: object) -> str:
     if not isinstance(local_file, str | os.PathLike):
         raise TypeError(f"a local file is a str or a path, not {type(local_file).__name__}")
     return os.path.abspath(os.fspath(local_file))
+
+
+# --- jobs the script starts, through its robot: herder records this job as their parent ---
+
+# A start that the channel failed to carry (not one herder refused) is sent again under the same key,
+# this many times in all, so that it starts one job whatever the channel did with the first.
+START_JOB_ATTEMPTS = 3
+_START_JOB_PAUSE_S = 0.2
+_NOT_A_JOB = (
+    f"sdk.start_job starts jobs from a herder job: run this script as one ('herder job start PROCESS "
+    f"--robot ROBOT'); {ENV_CHANNEL} is not set: no robot runs this script"
+)
+# How often `start_job(wait=True)` asks after the job it started: soon at first, then every few seconds.
+_WAIT_FIRST_S = 0.2
+_WAIT_MAX_S = 3.0
+_FINAL_STATES = frozenset({"Successful", "Faulted", "Stopped"})
+
+
+@dataclass(frozen=True)
+class StartedJob:
+    """A job the script started (`sdk.start_job`), as herder answered the start: `state` is Pending (it waits
+    for a robot, `reason` says why) or Running (a robot was free and took it: `robot`)."""
+
+    id: str
+    process: str
+    version: str
+    state: str
+    robot: str | None = None
+    reason: str = ""
+    # With wait=True, what the job returned once it ended Successful.
+    output: dict[str, Any] | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the job has ended (Successful, Faulted or Stopped)."""
+        return self.state in _FINAL_STATES
+
+
+def start_job(
+    process: str,
+    *,
+    robot: str | None = None,
+    group: str | None = None,
+    input: Mapping[str, Any] | None = None,
+    version: str | None = None,
+    priority: str = "Normal",
+    wait: bool = False,
+    timeout_s: float | None = None,
+) -> StartedJob:
+    """Start `process` as a new job on `robot`, or on any available robot of `group` (name one of them);
+    herder records this script's job as its parent (`herder job show` shows the chain).
+
+    `input` is a dict of JSON values (the new job's `job_input()`), `version` the version to run (the
+    newest by default), `priority` High, Normal or Low, `timeout_s` how long the new job may run before
+    its robot hard-stops it. The start returns at once; with `wait=True` it returns once the new job has
+    ended (its `state` and `output`), or when this job is asked to stop (`should_stop()`), whichever
+    comes first. herder's refusals raise `CallError`: `not_found` (no such process, version,
+    robot or group), `bad_request` (an input herder will not take), `conflict` (an attended robot or
+    group, or this job is ending). A start the channel failed to carry is sent again under the same
+    idempotency key: it never starts two jobs.
+    """
+    if not isinstance(process, str):
+        raise TypeError(f"a process's name is a str, not {type(process).__name__}")
+    if (robot is None) == (group is None):
+        raise ValueError("say where the job runs: robot='NAME' or group='NAME', one of them")
+    where = {"robot": robot} if robot is not None else {"group": group}
+    for key, value in where.items():
+        if not isinstance(value, str):
+            raise TypeError(f"a {key}'s name is a str, not {type(value).__name__}")
+    if version is not None and not isinstance(version, str):
+        raise TypeError(f"a version is a str like '1.2.0', not {type(version).__name__}")
+    body: dict[str, Any] = {"process": process, **where, "input": _json_object({} if input is None else input, "input")}
+    if version is not None:
+        body["version"] = version
+    if priority != "Normal":
+        body["priority"] = _priority(priority, "priority")
+    if timeout_s is not None:
+        body["timeout_s"] = _seconds(timeout_s, "timeout_s")
+    if not isinstance(wait, bool):
+        raise TypeError(f"wait is True or False, not {type(wait).__name__}")
+    # Random, chosen once for this start: every sending of it, by the channel or by this loop, carries it.
+    body["request_id"] = uuid.uuid4().hex
+    link = _link(_NOT_A_JOB)
+    for attempt in range(1, START_JOB_ATTEMPTS + 1):
+        try:
+            reply = link.call("job_start", body)
+            break
+        except _ChannelBroke:
+            if attempt == START_JOB_ATTEMPTS:
+                raise
+            time.sleep(_START_JOB_PAUSE_S * attempt)
+    started = _started_job(reply)
+    pause = _WAIT_FIRST_S
+    while wait and not started.ended and not should_stop():
+        time.sleep(pause)
+        pause = min(pause * 2, _WAIT_MAX_S)
+        started = _started_job(link.call("job_state", {"id": started.id}))
+    return started
+
+
+def _started_job(reply: Mapping[str, Any]) -> StartedJob:
+    try:
+        output = reply.get("output")
+        return StartedJob(
+            id=str(reply["id"]),
+            process=str(reply["process"]),
+            version=str(reply["version"]),
+            state=str(reply["state"]),
+            robot=reply.get("robot"),
+            reason=str(reply.get("reason") or ""),
+            output=dict(output) if isinstance(output, dict) else None,
+        )
+    except KeyError:
+        raise CallError("internal", "the robot agent's answer holds no job") from None
+
+
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} is a number of seconds, not {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{what} is a number of seconds greater than 0, not {value!r}")
+    return float(value)
 
 
 @dataclass(eq=False)
@@ -948,19 +1087,21 @@ class _Link:
             if not connection.wait_for(call_id, waiter):  # it closed just now: once more, on a new one
                 connection = self._connected()
                 if not connection.wait_for(call_id, waiter):
-                    raise QueueError("unavailable", _CLOSED_ANSWER["error"]["message"])
+                    raise _ChannelBroke("unavailable", _CLOSED_ANSWER["error"]["message"])
             try:
                 connection.sock.sendall(line)
             except OSError as exc:
                 connection.answered(call_id)
                 _shut(connection.sock)
-                raise QueueError(
+                raise _ChannelBroke(
                     "unavailable",
                     f"the channel to the robot agent broke ({exc.strerror or exc}); the run may be ending",
                 ) from None
         if not waiter.done.wait(wait_s):
             connection.answered(call_id)
             raise QueueError("unavailable", f"the robot agent did not answer {verb} within {wait_s:g} s")
+        if waiter.answer is _CLOSED_ANSWER:
+            raise _ChannelBroke("unavailable", _CLOSED_ANSWER["error"]["message"])
         error = waiter.answer.get("error")
         if error is not None:
             if not isinstance(error, dict):
@@ -986,7 +1127,7 @@ class _Link:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
-            raise QueueError(
+            raise _ChannelBroke(
                 "unavailable",
                 f"cannot reach the robot agent through its channel {self.path} ({exc.strerror or exc}); "
                 "the run may be ending",
@@ -1032,11 +1173,11 @@ _links: dict[str, _Link] = {}
 _links_lock = threading.Lock()
 
 
-def _link() -> _Link:
-    """The channel to the robot that runs this script; `NotOnRobot` when none does."""
+def _link(not_on_robot: str | None = None) -> _Link:
+    """The channel to the robot that runs this script; `NotOnRobot` (saying `not_on_robot`) when none does."""
     path = os.environ.get(ENV_CHANNEL)
     if not path:
-        raise NotOnRobot()
+        raise NotOnRobot(not_on_robot)
     with _links_lock:
         link = _links.get(path)
         if link is None:

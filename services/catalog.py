@@ -20,6 +20,7 @@ _CLASSES = {
     "queues": "herder.services.queues.service:QueuesService",
     "secrets": "herder.services.secrets.service:SecretsService",
     "storage": "herder.services.storage.service:StorageService",
+    "scheduler": "herder.services.scheduler.service:SchedulerService",
 }
 
 NAMES: tuple[str, ...] = tuple(_CLASSES)

@@ -35,6 +35,7 @@ from herder.services.jobs.service import JobsService
 from herder.services.packages.service import PackagesService
 from herder.services.queues.service import QueuesService
 from herder.services.registry.service import RegistryService
+from herder.services.scheduler.service import SchedulerService
 from herder.services.secrets.service import SecretsService
 from herder.services.storage.service import StorageService
 from tests.conftest import running_stack
@@ -48,6 +49,7 @@ ALL_SERVICES: tuple[type[Service], ...] = (
     QueuesService,
     SecretsService,
     StorageService,
+    SchedulerService,
 )
 HEARTBEAT_S = 0.5
 ROBOT_CONNECT_TIMEOUT_S = 30.0

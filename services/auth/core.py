@@ -125,4 +125,6 @@ def admit(principal: Principal | None, token: str, token_hash: str) -> Admission
     if principal.kind is PrincipalKind.ROBOT:
         return Admission(name=name, permissions=robot_permissions(principal.tenant, principal.name, token))
     uploads = principal.can(Permission.PACKAGES_PUBLISH)
-    return Admission(name=name, permissions=client_permissions(principal.tenant, token, uploads_packages=uploads))
+    starts = principal.can(Permission.JOBS_START)
+    permissions = client_permissions(principal.tenant, token, uploads_packages=uploads, starts_jobs=starts)
+    return Admission(name=name, permissions=permissions)

@@ -23,6 +23,12 @@ EVENTS_MAX_AGE_S = 30 * 24 * 3600.0
 EVENTS_DUPLICATE_WINDOW_S = 120.0
 LOGS_MAX_AGE_S = 14 * 24 * 3600.0
 LOGS_MAX_BYTES = 4 * 1024**3
+# Durable requests wait this long for their service; one still unread after a week is dropped.
+REQUESTS_MAX_AGE_S = 7 * 24 * 3600.0
+REQUESTS_MAX_BYTES = 1024**3
+# A request published again under the same `Nats-Msg-Id` within this window is stored once: as long as
+# an idempotency key answers repeats (services/common/idempotency.py, IDEMPOTENCY_WINDOW_S).
+REQUESTS_DUPLICATE_WINDOW_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,11 @@ class JetStreamSettings:
 
 
 async def ensure_tenant(js: JetStreamContext, tenant: str, settings: JetStreamSettings) -> None:
-    """Create (or update) the JetStream assets of one tenant: its event stream, its log stream and
-    the object store of its package archives."""
+    """Create (or update) the JetStream assets of one tenant: its event stream, its log stream, its
+    stream of durable requests and the object store of its package archives."""
     await ensure_event_stream(js, tenant, settings)
     await ensure_log_stream(js, tenant, settings)
+    await ensure_request_stream(js, tenant, settings)
     await ensure_object_store(js, subjects.packages_bucket(tenant), settings)
 
 
@@ -72,6 +79,33 @@ async def ensure_log_stream(js: JetStreamContext, tenant: str, settings: JetStre
             max_age=LOGS_MAX_AGE_S,
             max_bytes=LOGS_MAX_BYTES,
             duplicate_window=EVENTS_DUPLICATE_WINDOW_S,
+            num_replicas=settings.replicas,
+        ),
+    )
+
+
+async def ensure_request_stream(js: JetStreamContext, tenant: str, settings: JetStreamSettings) -> None:
+    """Create or update a tenant's stream of durable requests (`hd.<tenant>.req.>`), on file, each
+    request kept until its service has dealt with it (a week at most)."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.requests_stream(tenant),
+            description=f"herder durable requests of tenant {tenant}, kept until served",
+            subjects=[subjects.requests_stream_subjects(tenant)],
+            # Work-queue retention: a request leaves the stream once its service acknowledges it. The
+            # verdict is in the service's table, so the stream holds only what is still to be done,
+            # and a request's token (in its headers) does not linger on disk after it was used. The
+            # duplicate window outlives the message: a publish retried after the request was served
+            # is still recognised and stored no second time.
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            # A full stream refuses the publisher (who then knows), rather than dropping an older
+            # request nobody would hear of.
+            discard=DiscardPolicy.NEW,
+            max_age=REQUESTS_MAX_AGE_S,
+            max_bytes=REQUESTS_MAX_BYTES,
+            duplicate_window=REQUESTS_DUPLICATE_WINDOW_S,
             num_replicas=settings.replicas,
         ),
     )

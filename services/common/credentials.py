@@ -16,6 +16,7 @@ the `authorization { auth_callout { … } }` block. nats-server keeps bcrypt has
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -73,6 +74,12 @@ class ServiceCredential:
     def system(self) -> Credentials:
         """How the auth service reaches the system account."""
         return Credentials(user=SYSTEM_USER, password=self.system_password)
+
+    @property
+    def service_token_key(self) -> bytes:
+        """The key service tokens are signed with (see `herder.services.common.tokens.service_token`):
+        derived from the service password, so every process of the stack holds it and nobody else."""
+        return hashlib.sha256(b"herder-service-token:" + self.service_password.encode()).digest()
 
     @property
     def issuer(self) -> AccountKey:

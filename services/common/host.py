@@ -98,7 +98,7 @@ class ServiceHost:
         bucket = await ensure_bucket(js, subjects.TOKENS_BUCKET, config.jetstream)
         supervisor = Supervisor(log=self.log)
         self._supervisor = supervisor
-        self._tokens = TokenResolver(bucket, supervisor=supervisor)
+        self._tokens = TokenResolver(bucket, supervisor=supervisor, service_key=config.credential.service_token_key)
         await self._tokens.start()
         events = EventPublisher(js, self.engine)
         self.runtime = Runtime(

@@ -27,6 +27,7 @@ MIGRATION_LOCATIONS = (
     ("herder.services.queues.migrations", ""),
     ("herder.services.secrets.migrations", ""),
     ("herder.services.storage.migrations", ""),
+    ("herder.services.scheduler.migrations", ""),
 )
 # Serialises concurrent upgrades of one PostgreSQL database by several processes.
 _PG_LOCK_KEY = 0x6864_6D69_6772  # "hdmigr"

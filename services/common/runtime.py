@@ -259,6 +259,12 @@ class Runtime:
     jetstream: bus.JetStreamSettings = field(default_factory=bus.JetStreamSettings)
     log: structlog.stdlib.BoundLogger = field(default_factory=lambda: structlog.get_logger("herder"))
 
+    def service_client(self, service: str, *, timeout: float | None = None) -> Client:
+        """A client that asks other services as the service `service` itself (every permission, any
+        tenant): for work no caller asked for, such as a trigger firing. Pass the tenant per request."""
+        token = self.tokens.service_token(service)
+        return Client(self.nc, token=token) if timeout is None else Client(self.nc, token=token, timeout=timeout)
+
     @cached_property
     def client(self) -> Client:
         """A client with no token of its own: pass it to `RequestContext.on_behalf` to ask another
@@ -546,7 +552,8 @@ class ServiceRunner:
         if authorization:
             secret = _bearer_secret(authorization)
             # The mirror answers almost every time; only a token created a moment ago needs the bucket.
-            principal = self._runtime.tokens.lookup(secret) or await self._runtime.tokens.fetch(secret)
+            tokens = self._runtime.tokens
+            principal = tokens.lookup(secret) or tokens.service(secret) or await tokens.fetch(secret)
             ctx.principal = _admit(route.spec, principal, ctx.tenant)
             ctx.bearer = secret
         elif route.spec.authenticated:
@@ -655,7 +662,7 @@ def _admit(spec: EndpointSpec, principal: Principal | None, tenant: str) -> Prin
     """The principal, if it may call this endpoint in this tenant; otherwise the error saying why not."""
     if principal is None:
         raise Unauthenticated("the token is unknown or revoked")
-    if principal.tenant != tenant:
+    if principal.tenant != tenant and principal.kind is not PrincipalKind.SERVICE:
         raise Forbidden(f"this token belongs to tenant {principal.tenant!r}, not {tenant!r}")
     if spec.permission is not None and not principal.can(spec.permission):
         raise Forbidden(f"role '{principal.role}' lacks the permission '{spec.permission}'")

@@ -9,6 +9,8 @@ dictionary lookup, and a revocation reaches every replica within milliseconds.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import re
 import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -18,11 +20,16 @@ from nats.js.kv import KeyValue
 
 from herder.client.tasks import Supervisor
 from herder.protocol import codec
-from herder.protocol.auth import Principal
+from herder.protocol.auth import Permission, Principal, PrincipalKind, Role
+from herder.protocol.subjects import DEFAULT_TENANT
 from herder.services.common.mirror import START_TIMEOUT_S, KvMirror
 
 TOKEN_PREFIX = "hd_"
 TOKEN_BYTES = 32
+# A service's token: `hd_svc_<service>_<signature>`, made by the stack's processes for the requests
+# one service makes of another with no caller behind it (the scheduler starting a job at 03:00).
+SERVICE_TOKEN_PREFIX = "hd_svc_"
+_SERVICE_TOKEN = re.compile(r"hd_svc_([a-z][a-z0-9-]{0,31})_([0-9a-f]{64})")
 
 log = structlog.get_logger("herder.tokens")
 
@@ -40,6 +47,33 @@ def token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def service_token(key: bytes, service: str) -> str:
+    """The token service `service` presents to other services: its name, signed with the stack's
+    service token key. It is never written anywhere, travels only in request headers (which only
+    services see), and the auth callout does not admit it to the bus."""
+    return f"{SERVICE_TOKEN_PREFIX}{service}_{_sign(key, service)}"
+
+
+def _sign(key: bytes, service: str) -> str:
+    return hmac.new(key, f"service:{service}".encode(), hashlib.sha256).hexdigest()
+
+
+def service_principal(key: bytes | None, secret: str) -> Principal | None:
+    """The service a service token stands for, or None when `secret` is not a valid one."""
+    if key is None or not secret.startswith(SERVICE_TOKEN_PREFIX):
+        return None
+    found = _SERVICE_TOKEN.fullmatch(secret)
+    if found is None or not hmac.compare_digest(found.group(2), _sign(key, found.group(1))):
+        return None
+    return Principal(
+        kind=PrincipalKind.SERVICE,
+        name=found.group(1),
+        tenant=DEFAULT_TENANT,
+        role=Role.ADMIN,
+        permissions=frozenset({Permission.ALL}),
+    )
+
+
 def _principal(data: bytes) -> Principal:
     return codec.load(Principal, data)
 
@@ -55,7 +89,8 @@ class TokenResolver:
     The watch runs as task `herder.tokens.watch` under `supervisor` (a supervisor of its own when
     none is given): a watch that fails is logged and restarted, and catches up on what it missed."""
 
-    def __init__(self, kv: KeyValue, *, supervisor: Supervisor | None = None) -> None:
+    def __init__(self, kv: KeyValue, *, supervisor: Supervisor | None = None, service_key: bytes | None = None) -> None:
+        self._service_key = service_key
         self._mirror = KvMirror(
             kv,
             _principal,
@@ -93,6 +128,17 @@ class TokenResolver:
     def lookup(self, secret: str) -> Principal | None:
         """The principal of a token as the mirror knows it; None may also mean "not mirrored yet"."""
         return self._mirror.get(token_hash(secret))
+
+    def service(self, secret: str) -> Principal | None:
+        """The service a service token stands for (None for any other token). Kept apart from
+        `lookup`, which the auth callout uses: a service token is good for requests, not for the bus."""
+        return service_principal(self._service_key, secret)
+
+    def service_token(self, service: str) -> str:
+        """The token `service` presents when it asks another service with no caller behind it."""
+        if self._service_key is None:
+            raise RuntimeError("this token resolver was made without the stack's service token key")
+        return service_token(self._service_key, service)
 
     async def fetch(self, secret: str) -> Principal | None:
         """The principal of a token as the bucket holds it: for a token created a moment ago,

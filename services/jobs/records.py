@@ -6,7 +6,7 @@ Pure, and free of SQLAlchemy: the decisions about a job (`decisions`) are made o
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from herder.protocol.jobs import (
@@ -49,6 +49,10 @@ class JobRecord:
     on_robot_lost: OnRobotLost = OnRobotLost.FAULT
     lost_after_s: float = DEFAULT_LOST_AFTER_S
     lost_at: datetime | None = None  # when herder lost contact with the robot running this attempt
+    stop_after_s: float | None = None
+    stop_at: datetime | None = None  # when the sweep soft-stops this attempt (`stop_after_s` after its start)
+    trigger: str | None = None
+    parent_job: str | None = None
     created_by: str | None = None
     started_at: datetime | None = None
     start_acked_at: datetime | None = None
@@ -83,10 +87,13 @@ class JobRecord:
             output=self.output,
             error=self.error,
             timeout_s=self.timeout_s,
+            stop_after_s=self.stop_after_s,
             kill_grace_s=self.kill_grace_s,
             on_robot_lost=self.on_robot_lost,
             lost_after_s=self.lost_after_s,
             lost_at=self.lost_at,
+            trigger=self.trigger,
+            parent_job=self.parent_job,
             created_at=self.created_at,
             created_by=self.created_by,
             started_at=self.started_at,
@@ -107,6 +114,7 @@ def started(record: JobRecord, *, robot: str, host: str, session: str, at: datet
         start_acked_at=None,
         ended_at=None,
         lost_at=None,
+        stop_at=at + timedelta(seconds=record.stop_after_s) if record.stop_after_s is not None else None,
         reason=reason,
     )
 
@@ -122,5 +130,6 @@ def requeued(record: JobRecord, *, reason: str) -> JobRecord:
         started_at=None,
         start_acked_at=None,
         lost_at=None,
+        stop_at=None,
         reason=reason,
     )

@@ -71,6 +71,10 @@ jobs = Table(
     Column("on_robot_lost", String(16), nullable=False),
     Column("lost_after_s", Float(), nullable=False),
     Column("lost_at", UtcDateTime()),
+    Column("stop_after_s", Float()),
+    Column("stop_at", UtcDateTime()),
+    Column("trigger", String(63)),
+    Column("parent_job", String(32)),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("created_by", String(128)),
     Column("started_at", UtcDateTime()),
@@ -80,6 +84,9 @@ jobs = Table(
     Index("ix_jobs_jobs_created", "tenant", "created_at"),
     Index("ix_jobs_jobs_robot", "tenant", "robot", "state"),
     Index("ix_jobs_jobs_lost", "lost_at"),
+    Index("ix_jobs_jobs_trigger", "tenant", "trigger", "state"),
+    Index("ix_jobs_jobs_parent", "parent_job"),
+    Index("ix_jobs_jobs_stop_at", "stop_at"),
     Index(
         "ux_jobs_jobs_robot_active",
         "tenant",
@@ -131,6 +138,10 @@ def _row(record: JobRecord) -> dict[str, Any]:
         "on_robot_lost": record.on_robot_lost.value,
         "lost_after_s": record.lost_after_s,
         "lost_at": record.lost_at,
+        "stop_after_s": record.stop_after_s,
+        "stop_at": record.stop_at,
+        "trigger": record.trigger,
+        "parent_job": record.parent_job,
         "created_at": record.created_at,
         "created_by": record.created_by,
         "started_at": record.started_at,
@@ -193,6 +204,8 @@ class JobRepository:
         process: str | None = None,
         robot: str | None = None,
         group: str | None = None,
+        trigger: str | None = None,
+        parent_job: str | None = None,
         limit: int = 100,
     ) -> list[JobRecord]:
         """The tenant's jobs, newest first: of a robot, those it ran and those aimed at it by name; of a
@@ -206,6 +219,10 @@ class JobRepository:
             query = query.where(or_(jobs.c.robot == robot, jobs.c.target_robot == robot))
         if group:
             query = query.where(jobs.c.target_group == group)
+        if trigger:
+            query = query.where(jobs.c.trigger == trigger)
+        if parent_job:
+            query = query.where(jobs.c.parent_job == parent_job)
         query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         return [_record(row) for row in (await connection.execute(query)).mappings()]
 
@@ -242,6 +259,35 @@ class JobRepository:
             .group_by(jobs.c.target_robot, jobs.c.target_group)
         )
         return {Target(robot=row[0], group=row[1]): int(row[2]) for row in await connection.execute(query)}
+
+    async def open_of_trigger(self, connection: AsyncConnection, tenant: str, trigger: str) -> int:
+        """How many jobs of `trigger` are Pending or active. On PostgreSQL the trigger is locked for the
+        rest of the transaction first, so that two starts of one trigger cannot both count below its
+        limit (SQLite runs one writing transaction at a time anyway)."""
+        if connection.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"jobs.trigger:{tenant}:{trigger}"}
+            )
+        query = select(func.count()).where(
+            jobs.c.tenant == tenant,
+            jobs.c.trigger == trigger,
+            jobs.c.state.in_([JobState.PENDING.value, *_ACTIVE]),
+        )
+        return int((await connection.execute(query)).scalar_one())
+
+    async def pending_by_robot(self, connection: AsyncConnection, tenant: str) -> dict[str, int]:
+        """robot -> how many Pending jobs are aimed at it by name."""
+        query = (
+            select(jobs.c.target_robot, func.count())
+            .where(jobs.c.tenant == tenant, jobs.c.state == JobState.PENDING.value, jobs.c.target_robot.is_not(None))
+            .group_by(jobs.c.target_robot)
+        )
+        return {row[0]: int(row[1]) for row in await connection.execute(query)}
+
+    async def overrunning(self, connection: AsyncConnection, now: datetime) -> list[JobRecord]:
+        """Running jobs past the moment their stop-after duration ends: to be soft-stopped."""
+        query = select(jobs).where(jobs.c.state == JobState.RUNNING.value, jobs.c.stop_at <= now)
+        return [_record(row) for row in (await connection.execute(query)).mappings()]
 
     async def busy(self, connection: AsyncConnection, tenant: str) -> dict[str, str]:
         """robot -> the job it holds, for the tenant's robots that hold one."""

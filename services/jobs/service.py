@@ -26,9 +26,9 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from herder.protocol import codec, subjects
-from herder.protocol.auth import Permission
+from herder.protocol.auth import Permission, PrincipalKind
 from herder.protocol.codec import Header
-from herder.protocol.errors import BadRequest, Conflict, NotFound
+from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from herder.protocol.jobs import (
     DEFAULT_KILL_GRACE_S,
     CommandAck,
@@ -39,6 +39,8 @@ from herder.protocol.jobs import (
     JobListRequest,
     JobOutcomeCorrectedEvent,
     JobReport,
+    JobRequestList,
+    JobRequestListRequest,
     JobResume,
     JobResumed,
     JobShow,
@@ -51,8 +53,11 @@ from herder.protocol.jobs import (
     LogRecord,
     LogStream,
     RobotJob,
+    RobotJobStart,
     StartCommand,
     StopCommand,
+    Strategy,
+    WhenBusy,
 )
 from herder.protocol.messages import Event, Model, new_id, utcnow
 from herder.protocol.registry import RobotPresence, RobotStatus, RobotType
@@ -67,6 +72,7 @@ from herder.services.jobs.directory import RobotDirectory
 from herder.services.jobs.packages import PackageVersions
 from herder.services.jobs.records import JobRecord, requeued, started
 from herder.services.jobs.repository import JobRepository
+from herder.services.jobs.requests import JobRequests
 
 SWEEP_INTERVAL_S = 1.0
 # A start the robot has not confirmed after this long is sent again.
@@ -96,8 +102,11 @@ class JobsService(Service):
         self._acks: list[tuple[str, int, datetime]] = []
         self._ack_writer: asyncio.Task[None] | None = None
         self.tasks.periodic("jobs.sweep", self.sweep, SWEEP_INTERVAL_S)
+        self.requests = JobRequests(self)  # durable job requests (hd.<tenant>.req.jobs) of integrators
+        await self.requests.start()
 
     async def teardown(self) -> None:
+        await self.requests.stop()
         await self.tasks.cancel("jobs.sweep")
         await self.directory.stop()
         if self._background:
@@ -118,6 +127,36 @@ class JobsService(Service):
     @endpoint(permission=Permission.JOBS_START, idempotent=True)
     async def start(self, request: JobStart, ctx: RequestContext) -> JobInfo:
         """Create a job and, when a robot it may run on is free, start it there at once."""
+        if request.trigger is not None and (ctx.principal is None or ctx.principal.kind is not PrincipalKind.SERVICE):
+            raise Forbidden("only the scheduler names the trigger of a job; leave trigger out")
+        return await self.create(request, ctx, trigger=request.trigger, max_concurrent=request.max_concurrent)
+
+    @endpoint(permission=Permission.ROBOT_AGENT, idempotent=True)
+    async def robot_start(self, request: RobotJobStart, ctx: RequestContext) -> JobInfo:
+        """A running script starts another job through its agent; the new job records it as its parent."""
+        robot = ctx.robot_name()
+        async with database.read(self.engine) as connection:
+            parent = await self.repo.get(connection, ctx.tenant, request.job_id)
+        if parent is None or parent.robot != robot:
+            raise NotFound(f"robot {robot} has no job {request.job_id}")
+        if not parent.state.active:
+            raise Conflict(f"job {parent.id[:12]} is {parent.state.value}: only a running job starts others")
+        return await self.create(request, ctx, parent_job=parent.id)
+
+    async def create(
+        self,
+        request: JobStart | RobotJobStart,
+        ctx: RequestContext,
+        *,
+        trigger: str | None = None,
+        max_concurrent: int | None = None,
+        parent_job: str | None = None,
+    ) -> JobInfo:
+        """Create the job `request` asks for (of a trigger, or started by another job) in one
+        transaction with the caller's idempotency key, and start it at once when a robot is free.
+
+        Refused with `conflict`, and nothing stored, when the trigger already has `max_concurrent`
+        jobs open, or when the request says to skip while every robot it may run on is busy."""
         target = Target(robot=request.robot, group=request.group)
         await self._check_target(ctx.tenant, target)
         package = await self.packages.resolve(ctx.on_behalf(self.runtime.client), request.process, request.version)
@@ -136,16 +175,33 @@ class JobsService(Service):
             target_robot=request.robot,
             target_group=request.group,
             timeout_s=request.timeout_s,
+            stop_after_s=request.stop_after_s,
             kill_grace_s=request.kill_grace_s,
             on_robot_lost=request.on_robot_lost,
             lost_after_s=request.lost_after_s,
+            trigger=trigger,
+            parent_job=parent_job,
             created_by=ctx.actor,
         )
         given: list[JobRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
             await ctx.claim(tx.connection, record.id)
-            await self.repo.insert(tx.connection, record)
+            if trigger is not None and max_concurrent is not None:
+                open_jobs = await self.repo.open_of_trigger(tx.connection, ctx.tenant, trigger)
+                if open_jobs >= max_concurrent:
+                    raise Conflict(
+                        f"trigger {trigger} has {open_jobs} jobs Pending or running, its limit of concurrent jobs"
+                    )
             busy = await self.repo.busy(tx.connection, ctx.tenant)
+            robots = self.directory.robots(ctx.tenant)
+            candidates = allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant))
+            if not candidates:
+                if request.when_busy is WhenBusy.SKIP:
+                    raise Conflict(f"{_target_words(target)} busy or offline, and this start skips then")
+                if request.strategy is Strategy.FEWEST_PENDING:
+                    record = await self._to_least_waited_for(tx.connection, record, target, robots)
+                    target = record.target
+            await self.repo.insert(tx.connection, record)
             tx.emit(
                 Event.of(
                     JobCreatedEvent(
@@ -155,6 +211,9 @@ class JobsService(Service):
                         priority=record.priority,
                         target_robot=record.target_robot,
                         target_group=record.target_group,
+                        trigger=record.trigger,
+                        parent_job=record.parent_job,
+                        request_id=ctx.idempotency_key,
                     ),
                     tenant=ctx.tenant,
                     actor=ctx.actor,
@@ -163,8 +222,6 @@ class JobsService(Service):
             # A free robot takes its next job in the same transaction: usually this one. One robot at
             # most: a transaction that held one robot's place while reaching for another's could
             # deadlock with one doing the same the other way round (PostgreSQL).
-            robots = self.directory.robots(ctx.tenant)
-            candidates = allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant))
             if candidates:
                 job = await self._take_next(tx, candidates[0])
                 given += [job] if job is not None else []
@@ -175,6 +232,23 @@ class JobsService(Service):
             # The job exists: say so. Whatever failed here, the sweep finishes (starts, allocation).
             ctx.log.exception("job.after_create_failed", job_id=record.id)
             return record.info("created; herder gives it to a robot shortly")
+
+    async def _to_least_waited_for(
+        self, connection: Any, record: JobRecord, target: Target, robots: list[RobotPresence]
+    ) -> JobRecord:
+        """`record` aimed at the robot of its group that has the fewest Pending jobs waiting for it by
+        name (online robots first, then by name), when every robot of the group is busy."""
+        members = [robot for robot in allocation.members(target, robots) if robot.type is not RobotType.ATTENDED]
+        if not members:
+            return record
+        waiting = await self.repo.pending_by_robot(connection, record.tenant)
+        chosen = min(members, key=lambda robot: (not robot.status.online, waiting.get(robot.name, 0), robot.name))
+        return replace(
+            record,
+            target_robot=chosen.name,
+            target_group=None,
+            reason=f"aimed at {chosen.name}, the robot of group {target.group} with the fewest jobs waiting",
+        )
 
     async def _after_start(
         self,
@@ -221,6 +295,8 @@ class JobsService(Service):
                 process=request.process,
                 robot=request.robot,
                 group=request.group,
+                trigger=request.trigger,
+                parent_job=request.parent_job,
                 limit=request.limit,
             )
             reasons = await self._pending_reasons(connection, ctx.tenant, records)
@@ -235,11 +311,15 @@ class JobsService(Service):
 
     @endpoint(permission=Permission.ROBOT_AGENT)
     async def robot_job(self, request: RobotJob, ctx: RequestContext) -> JobInfo:
-        """The calling robot's own job; another robot's, or none, is `not_found` alike."""
+        """The calling robot's own job, or a job one of its jobs started (`sdk.start_job(wait=True)`
+        follows it); another robot's, or none, is `not_found` alike."""
         robot = ctx.robot_name()
         async with database.read(self.engine) as connection:
             record = await self.repo.get(connection, ctx.tenant, request.id)
-        if record is None or record.robot != robot:
+            parent = None
+            if record is not None and record.robot != robot and record.parent_job is not None:
+                parent = await self.repo.get(connection, ctx.tenant, record.parent_job)
+        if record is None or (record.robot != robot and (parent is None or parent.robot != robot)):
             raise NotFound(f"robot {robot} has no job {request.id}")
         return record.info()
 
@@ -268,6 +348,15 @@ class JobsService(Service):
             self._spawn(self._command(after, command))
         ctx.log.info("job.kill_asked" if hard else "job.stop_asked", job_id=after.id, state=after.state.value)
         return after.info()
+
+    @endpoint(permission=Permission.JOBS_READ)
+    async def list_requests(self, request: JobRequestListRequest, ctx: RequestContext) -> JobRequestList:
+        """The verdicts on durable job requests (`hd.<tenant>.req.jobs`), newest first: accepted with
+        their job, or refused with the code and reason."""
+        verdicts = await self.requests.listing(
+            ctx.tenant, state=request.state, request_id=request.request_id, limit=request.limit
+        )
+        return JobRequestList(requests=[verdict.info() for verdict in verdicts])
 
     # --- robots ---
 
@@ -553,6 +642,9 @@ class JobsService(Service):
             unconfirmed = await self.repo.unacknowledged(connection, now - timedelta(seconds=START_RESEND_AFTER_S))
             active = await self.repo.all_active(connection)
             waiting = await self.repo.pending_targets(connection)
+            overrunning = await self.repo.overrunning(connection, now)
+        for job in overrunning:
+            await self._stop_overrunning(job)
         for job in unconfirmed:
             robot = self.directory.get(job.tenant, job.robot or "")
             if robot is not None and robot.status.online and robot.session == job.session:
@@ -573,6 +665,20 @@ class JobsService(Service):
             await self._requeue_overdue(job, now)
         for tenant in {tenant for tenant, _target in waiting}:
             await self._allocate_for(tenant, [target for t, target in waiting if t == tenant])
+
+    async def _stop_overrunning(self, job: JobRecord) -> None:
+        """Soft-stop a job that has run for its "stop after" duration (its "abort after", the timeout,
+        hard-stops it on the robot if it does not end itself)."""
+        after = replace(
+            job, state=states.stop(job.state), reason=f"soft stop: it ran for its stop-after of {job.stop_after_s:g} s"
+        )
+        async with self.runtime.events.transaction(defer=True) as tx:
+            if not await self.repo.move(tx.connection, job, after):
+                return
+            self._emit(tx, job, after, actor=None)
+        self.log.info("job.stop_after", job_id=job.id, stop_after_s=job.stop_after_s)
+        stop = StopCommand(job_id=after.id, attempt=after.attempt, session=after.session or "")
+        self._spawn(self._command(after, stop))
 
     async def _requeue_overdue(self, job: JobRecord, now: datetime) -> None:
         """A job that waited long enough for its robot to come back runs again elsewhere."""
@@ -710,6 +816,10 @@ def _stopped_by(job: JobRecord, state: JobState, actor: str | None, *, hard: boo
         return replace(job, state=state, reason=f"cancelled by {who} before it started", ended_at=utcnow())
     kind = "hard stop" if hard else "soft stop"
     return replace(job, state=state, reason=f"{kind} asked by {who}")
+
+
+def _target_words(target: Target) -> str:
+    return f"every robot of group {target.group} is" if target.group is not None else f"robot {target.robot} is"
 
 
 def _gone(robot: RobotPresence) -> str:

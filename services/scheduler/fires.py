@@ -16,7 +16,6 @@ Times come in and go out timezone-aware; fire keys are UTC.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import re
 from collections.abc import Iterable, Iterator
@@ -26,6 +25,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from herder.protocol.scheduler import Misfire, OffDays
+
 # A schedule with no fire within this long is refused: it would never do anything.
 HORIZON = timedelta(days=366 * 5)
 # How many candidate times a filter may reject in a row before the schedule is deemed to never fire.
@@ -33,19 +34,7 @@ MAX_REJECTED = 100_000
 _WINDOW = re.compile(r"(\d{2}):(\d{2})-(\d{2}):(\d{2})")
 _CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
 
-
-class Misfire(enum.StrEnum):
-    """What to do with fires missed while no scheduler ran: `skip` them, or `fire-once` for all of them."""
-
-    SKIP = "skip"
-    FIRE_ONCE = "fire-once"
-
-
-class OffDays(enum.StrEnum):
-    """What a fire on a calendar's non-working day does: it is skipped, or moved to the next working day."""
-
-    SKIP = "skip"
-    MOVE = "move"
+__all__ = ["Misfire", "OffDays", "Rules", "Schedule", "Window"]
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,24 @@ def test_the_secrets_benchmark_fetches_sealed_credentials_and_counts_every_one()
     crypto = report["results"]["sqlite"]["crypto"]
     assert crypto["per_fetch_us"] > 0
     assert report["targets_met"]["mismatches and errors == 0, every run"] is True
+
+
+SCHEDULER = BENCH.parent / "bench_scheduler.py"
+
+
+def test_the_scheduler_benchmark_measures_every_fire_of_its_window() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCHEDULER), "--json", "--triggers=60", "--burst=20", "--seconds=4", "--robots=2"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    spread, burst = report["results"]
+    # Four seconds of the spread load: the four triggers due in them, one fire each.
+    assert (spread["load"], spread["fires"], spread["misses"], spread["duplicates"]) == ("spread", 4, 0, 0)
+    assert (burst["load"], burst["fires"], burst["misses"], burst["duplicates"]) == ("burst", 20, 0, 0)
+    for result in (spread, burst):
+        assert 0 <= result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]

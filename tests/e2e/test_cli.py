@@ -31,6 +31,7 @@ def test_up_status_tap_tokens_and_a_clean_stop(up: Up) -> None:
         "packages",
         "queues",
         "registry",
+        "scheduler",
         "secrets",
         "storage",
     ]
@@ -135,10 +136,11 @@ def test_db_upgrade(tmp_path: Path) -> None:
     assert sorted(json.loads(result.stdout)["revisions"]) == [
         "auth_0001",
         "common_0002",
-        "jobs_0002",
+        "jobs_0004",
         "packages_0001",
         "queues_0002",
         "registry_0001",
+        "scheduler_0001",
         "secrets_0001",
         "storage_0001",
     ]

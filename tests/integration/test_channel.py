@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from herder.client.requests import Client
-from herder.protocol.jobs import JobKill, JobStart, JobState, Outcome
+from herder.protocol.jobs import JobKill, JobListRequest, JobStart, JobState, Outcome
 from herder.protocol.messages import new_id
 from herder.protocol.packages import PackageResolve
 from herder.protocol.queues import (
@@ -289,6 +289,33 @@ async def test_a_run_by_hand_does_not_leave_its_items_held(fleet: Fleet, tmp_pat
     assert "the run by hand on robot desk ended Faulted without a result" in items["A"].reason
     assert (items["B"].state, items["B"].reason) == (ItemState.NEW, "interrupted")
     assert any("failed 1 of the 1 items the run held" in line.message for line in lines)
+
+
+# Tries to start a job from a run by hand, and says how it was refused.
+STARTER = """
+from herder.robot import sdk
+
+def main(data):
+    try:
+        sdk.start_job("starter", robot="u1")
+    except sdk.CallError as exc:
+        return {"code": exc.code, "message": str(exc)}
+    return {"code": None}
+"""
+
+
+async def test_a_run_by_hand_starts_no_job(fleet: Fleet, tmp_path: Path) -> None:
+    """herder has no job for a run by hand, so none can be the parent of another: the agent says so."""
+    await fleet.add_robot("u1")
+    version = await fleet.publish(python_process(fleet.root, "starter", STARTER))
+    ref = await fleet.client.request(PackageResolve(process=version.process))
+    token = await fleet.add_robot("desk", robot_type=RobotType.ATTENDED, host="laptop")
+    async with attended_agent(fleet, "desk", token, tmp_path) as agent:
+        result = await agent.run_attended(ref, {}, job_id=new_id(), on_log=lambda _: None, terminal=False)
+    assert result.outcome is Outcome.SUCCESSFUL, result
+    assert result.output is not None and result.output["code"] == "conflict"
+    assert "a run by hand ('herder robot run --run') is no herder job" in result.output["message"]
+    assert (await fleet.client.request(JobListRequest())).jobs == []
 
 
 async def test_an_unattended_robot_runs_nothing_by_hand(fleet: Fleet, tmp_path: Path) -> None:

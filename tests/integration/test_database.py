@@ -14,9 +14,11 @@ from herder.client.errors import SetupError
 from herder.services.auth import repository
 from herder.services.common import database, events, idempotency, migrate
 from herder.services.jobs import repository as jobs_repository
+from herder.services.jobs import request_log as jobs_request_log
 from herder.services.packages import repository as packages_repository
 from herder.services.queues import repository as queues_repository
 from herder.services.registry import repository as registry_repository
+from herder.services.scheduler import repository as scheduler_repository
 from herder.services.secrets import repository as secrets_repository
 from herder.services.storage import repository as storage_repository
 
@@ -30,9 +32,11 @@ def _metadata() -> MetaData:
         packages_repository.metadata,
         registry_repository.metadata,
         jobs_repository.metadata,
+        jobs_request_log.metadata,
         queues_repository.metadata,
         secrets_repository.metadata,
         storage_repository.metadata,
+        scheduler_repository.metadata,
     )
     for source in sources:
         for table in source.tables.values():
@@ -53,10 +57,11 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "auth_0001",
                 "registry_0001",
                 "packages_0001",
-                "jobs_0002",
+                "jobs_0004",
                 "queues_0002",
                 "secrets_0001",
                 "storage_0001",
+                "scheduler_0001",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing

@@ -277,3 +277,21 @@ async def test_a_connection_is_refused_in_bounded_time_when_no_auth_service_answ
         await connect_as(nats_url, "hd_whatever")
     assert time.monotonic() - started < 5.0
     assert refusals(nc) == []  # the service connection itself was never refused anything
+
+
+async def test_only_roles_that_start_jobs_publish_durable_job_requests(fleet: Fleet) -> None:
+    """Integrators (and operators) publish into their tenant's request stream, on `req.jobs` alone; a
+    robot may not, nor may anyone publish into another tenant's."""
+    created = await fleet.client.request(TokenCreate(name="erp", role=Role.INTEGRATOR))
+    integrator = await connect_as(fleet.nats_url, created.secret, name="integrator")
+    robot, _token = await robot_connection(fleet, "r-a")
+    try:
+        ack = await integrator.jetstream().publish(subjects.job_requests("default"), b"{}", timeout=5)
+        assert ack.stream == subjects.requests_stream("default")
+        assert refused(integrator, subjects.job_requests("default")) is None
+        for subject in ("hd.acme.req.jobs", "hd.default.req.queues", "hd.default.req.>"):
+            await assert_publish_refused(integrator, subject)
+        await assert_publish_refused(robot, subjects.job_requests("default"))
+    finally:
+        await integrator.close()
+        await robot.close()

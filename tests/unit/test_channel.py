@@ -19,10 +19,12 @@ import pytest
 from herder.client.requests import Client
 from herder.protocol import fence
 from herder.protocol.errors import BadRequest, Conflict, ErrorCode, NotFound, Unavailable
-from herder.protocol.messages import Request
+from herder.protocol.jobs import JobInfo, JobState, RobotJob, RobotJobStart
+from herder.protocol.messages import Request, utcnow
 from herder.protocol.queues import ItemAdd, ItemNext, ItemsAdded, ItemsTaken
 from herder.robot import sdk
 from herder.robot.channel import (
+    JOB_VERBS,
     MAX_LINE_BYTES,
     SECRET_VERBS,
     STORAGE_VERBS,
@@ -43,6 +45,7 @@ from herder.robot.runner import LineSplitter
 from tests.support import eventually
 
 JOB = "0123456789abcdef0123456789abcdef"
+CHILD = "cd" * 16
 ITEM = "ab" * 16
 
 
@@ -66,6 +69,12 @@ def test_the_channel_serves_the_item_and_asset_verbs_and_nothing_else() -> None:
     storage = {"file_list", "file_delete", "download", "upload_begin", "upload_chunk", "upload_end", "upload_cancel"}
     assert {("storage", verb) for verb in storage} <= set(fence.ROBOT_VERBS)
     assert all(verb == model.verb for verb, model in VERBS.items())
+
+
+def test_the_channel_starts_jobs_as_the_run_with_the_verb_robots_may_call() -> None:
+    assert JOB_VERBS == ("job_start", "job_state")
+    assert {(RobotJobStart.service, RobotJobStart.verb), (RobotJob.service, RobotJob.verb)} <= set(fence.ROBOT_VERBS)
+    assert not set(JOB_VERBS) & {*VERBS, *SECRET_VERBS, *STORAGE_VERBS}
 
 
 def test_the_sdk_and_the_channel_agree_on_the_bound_of_a_line() -> None:
@@ -238,6 +247,22 @@ class StandInClient:
             return ItemsAdded(queue=request.queue, ids=[reference or "x"])
         if isinstance(request, ItemNext):
             return ItemsTaken(items=[])
+        if isinstance(request, RobotJobStart):
+            if request.process == "nope":
+                raise NotFound("no process named 'nope'")
+            return JobInfo(
+                id=CHILD,
+                tenant="default",
+                process=request.process,
+                version="1.0.0",
+                state=JobState.PENDING,
+                priority=request.priority,
+                target_robot=request.robot,
+                target_group=request.group,
+                input=request.input,
+                parent_job=request.job_id,
+                created_at=utcnow(),
+            )
         raise AssertionError(request)
 
 
@@ -349,6 +374,64 @@ async def test_closing_drops_what_is_in_flight_and_refuses_new_connections(
     writer.close()
     with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
         await asyncio.open_unix_connection(str(channel.path))
+
+
+def start(call_id: int, body: dict[str, Any]) -> bytes:
+    return json.dumps({"id": call_id, "verb": "job_start", "body": body}).encode() + b"\n"
+
+
+async def test_a_job_start_goes_as_the_runs_own_job_under_the_scripts_key(
+    served: tuple[Channel, StandInClient],
+) -> None:
+    channel, client = served
+    key = "ab" * 16
+    body = {"process": "report", "group": "finance", "input": {"month": 5}, "priority": "High", "request_id": key}
+    answered, refused = await exchange(channel, start(1, body), start(2, {"process": "nope", "robot": "r2"}))
+    assert answered["id"] == 1
+    assert (answered["reply"]["id"], answered["reply"]["parent_job"], answered["reply"]["state"]) == (
+        CHILD,
+        JOB,
+        "Pending",
+    )
+    assert refused == {"id": 2, "error": {"code": "not_found", "message": "no process named 'nope'"}}
+    sent = client.seen[0]
+    assert isinstance(sent, RobotJobStart)
+    # The parent is the run's job, as the agent knows it; the key is the script's, so a start sent again
+    # (by the SDK after the channel broke, or by the agent's client after no reply) makes one job.
+    assert (sent.job_id, sent.request_id, sent.group, sent.input) == (JOB, key, "finance", {"month": 5})
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"process": "report", "robot": "r2", "job_id": "f" * 32}, "a script starts jobs as its own job"),
+        ({"process": "report", "robot": "r2", "trigger": "nightly"}, "job_start: unknown fields trigger"),
+        (
+            {"process": "report", "robot": "r2", "group": "g"},
+            r"invalid job_start request: \(body\): name exactly one target",
+        ),
+        ({"process": "report", "robot": "r2", "input": {"n": 2**60}}, "invalid job_start request: input.n"),
+    ],
+)
+async def test_a_script_names_neither_the_parent_nor_what_herder_does_not_take(
+    served: tuple[Channel, StandInClient], body: dict[str, Any], fragment: str
+) -> None:
+    channel, client = served
+    with pytest.raises(BadRequest, match=fragment):
+        await channel.serve(Call(1, "job_start", body))
+    assert client.seen == []
+
+
+async def test_a_run_by_hand_starts_no_job() -> None:
+    client = StandInClient()
+    channel = await Channel.open(cast(Client, client), JOB, robot="desk", ride_out_s=0.0, herder_job=False)
+    try:
+        (answer,) = await exchange(channel, start(1, {"process": "report", "robot": "r2"}))
+    finally:
+        await channel.close()
+    assert answer["error"]["code"] == "conflict"
+    assert "a run by hand ('herder robot run --run') is no herder job" in answer["error"]["message"]
+    assert client.seen == []
 
 
 # --- what a run holds ---

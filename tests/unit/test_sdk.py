@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -598,3 +599,171 @@ def test_the_sdk_cuts_texts_where_herder_would_refuse_them() -> None:
     assert sdk.MAX_PROGRESS_CHARS == queues.MAX_PROGRESS_CHARS
     assert tuple(priority.value for priority in Priority) == sdk.PRIORITIES
     assert tuple(kind.value for kind in queues.ExceptionKind) == sdk.EXCEPTION_KINDS
+
+
+# --- starting jobs, against the same tiny channel server ---
+
+CHILD_ID = "cd" * 16
+
+
+def started(**changes: Any) -> dict[str, Any]:
+    """A job as the agent hands on herder's answer to a start (JobInfo in JSON)."""
+    info: dict[str, Any] = {
+        "id": CHILD_ID,
+        "tenant": "default",
+        "process": "report",
+        "version": "1.2.0",
+        "state": "Pending",
+        "reason": "robot r2 is busy with job 0123",
+        "priority": "High",
+        "target_robot": "r2",
+        "parent_job": "ef" * 16,
+        "created_at": "2030-01-01T00:00:00Z",
+    }
+    info.update(changes)
+    return info
+
+
+def test_start_job_sends_what_differs_from_the_defaults_under_a_random_key(
+    channel_at: Callable[[Answer], FakeAgent],
+) -> None:
+    agent = channel_at(answer_with(job_start=reply(started())))
+    job = sdk.start_job(
+        "report", robot="r2", input={"month": "2030-05"}, version="1.2.0", priority="high", timeout_s=90
+    )
+    assert job == sdk.StartedJob(
+        id=CHILD_ID,
+        process="report",
+        version="1.2.0",
+        state="Pending",
+        robot=None,
+        reason="robot r2 is busy with job 0123",
+    )
+    sdk.start_job("report", group="finance")
+    (verb, body), (_, plain) = agent.calls
+    assert verb == "job_start"
+    key = body.pop("request_id")
+    assert body == {
+        "process": "report",
+        "robot": "r2",
+        "input": {"month": "2030-05"},
+        "version": "1.2.0",
+        "priority": "High",
+        "timeout_s": 90.0,
+    }
+    assert plain.pop("request_id") != key  # each start its own key: two starts are two jobs
+    assert plain == {"process": "report", "group": "finance", "input": {}}
+    assert len(key) == 32 and int(key, 16) >= 0
+    assert "job_id" not in body  # the agent names the parent, never the script
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "problem"),
+    [
+        ({}, ValueError, "say where the job runs: robot='NAME' or group='NAME', one of them"),
+        ({"robot": "r1", "group": "g"}, ValueError, "one of them"),
+        ({"robot": 7}, TypeError, "a robot's name is a str, not int"),
+        ({"group": "g", "version": 1.2}, TypeError, "a version is a str"),
+        ({"robot": "r1", "priority": "urgent"}, ValueError, "priority must be one of High, Normal, Low"),
+        ({"robot": "r1", "timeout_s": 0}, ValueError, "timeout_s is a number of seconds greater than 0"),
+        ({"robot": "r1", "timeout_s": float("inf")}, ValueError, "greater than 0, not inf"),
+        ({"robot": "r1", "timeout_s": "60"}, TypeError, "timeout_s is a number of seconds, not str"),
+        ({"robot": "r1", "wait": "yes"}, TypeError, "wait is True or False"),
+    ],
+)
+def test_start_job_arguments_are_checked_before_anything_is_sent(
+    channel_at: Callable[[Answer], FakeAgent], arguments: dict[str, Any], error: type[Exception], problem: str
+) -> None:
+    agent = channel_at(answer_with())
+    with pytest.raises(error, match=re.escape(problem)):
+        sdk.start_job("report", **arguments)
+    with pytest.raises(TypeError, match="a process's name is a str"):
+        sdk.start_job(None, robot="r1")  # type: ignore[arg-type]
+    assert agent.calls == []
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (["not", "a", "dict"], "input: not a JSON object but a list"),
+        ({"when": datetime(2030, 1, 1, tzinfo=UTC)}, "input.when: a datetime is not a JSON value"),
+        ({"amount": float("nan")}, "input.amount: nan is not a number JSON can hold"),
+    ],
+)
+def test_an_input_json_cannot_hold_is_a_bad_request_naming_the_path(
+    channel_at: Callable[[Answer], FakeAgent], value: Any, problem: str
+) -> None:
+    agent = channel_at(answer_with())
+    with pytest.raises(sdk.CallError) as refused:
+        sdk.start_job("report", robot="r1", input=value)
+    assert (refused.value.code, str(refused.value)[: len(problem)]) == ("bad_request", problem)
+    assert agent.calls == []
+
+
+def test_waiting_follows_the_job_until_it_ends(
+    channel_at: Callable[[Answer], FakeAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sdk, "_WAIT_FIRST_S", 0.0)
+    states = iter(
+        [
+            started(state="Running", robot="r2", reason=""),
+            started(state="Successful", robot="r2", reason="", output={"total": 3}),
+        ]
+    )
+
+    def answer(verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        return reply(started() if verb == "job_start" else next(states))
+
+    agent = channel_at(answer)
+    job = sdk.start_job("report", robot="r1", wait=True)
+    assert (job.state, job.output, job.ended) == ("Successful", {"total": 3}, True)
+    assert [verb for verb, _body in agent.calls] == ["job_start", "job_state", "job_state"]
+    assert agent.calls[1][1] == {"id": CHILD_ID}
+
+
+def test_a_start_the_channel_dropped_is_sent_again_under_the_same_key(
+    channel_at: Callable[[Answer], FakeAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sdk, "_START_JOB_PAUSE_S", 0.0)
+    answers = iter([None, None, reply(started(state="Running", robot="r2", reason=""))])
+    agent = channel_at(lambda verb, body: next(answers))
+    job = sdk.start_job("report", robot="r2")
+    assert (job.state, job.robot) == ("Running", "r2")
+    keys = [body["request_id"] for _, body in agent.calls]
+    assert len(keys) == sdk.START_JOB_ATTEMPTS and len(set(keys)) == 1
+    assert agent.connections == 3  # each on a new connection: the agent closed the one before
+
+    agent = channel_at(lambda verb, body: None)  # the channel never carries it: the last failure is raised
+    with pytest.raises(sdk.CallError, match="closed before it answered") as dropped:
+        sdk.start_job("report", robot="r2")
+    assert dropped.value.code == "unavailable"
+    assert len(agent.calls) == sdk.START_JOB_ATTEMPTS
+
+
+def test_a_start_herder_refused_is_not_sent_again(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    error = {"code": "not_found", "message": "no process named 'report'"}
+    unanswered = {"code": "unavailable", "message": "no reply from hd.default.svc.jobs.robot_start within 5 s"}
+    answers = iter([{"error": error}, {"error": unanswered}])
+    agent = channel_at(lambda verb, body: next(answers))
+    with pytest.raises(sdk.CallError) as refused:
+        sdk.start_job("report", robot="r2")
+    assert (refused.value.code, str(refused.value)) == ("not_found", "no process named 'report'")
+    # herder (not the channel) gave no reply: the agent's client sent it again under the key already.
+    with pytest.raises(sdk.CallError, match="no reply from"):
+        sdk.start_job("report", robot="r2")
+    assert len(agent.calls) == 2
+
+
+def test_a_start_without_its_answer_is_internal(channel_at: Callable[[Answer], FakeAgent]) -> None:
+    channel_at(answer_with(job_start=reply({"state": "Pending"})))
+    with pytest.raises(sdk.CallError, match="holds no job") as odd:
+        sdk.start_job("report", robot="r2")
+    assert odd.value.code == "internal"
+
+
+@pytest.mark.usefixtures("outside_herder")
+def test_outside_herder_starting_a_job_says_it_needs_a_herder_job() -> None:
+    with pytest.raises(sdk.NotOnRobot, match=r"sdk.start_job starts jobs from a herder job: run this script as one"):
+        sdk.start_job("report", robot="r1")
+    with pytest.raises(ValueError, match="one of them"):  # the arguments are checked first, robot or not
+        sdk.start_job("report")

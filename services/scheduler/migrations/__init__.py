@@ -1,0 +1,1 @@
+"""Alembic revisions of the scheduler service (branch `scheduler`)."""
