@@ -34,8 +34,13 @@ from herder.cli.queues import parse_moment, parse_span, refused_options, reworde
 from herder.protocol.jobs import MAX_INPUT_BYTES, MAX_RUN_S, Priority, Strategy, WhenBusy
 from herder.protocol.messages import Model
 from herder.protocol.scheduler import (
+    DEFAULT_MAIL_POLL_S,
     MAX_CONCURRENT,
     FireInfo,
+    MailAfter,
+    MailFilters,
+    MailRule,
+    MailTls,
     Misfire,
     OffDays,
     QueueRule,
@@ -116,7 +121,25 @@ JOB_OPTIONS = {
     "max_concurrent": "--max-concurrent",
 }
 QUEUE_OPTIONS = {"queue": "--queue", "min_items": "--min-items", "max_jobs": "--max-jobs"}
-_FIELD_OPTIONS = {"schedule": SCHEDULE_OPTIONS, "job": JOB_OPTIONS, "queue": QUEUE_OPTIONS}
+MAIL_OPTIONS = {
+    "host": "--host",
+    "port": "--port",
+    "tls": "--tls",
+    "folder": "--folder",
+    "credential": "--credential",
+    "filters.subject_contains": "--subject",
+    "filters.sender_contains": "--sender",
+    "filters.body_contains": "--body",
+    "subject_contains": "--subject",
+    "sender_contains": "--sender",
+    "body_contains": "--body",
+    "batch": "--batch",
+    "after": "--after",
+    "move_to": "--move-to",
+    "bucket": "--bucket",
+    "poll_s": "--poll",
+}
+_FIELD_OPTIONS = {"schedule": SCHEDULE_OPTIONS, "job": JOB_OPTIONS, "queue": QUEUE_OPTIONS, "mail": MAIL_OPTIONS}
 
 NameArgument = Annotated[str, typer.Argument(help="The trigger's name.", show_default=False)]
 
@@ -737,6 +760,117 @@ def add_queue(
     _add(resolve(data_dir, url, token_file, bundle), request, json_out)
 
 
+@trigger_app.command("add-mail")
+def add_mail(
+    name: NameArgument,
+    host: Annotated[str, typer.Option("--host", help="The IMAP server.", show_default=False)],
+    credential: Annotated[
+        str,
+        typer.Option(
+            "--credential",
+            help="The credential whose username and secret log in to the mailbox ('herder credential set').",
+            show_default=False,
+        ),
+    ],
+    process: ProcessOption,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", help="The server's port (default 993 with --tls tls, else 143).", min=1, max=65535),
+    ] = None,
+    tls: Annotated[
+        MailTls, typer.Option("--tls", help="TLS from the first byte (tls), after STARTTLS (starttls), or none.")
+    ] = MailTls.TLS,
+    folder: Annotated[str, typer.Option("--folder", help="The folder watched.")] = "INBOX",
+    subject: Annotated[
+        str | None, typer.Option("--subject", help="Only mails whose subject contains this (any case).")
+    ] = None,
+    sender: Annotated[
+        str | None, typer.Option("--sender", help="Only mails whose From (name or address) contains this.")
+    ] = None,
+    body: Annotated[str | None, typer.Option("--body", help="Only mails whose text contains this.")] = None,
+    all_mail: Annotated[
+        bool, typer.Option("--all-mail", help="Take read mails too (needs --after move: they leave the folder).")
+    ] = False,
+    batch: Annotated[
+        bool, typer.Option("--batch", help="One job for all the new mails of a poll, not one per mail.")
+    ] = False,
+    after: Annotated[
+        MailAfter, typer.Option("--after", help="Once its job exists, mark the mail read, or move it (--move-to).")
+    ] = MailAfter.READ,
+    move_to: Annotated[str | None, typer.Option("--move-to", help="The folder mails go to with --after move.")] = None,
+    bucket: Annotated[
+        str | None,
+        typer.Option(
+            "--bucket", help="The storage bucket attachments are stored in (without it, only their names and sizes)."
+        ),
+    ] = None,
+    poll: Annotated[
+        str, typer.Option("--poll", help="How often to look in the mailbox (30s, 5m; at least 5s).")
+    ] = f"{DEFAULT_MAIL_POLL_S:g}s",
+    robot: RobotOption = None,
+    group: GroupOption = None,
+    input_json: InputOption = None,
+    version: VersionOption = None,
+    priority: PriorityOption = Priority.NORMAL,
+    stop_after: StopAfterOption = None,
+    abort_after: AbortAfterOption = None,
+    when_busy: WhenBusyOption = WhenBusy.QUEUE,
+    strategy: StrategyOption = Strategy.FIRST_FREE,
+    disabled: DisabledOption = False,
+    data_dir: DataDirOption = None,
+    url: UrlOption = None,
+    token_file: TokenFileOption = None,
+    bundle: BundleOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Add a mail trigger: start PROCESS for each new mail in an IMAP mailbox.
+
+    Every --poll, the trigger looks in --folder at --host, logging in with --credential; each new mail
+    that matches --subject, --sender and --body (unread ones, unless --all-mail) starts PROCESS with the
+    mail's sender, subject, date, text and attachments as its input (the job reads them with
+    sdk.job_input()["mail"]; the attachments are in --bucket). Once the job exists, the mail is marked
+    read or moved. Adding one needs the right to reveal credentials: the trigger logs in with the secret.
+
+    Example: herder trigger add-mail invoices-in --host imap.example.com --credential mailbox --process
+    book --group finance --subject invoice --bucket finance --after move --move-to Done
+    """
+    job = build_job(
+        process=process,
+        version=version,
+        robot=robot,
+        group=group,
+        input_json=input_json,
+        priority=priority,
+        stop_after=stop_after,
+        abort_after=abort_after,
+        when_busy=when_busy,
+        strategy=strategy,
+    )
+    poll_s = parse_span(poll, what="--poll").total_seconds()
+
+    def rule() -> MailRule:
+        fields: dict[str, Any] = {
+            "host": host,
+            "tls": tls,
+            "folder": folder,
+            "credential": credential,
+            "filters": MailFilters(subject_contains=subject, sender_contains=sender, body_contains=body),
+            "unread_only": not all_mail,
+            "batch": batch,
+            "after": after,
+            "move_to": move_to,
+            "bucket": bucket,
+            "poll_s": poll_s,
+        }
+        if port is not None:
+            fields["port"] = port
+        return MailRule(**fields)
+
+    mail = _validated(rule, MAIL_OPTIONS)
+    request = _validated(lambda: TriggerAdd(name=name, job=job, mail=mail, enabled=not disabled), {"name": "NAME"})
+    _add(resolve(data_dir, url, token_file, bundle), request, json_out)
+
+
 @trigger_app.command("list")
 def list_triggers(
     wide: WideOption = False,
@@ -753,7 +887,7 @@ def list_triggers(
         return
     if not listed.triggers:
         print(
-            "no triggers yet; add one with 'herder trigger add NAME' or 'herder trigger add-queue NAME'",
+            "no triggers yet; add one with 'herder trigger add NAME', 'add-queue NAME' or 'add-mail NAME'",
             file=sys.stderr,
         )
         return

@@ -26,6 +26,7 @@ from herder.protocol.messages import (
     IDEMPOTENCY_KEY_PATTERN,
     IDEMPOTENCY_KEY_RULE,
     Creating,
+    ErrorBody,
     EventData,
     Model,
     Request,
@@ -218,6 +219,44 @@ class JobStart(Creating, JobSpec, Request[JobInfo]):
     def _limit_of_a_trigger(self) -> JobStart:
         if self.max_concurrent is not None and self.trigger is None:
             raise ValueError("max_concurrent counts the jobs of a trigger: name the trigger")
+        return self
+
+
+MAX_STARTS_PER_BATCH = 200
+
+
+class JobStartResult(Model):
+    """How one start of a batch went: the job (made now, or by an earlier start with its key), or the
+    error a lone `start` would have answered."""
+
+    job: JobInfo | None = None
+    error: ErrorBody | None = None
+
+
+class JobStartResults(Model):
+    """The reply to `start_batch`: one result per start, in the order they were sent."""
+
+    results: list[JobStartResult]
+
+
+class JobStartBatch(Request[JobStartResults]):
+    """Start many jobs in one transaction (a trigger's fires due at one moment): each start is the
+    `start` it holds, idempotent under its own `request_id` (which each must carry) exactly as a lone
+    `start` under that key would be; one refused start does not refuse the others. The new jobs are
+    given to free robots just after."""
+
+    service = SERVICE
+    verb = "start_batch"
+
+    starts: list[JobStart] = Field(min_length=1, max_length=MAX_STARTS_PER_BATCH)
+
+    @model_validator(mode="after")
+    def _keyed(self) -> JobStartBatch:
+        keys = [start.request_id for start in self.starts]
+        if any(key is None for key in keys):
+            raise ValueError("every start of a batch needs its request_id (its idempotency key)")
+        if len(set(keys)) != len(keys):
+            raise ValueError("the starts of a batch need request_ids of their own; two share one")
         return self
 
 
@@ -568,6 +607,9 @@ __all__ = [
     "JobShow",
     "JobSpec",
     "JobStart",
+    "JobStartBatch",
+    "JobStartResult",
+    "JobStartResults",
     "JobState",
     "JobStateChangedEvent",
     "JobStop",

@@ -195,7 +195,7 @@ class MailRule(Model):
     @model_validator(mode="after")
     def _after(self) -> Self:
         if self.after is MailAfter.MOVE and self.move_to is None:
-            raise ValueError("after 'move' needs the folder to move mails to: give move_to")
+            raise ValueError("after 'move' needs where the mails go: give move_to")
         if self.after is not MailAfter.MOVE and self.move_to is not None:
             raise ValueError("move_to belongs to after 'move'; with after 'read' mails stay where they are")
         if self.move_to is not None and self.move_to == self.folder:
@@ -263,7 +263,8 @@ class TriggerAdd(Creating, Request[TriggerInfo]):
     job: TriggerJob
     schedule: Schedule | None = None
     queue: QueueRule | None = None
-    mail: MailRule | None = None
+    # Left out when absent, so that a scheduler of before mail triggers still takes the request.
+    mail: MailRule | None = Field(None, exclude_if=lambda rule: rule is None)
     enabled: bool = True
 
     @model_validator(mode="after")

@@ -101,7 +101,7 @@ _KEY_ROW = (
 )
 
 
-def _claim_statement(dialect_insert: Any) -> Any:
+def _claim_statement(dialect_insert: Any, *returning: Any) -> Any:
     """Claim a key in one statement: insert its row, or take over the row of an expired claim; a live
     claim changes nothing (no row returned). Both databases speak `ON CONFLICT ... DO UPDATE ... WHERE`."""
     statement = dialect_insert(idempotency_keys)
@@ -112,10 +112,15 @@ def _claim_statement(dialect_insert: Any) -> Any:
         index_elements=["tenant", "service", "verb", "key_hash"],
         set_=taken_over,
         where=idempotency_keys.c.expires_at <= statement.excluded.created_at,
-    ).returning(idempotency_keys.c.object_id)
+    ).returning(*(returning or (idempotency_keys.c.object_id,)))
 
 
 _CLAIM = {"postgresql": _claim_statement(postgresql_insert), "sqlite": _claim_statement(sqlite_insert)}
+# The same, naming the key of each row claimed, for many keys in one statement.
+_CLAIM_MANY = {
+    dialect: _claim_statement(insert, idempotency_keys.c.key_hash, idempotency_keys.c.object_id)
+    for dialect, insert in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+}
 _SAVE_REPLY = (
     update(idempotency_keys)
     .where(
@@ -289,6 +294,68 @@ class Claim:
         if result.first() is None:
             raise AlreadyClaimed()  # a live claim holds the key: the transaction must roll back
         self.object_id = object_id
+
+
+async def claim_many(connection: AsyncConnection, claims: list[tuple[Claim, str]]) -> set[str]:
+    """Claim many keys, each for its object, in one statement in the transaction of `connection`;
+    the hashed keys claimed. A key that a live claim holds is left as it is (not in the answer): see
+    `lookup_many` for what it was claimed for."""
+    if not claims:
+        return set()
+    now = utcnow()
+    expires = now + timedelta(seconds=IDEMPOTENCY_WINDOW_S)
+    rows = [
+        {
+            "tenant": claim.scope.tenant,
+            "service": claim.scope.service,
+            "verb": claim.scope.verb,
+            "key_hash": claim.hashed_key,
+            "request_digest": claim.digest,
+            "object_id": object_id,
+            "reply": None,
+            "created_at": now,
+            "expires_at": expires,
+        }
+        for claim, object_id in claims
+    ]
+    statement = _CLAIM_MANY[connection.dialect.name]
+    taken = {row.key_hash: row.object_id for row in await connection.execute(statement, rows)}
+    claimed = set()
+    for claim, object_id in claims:
+        if taken.get(claim.hashed_key) == object_id:
+            claim.object_id = object_id
+            claimed.add(claim.hashed_key)
+    return claimed
+
+
+async def lookup_many(connection: AsyncConnection, scope: Scope, hashed_keys: list[str]) -> dict[str, Record]:
+    """The live claims of these hashed keys of `scope`, by hashed key."""
+    if not hashed_keys:
+        return {}
+    query = select(
+        idempotency_keys.c.key_hash,
+        idempotency_keys.c.request_digest,
+        idempotency_keys.c.object_id,
+        idempotency_keys.c.reply,
+        idempotency_keys.c.created_at,
+        idempotency_keys.c.expires_at,
+    ).where(
+        idempotency_keys.c.tenant == scope.tenant,
+        idempotency_keys.c.service == scope.service,
+        idempotency_keys.c.verb == scope.verb,
+        idempotency_keys.c.key_hash.in_(hashed_keys),
+        idempotency_keys.c.expires_at > utcnow(),
+    )
+    return {
+        row.key_hash: Record(
+            request_digest=row.request_digest,
+            object_id=row.object_id,
+            reply=row.reply,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+        )
+        for row in await connection.execute(query)
+    }
 
 
 class IdempotencyStore:

@@ -182,6 +182,11 @@ class JobRepository:
         """Store a new job."""
         await connection.execute(_INSERT, _row(record))
 
+    async def insert_many(self, connection: AsyncConnection, records: Sequence[JobRecord]) -> None:
+        """Store new jobs, in one statement."""
+        if records:
+            await connection.execute(_INSERT, [_row(record) for record in records])
+
     async def get(self, connection: AsyncConnection, tenant: str, job_id: str) -> JobRecord | None:
         """The job with this id."""
         row = (await connection.execute(_GET, {"tenant": tenant, "job_id": job_id})).mappings().first()

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from herder.protocol import codec, subjects
 from herder.protocol.auth import Permission, PrincipalKind
 from herder.protocol.codec import Header
-from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
+from herder.protocol.errors import BadRequest, Conflict, Forbidden, HerderError, NotFound
 from herder.protocol.jobs import (
     DEFAULT_KILL_GRACE_S,
     CommandAck,
@@ -45,6 +45,9 @@ from herder.protocol.jobs import (
     JobResumed,
     JobShow,
     JobStart,
+    JobStartBatch,
+    JobStartResult,
+    JobStartResults,
     JobState,
     JobStateChangedEvent,
     JobStop,
@@ -59,9 +62,10 @@ from herder.protocol.jobs import (
     Strategy,
     WhenBusy,
 )
-from herder.protocol.messages import Event, Model, new_id, utcnow
+from herder.protocol.messages import ErrorBody, Event, Model, new_id, utcnow
+from herder.protocol.packages import PackageRef
 from herder.protocol.registry import RobotPresence, RobotStatus, RobotType
-from herder.services.common import database
+from herder.services.common import database, idempotency
 from herder.services.common.bus import ensure_bucket
 from herder.services.common.events import Transaction
 from herder.services.common.runtime import RequestContext, Service, endpoint
@@ -158,31 +162,7 @@ class JobsService(Service):
         Refused with `conflict`, and nothing stored, when the trigger already has `max_concurrent`
         jobs open, or when the request says to skip while every robot it may run on is busy."""
         target = Target(robot=request.robot, group=request.group)
-        await self._check_target(ctx.tenant, target)
-        package = await self.packages.resolve(ctx.on_behalf(self.runtime.client), request.process, request.version)
-        record = JobRecord(
-            id=new_id(),
-            tenant=ctx.tenant,
-            process=package.process,
-            version=package.version,
-            package=package,
-            priority=request.priority,
-            state=JobState.PENDING,
-            reason="",
-            attempt=0,
-            input=request.input,
-            created_at=utcnow(),
-            target_robot=request.robot,
-            target_group=request.group,
-            timeout_s=request.timeout_s,
-            stop_after_s=request.stop_after_s,
-            kill_grace_s=request.kill_grace_s,
-            on_robot_lost=request.on_robot_lost,
-            lost_after_s=request.lost_after_s,
-            trigger=trigger,
-            parent_job=parent_job,
-            created_by=ctx.actor,
-        )
+        record = await self._new_record(request, ctx, trigger=trigger, parent_job=parent_job)
         given: list[JobRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
             await ctx.claim(tx.connection, record.id)
@@ -232,6 +212,141 @@ class JobsService(Service):
             # The job exists: say so. Whatever failed here, the sweep finishes (starts, allocation).
             ctx.log.exception("job.after_create_failed", job_id=record.id)
             return record.info("created; herder gives it to a robot shortly")
+
+    async def _new_record(
+        self, request: JobStart | RobotJobStart, ctx: RequestContext, *, trigger: str | None, parent_job: str | None
+    ) -> JobRecord:
+        """The Pending job `request` asks for, once its target and package check out."""
+        return _record_of(request, ctx, await self._checked(request, ctx), trigger=trigger, parent_job=parent_job)
+
+    async def _checked(self, request: JobStart | RobotJobStart, ctx: RequestContext) -> PackageRef:
+        """The package `request` runs, once its target checks out; `not_found` or `conflict` if not."""
+        await self._check_target(ctx.tenant, Target(robot=request.robot, group=request.group))
+        return await self.packages.resolve(ctx.on_behalf(self.runtime.client), request.process, request.version)
+
+    @endpoint(permission=Permission.JOBS_START)
+    async def start_batch(self, request: JobStartBatch, ctx: RequestContext) -> JobStartResults:
+        """Create many jobs in one transaction, each under its own idempotency key (a repeated key
+        answers the job it made before); the new jobs go to free robots just after."""
+        if any(start.trigger is not None for start in request.starts) and (
+            ctx.principal is None or ctx.principal.kind is not PrincipalKind.SERVICE
+        ):
+            raise Forbidden("only the scheduler names the trigger of a job; leave trigger out")
+        results: list[JobStartResult | None] = [None] * len(request.starts)
+        scope = idempotency.Scope(ctx.tenant, self.name, JobStart.verb)
+        prepared: list[tuple[int, JobStart, JobRecord, idempotency.Claim]] = []
+        # Starts of a batch mostly share their target and process (a trigger's fires): each is checked once.
+        checked: dict[tuple[str | None, str | None, str, str | None], PackageRef | HerderError] = {}
+        for index, start in enumerate(request.starts):
+            what = (start.robot, start.group, start.process, start.version)
+            if what not in checked:
+                try:
+                    checked[what] = await self._checked(start, ctx)
+                except HerderError as exc:
+                    checked[what] = exc
+            package = checked[what]
+            if isinstance(package, HerderError):
+                results[index] = _refused(package)
+                continue
+            record = _record_of(start, ctx, package, trigger=start.trigger, parent_job=None)
+            assert start.request_id is not None  # the batch's validator saw to it
+            digest = idempotency.request_digest(start, ctx.principal)
+            prepared.append((index, start, record, idempotency.Claim(scope=scope, key=start.request_id, digest=digest)))
+        made: list[tuple[int, JobRecord]] = []
+        repeated: dict[int, idempotency.Claim] = {}
+        async with self.runtime.events.transaction(defer=True) as tx:
+            busy = await self.repo.busy(tx.connection, ctx.tenant)
+            robots = self.directory.robots(ctx.tenant)
+            given = self._given(ctx.tenant)
+            open_jobs: dict[str, int] = {}
+            accepted: list[tuple[int, JobRecord, idempotency.Claim]] = []
+            for index, start, record, claim in prepared:
+                target = record.target
+                if start.trigger is not None and start.max_concurrent is not None:
+                    if start.trigger not in open_jobs:
+                        open_jobs[start.trigger] = await self.repo.open_of_trigger(
+                            tx.connection, ctx.tenant, start.trigger
+                        )
+                    if open_jobs[start.trigger] >= start.max_concurrent:
+                        results[index] = _refused(
+                            Conflict(
+                                f"trigger {start.trigger} has {open_jobs[start.trigger]} jobs Pending or running, "
+                                "its limit of concurrent jobs"
+                            )
+                        )
+                        continue
+                if not allocation.idle_candidates(target, robots, busy, given):
+                    if start.when_busy is WhenBusy.SKIP:
+                        why = Conflict(f"{_target_words(target)} busy or offline, and this start skips then")
+                        results[index] = _refused(why)
+                        continue
+                    if start.strategy is Strategy.FEWEST_PENDING:
+                        record = await self._to_least_waited_for(tx.connection, record, target, robots)
+                if start.trigger is not None:
+                    open_jobs[start.trigger] = open_jobs.get(start.trigger, 0) + 1
+                accepted.append((index, record, claim))
+            claimed = await idempotency.claim_many(
+                tx.connection, [(claim, record.id) for _i, record, claim in accepted]
+            )
+            for index, record, claim in accepted:
+                if claim.hashed_key in claimed:
+                    made.append((index, record))
+                else:
+                    repeated[index] = claim
+            await self.repo.insert_many(tx.connection, [record for _index, record in made])
+            for index, record in made:
+                tx.emit(
+                    Event.of(
+                        JobCreatedEvent(
+                            job_id=record.id,
+                            process=record.process,
+                            version=record.version,
+                            priority=record.priority,
+                            target_robot=record.target_robot,
+                            target_group=record.target_group,
+                            trigger=record.trigger,
+                            request_id=request.starts[index].request_id,
+                        ),
+                        tenant=ctx.tenant,
+                        actor=ctx.actor,
+                    )
+                )
+            # Read in the same transaction, which holds SQLite's one connection already: why each new
+            # job waits (no query while no robot it may run on is free), and what repeated keys made.
+            reasons = await self._pending_reasons(tx.connection, ctx.tenant, [record for _index, record in made], busy)
+            earlier = await idempotency.lookup_many(
+                tx.connection, scope, [claim.hashed_key for claim in repeated.values()]
+            )
+            for index, claim in repeated.items():
+                results[index] = await self._repeated_start(
+                    tx.connection, ctx.tenant, claim, earlier.get(claim.hashed_key)
+                )
+        for index, record in made:
+            results[index] = JobStartResult(job=record.info(reasons.get(record.id)))
+        if made:
+            ctx.log.info("jobs.created", count=len(made))
+            self._spawn(self._allocate_for(ctx.tenant, {record.target for _index, record in made}))
+        return JobStartResults(
+            results=[result or _refused(Conflict("not started; send it again")) for result in results]
+        )
+
+    async def _repeated_start(
+        self, connection: Any, tenant: str, claim: idempotency.Claim, earlier: idempotency.Record | None
+    ) -> JobStartResult:
+        """The answer to a start of a batch whose key an earlier start claimed: the job it made."""
+        if earlier is None:  # claimed and expired in between, or taken by a start still running
+            return _refused(Conflict("a start with this key is under way; send it again in a moment"))
+        if earlier.request_digest != claim.digest:
+            return _refused(
+                Conflict(
+                    f"idempotency key {idempotency.shown(claim.key)!r} was used for a different request; "
+                    "send a new key with a new request"
+                )
+            )
+        record = await self.repo.get(connection, tenant, earlier.object_id)
+        if record is None:
+            return _refused(Conflict("a start with this key is under way; send it again in a moment"))
+        return JobStartResult(job=record.info())
 
     async def _to_least_waited_for(
         self, connection: Any, record: JobRecord, target: Target, robots: list[RobotPresence]
@@ -816,6 +931,44 @@ def _stopped_by(job: JobRecord, state: JobState, actor: str | None, *, hard: boo
         return replace(job, state=state, reason=f"cancelled by {who} before it started", ended_at=utcnow())
     kind = "hard stop" if hard else "soft stop"
     return replace(job, state=state, reason=f"{kind} asked by {who}")
+
+
+def _record_of(
+    request: JobStart | RobotJobStart,
+    ctx: RequestContext,
+    package: PackageRef,
+    *,
+    trigger: str | None,
+    parent_job: str | None,
+) -> JobRecord:
+    """The new Pending job `request` asks for, running `package`."""
+    return JobRecord(
+        id=new_id(),
+        tenant=ctx.tenant,
+        process=package.process,
+        version=package.version,
+        package=package,
+        priority=request.priority,
+        state=JobState.PENDING,
+        reason="",
+        attempt=0,
+        input=request.input,
+        created_at=utcnow(),
+        target_robot=request.robot,
+        target_group=request.group,
+        timeout_s=request.timeout_s,
+        stop_after_s=request.stop_after_s,
+        kill_grace_s=request.kill_grace_s,
+        on_robot_lost=request.on_robot_lost,
+        lost_after_s=request.lost_after_s,
+        trigger=trigger,
+        parent_job=parent_job,
+        created_by=ctx.actor,
+    )
+
+
+def _refused(error: HerderError) -> JobStartResult:
+    return JobStartResult(error=ErrorBody(code=error.code.value, message=error.message, details=error.details))
 
 
 def _target_words(target: Target) -> str:

@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from herder.protocol.scheduler import FireInfo, QueueRule, Schedule, TriggerJob, TriggerKind
+from herder.protocol.scheduler import FireInfo, MailRule, QueueRule, Schedule, TriggerJob, TriggerKind
 from herder.services.common.database import UtcDateTime
 from herder.services.scheduler.triggers import TriggerRecord
 
@@ -57,6 +57,7 @@ triggers = Table(
     Column("job", Text(), nullable=False),
     Column("schedule", Text()),
     Column("queue_rule", Text()),
+    Column("mail_rule", Text()),
     # The queue a queue trigger watches and the calendar a cron trigger reads, to find the triggers
     # an event concerns.
     Column("queue_name", String(128)),
@@ -136,6 +137,7 @@ def _record(row: RowMapping) -> TriggerRecord:
         job=TriggerJob.model_validate_json(row["job"]),
         schedule=Schedule.model_validate_json(row["schedule"]) if row["schedule"] else None,
         queue=QueueRule.model_validate_json(row["queue_rule"]) if row["queue_rule"] else None,
+        mail=MailRule.model_validate_json(row["mail_rule"]) if row["mail_rule"] else None,
         runs=row["runs"],
         month=row["month"],
         month_runs=row["month_runs"],
@@ -190,6 +192,7 @@ class TriggerRepository:
                 "job": record.job.model_dump_json(),
                 "schedule": record.schedule.model_dump_json() if record.schedule else None,
                 "queue_rule": record.queue.model_dump_json() if record.queue else None,
+                "mail_rule": record.mail.model_dump_json() if record.mail else None,
                 "queue_name": record.queue.queue if record.queue else None,
                 "calendar": record.schedule.calendar if record.schedule else None,
                 "runs": 0,

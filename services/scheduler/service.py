@@ -33,7 +33,7 @@ from herder.client.requests import Client
 from herder.protocol import codec
 from herder.protocol.auth import Permission
 from herder.protocol.errors import BadRequest, Conflict, Forbidden, HerderError, NotFound
-from herder.protocol.jobs import JobListRequest, JobState
+from herder.protocol.jobs import JobListRequest, JobStartBatch, JobState
 from herder.protocol.messages import Event, Model, new_id, utcnow
 from herder.protocol.packages import PackageResolve
 from herder.protocol.queues import QueueShow
@@ -59,6 +59,7 @@ from herder.protocol.secrets import AssetGet, AssetType
 from herder.services.common import database
 from herder.services.common.runtime import RequestContext, Service, endpoint
 from herder.services.scheduler import fires
+from herder.services.scheduler.mail_wiring import MailTriggers
 from herder.services.scheduler.repository import FireRow, TriggerRepository
 from herder.services.scheduler.triggers import (
     MISFIRE_GRACE_S,
@@ -78,8 +79,12 @@ TAKE_OVER_INTERVAL_S = 1.0
 QUEUE_CHECK_INTERVAL_S = 10.0
 # Queue events are gathered this long before the triggers of their queues are evaluated.
 QUEUE_SETTLE_S = 0.2
-# Fires whose jobs are being started at once, per replica.
+# Fires whose jobs are being started at once, one by one (by hand, taken over), per replica.
 MAX_STARTING = 64
+# Scheduled fires due together are started in batches of this many (`jobs.start_batch`), this many
+# batches at once per replica.
+START_BATCH = 100
+MAX_BATCHES = 4
 # How many fires one claiming transaction takes at most.
 CLAIM_BATCH = 500
 # Fire results are written together, at most this long after the first of them.
@@ -93,6 +98,7 @@ MAX_SLEEP_S = 1.0
 _OPEN = [JobState.PENDING, JobState.RUNNING, JobState.STOPPING, JobState.TERMINATING]
 # Answers of the jobs service that end a fire as skipped: asking again would get the same.
 _FINAL_REFUSALS = (BadRequest, Conflict, NotFound, Forbidden)
+_FINAL_CODES = frozenset({"bad_request", "conflict", "not_found", "forbidden"})
 
 
 @dataclass
@@ -123,11 +129,15 @@ class SchedulerService(Service):
     async def setup(self) -> None:
         self.repo = TriggerRepository()
         self.jobs: Client = self.runtime.service_client(self.name, timeout=JOBS_TIMEOUT_S)
+        self.mail = MailTriggers(
+            self.runtime, tasks=self.tasks, repo=self.repo, instance_id=self.instance_id, log=self.log
+        )
         self._plans: dict[str, _Plan] = {}
         self._heap: list[tuple[datetime, str, int]] = []
         self._wake = asyncio.Event()
         self._calendars: dict[tuple[str, str], frozenset[date]] = {}
         self._starting = asyncio.Semaphore(MAX_STARTING)
+        self._batches = asyncio.Semaphore(MAX_BATCHES)
         self._batch = _Batch()
         self._flusher: asyncio.Task[None] | None = None
         self._dirty_queues: set[tuple[str, str]] = set()
@@ -152,6 +162,7 @@ class SchedulerService(Service):
         self.tasks.periodic("scheduler.prune", self._prune, PRUNE_INTERVAL_S)
 
     async def teardown(self) -> None:
+        await self.mail.stop()
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -176,16 +187,19 @@ class SchedulerService(Service):
             if not fires.next_times(timing_.schedule, utcnow(), 1, rules=timing_.rules):
                 raise BadRequest("schedule: it never fires from now on (its window, calendar or validity end first)")
         await self._check_names(asker, ctx.tenant, request)
+        if request.mail is not None:
+            await self.mail.check(asker, ctx.principal, request.mail)
         now = utcnow()
         record = TriggerRecord(
             id=new_id(),
             tenant=ctx.tenant,
             name=request.name,
-            kind=TriggerKind.CRON if request.schedule is not None else TriggerKind.QUEUE,
+            kind=_kind(request),
             enabled=request.enabled,
             job=request.job,
             schedule=request.schedule,
             queue=request.queue,
+            mail=request.mail,
             considered_until=now,
             created_at=now,
             created_by=ctx.actor,
@@ -199,6 +213,7 @@ class SchedulerService(Service):
             tx.emit(_changed(record, "added", ctx.actor))
         ctx.log.info("trigger.added", trigger=record.name, kind=record.kind.value)
         self._install(record)
+        await self.mail.install(record)
         if record.queue is not None and record.enabled:
             self._mark_queue(record.tenant, record.queue.queue)
         return self._info(record, None)
@@ -250,6 +265,7 @@ class SchedulerService(Service):
             await self.repo.remove(tx.connection, record.id)
             tx.emit(_changed(record, "removed", ctx.actor))
         self._uninstall(record.id)
+        await self.mail.uninstall(record.id)
         ctx.log.info("trigger.removed", trigger=record.name)
         return self._info(replace(record, enabled=False), last, count=0)
 
@@ -257,6 +273,14 @@ class SchedulerService(Service):
     async def trigger_fire_now(self, request: TriggerFireNow, ctx: RequestContext) -> FireInfo:
         """Fire a trigger now, whatever its schedule (its limits on open jobs still apply)."""
         now = utcnow()
+        async with database.read(self.engine) as connection:
+            found = await self._find(connection, ctx.tenant, request.name)
+        if found.kind is TriggerKind.MAIL:
+            # A mail trigger's job needs a mail: firing it by hand looks in its mailbox now.
+            started = await self.mail.poll_now(found.id)
+            return FireInfo(
+                trigger=found.name, fired_at=utcnow(), cause="by hand", skipped=None if started else "no new mail"
+            )
         async with self.runtime.events.transaction() as tx:
             record = await self._find(tx.connection, ctx.tenant, request.name)
             fire = FireRow(
@@ -304,6 +328,14 @@ class SchedulerService(Service):
         claims: list[tuple[_Plan, FireRow]] = []
         grace = timedelta(seconds=MISFIRE_GRACE_S)
         for plan in due:
+            following = self._only_fire(plan, now, grace)
+            if following is not None:
+                # The common case: one fire is due, on time; the one after it is the clock's next.
+                assert plan.next_at is not None
+                claims.append((plan, _scheduled_fire(plan.record, plan.next_at, self.instance_id, now)))
+                plan.cursor = max(plan.cursor, now)
+                self._schedule(plan, after=now, known=following)
+                continue
             moments = fires.due(
                 plan.timing.schedule,
                 last_considered=plan.cursor,
@@ -316,10 +348,23 @@ class SchedulerService(Service):
                 claims.append((plan, _scheduled_fire(plan.record, moment, self.instance_id, now)))
             plan.cursor = max(plan.cursor, now)
             self._schedule(plan, after=now)
+        # Every due fire is claimed first, then their jobs are started: a fire claimed late is late.
+        won: list[tuple[_Plan, FireRow, str | None]] = []
         for start in range(0, len(claims), CLAIM_BATCH):
-            await self._claim_and_start(claims[start : start + CLAIM_BATCH], due, now)
+            won += await self._claim(claims[start : start + CLAIM_BATCH], due, now)
+        by_tenant: dict[str, list[tuple[TriggerRecord, FireRow, str | None]]] = {}
+        for plan, fire, counted_in in won:
+            by_tenant.setdefault(plan.record.tenant, []).append((plan.record, fire, counted_in))
+        for items in by_tenant.values():
+            for first in range(0, len(items), START_BATCH):
+                await self._batches.acquire()
+                self._spawn(self._start_claimed_batch(items[first : first + START_BATCH]))
 
-    async def _claim_and_start(self, claims: list[tuple[_Plan, FireRow]], due: list[_Plan], now: datetime) -> None:
+    async def _claim(
+        self, claims: list[tuple[_Plan, FireRow]], due: list[_Plan], now: datetime
+    ) -> list[tuple[_Plan, FireRow, str | None]]:
+        """Claim fires in one transaction, counting their runs; those this replica won, with the month
+        each counted in (None: a trigger without limits of runs). Fires its limits forbid are skipped."""
         skipped: list[FireRow] = []
         won: list[tuple[_Plan, FireRow, str | None]] = []
         async with self.engine.begin() as connection:
@@ -351,11 +396,9 @@ class SchedulerService(Service):
                     self._uninstall(record.id)  # it may never run again
             await self.repo.count_runs(connection, plain)
             await self.repo.finish(connection, skipped)
-        for plan, fire, counted_in in won:
-            await self._starting.acquire()
-            self._spawn(self._start_claimed(plan.record, fire, counted_in))
         for fire in skipped:
             self.log.info("trigger.skipped", trigger=fire.trigger_name, reason=fire.skipped)
+        return won
 
     async def _start_claimed(self, record: TriggerRecord, fire: FireRow, month: str | None) -> None:
         self._in_flight.add(fire.id)
@@ -365,6 +408,54 @@ class SchedulerService(Service):
             self._in_flight.discard(fire.id)
             self._starting.release()
 
+    async def _start_claimed_batch(self, items: list[tuple[TriggerRecord, FireRow, str | None]]) -> None:
+        """Start the jobs of claimed fires of one tenant with one request (`jobs.start_batch`), each
+        under its fire's key; what fails for a moment stays unfinished, for `take_over`."""
+        fire_ids = [fire.id for _record, fire, _month in items]
+        self._in_flight.update(fire_ids)
+        try:
+            starts = [record.job_start(request_id=_job_key(fire)) for record, fire, _month in items]
+            try:
+                reply = await self.jobs.request(JobStartBatch(starts=starts), tenant=items[0][0].tenant)
+            except HerderError as exc:
+                self.log.warning("trigger.fires_unfinished", count=len(items), error=exc.message)
+                return
+            for (record, fire, month), result in zip(items, reply.results, strict=True):
+                if result.job is not None:
+                    self._finished_fire(record, fire, month, job_id=result.job.id)
+                elif result.error is not None and result.error.code in _FINAL_CODES:
+                    self._finished_fire(record, fire, month, skipped=result.error.message)
+                else:
+                    why = result.error.message if result.error is not None else "no answer"
+                    self.log.warning("trigger.fire_unfinished", trigger=record.name, fire=fire.id, error=why)
+        finally:
+            self._in_flight.difference_update(fire_ids)
+            self._batches.release()
+
+    def _finished_fire(
+        self,
+        record: TriggerRecord,
+        fire: FireRow,
+        month: str | None,
+        *,
+        job_id: str | None = None,
+        skipped: str | None = None,
+    ) -> FireRow:
+        """Queue how a fire ended, to be written with the others (`_flush`); a skipped fire gives its
+        counted run back."""
+        done = replace(fire, job_id=job_id, skipped=skipped, fired_at=utcnow())
+        if skipped is not None:
+            self._batch.released.append((record.id, month))
+            self.log.info("trigger.skipped", trigger=record.name, reason=skipped)
+            if fire.cause == "schedule" and record.schedule is not None and record.schedule.max_runs is not None:
+                # The run counted for this fire is given back: the clock must count it back too (a
+                # trigger it let go as having run all its runs may run again).
+                self._released.add(record.id)
+        self._batch.done.append(done)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="scheduler.finish")
+        return done
+
     async def _start_job(self, record: TriggerRecord, fire: FireRow, *, month: str | None) -> FireRow:
         """Start the job of one claimed fire under its key; queue how the fire ended, and return it.
         A failure that may pass (the jobs service unreachable) leaves the fire unfinished, for
@@ -373,22 +464,11 @@ class SchedulerService(Service):
         try:
             job = await self.jobs.request(record.job_start(), tenant=record.tenant, idempotency_key=key)
         except _FINAL_REFUSALS as exc:
-            done = replace(fire, skipped=exc.message, fired_at=utcnow())
-            self._batch.released.append((record.id, month))
-            self.log.info("trigger.skipped", trigger=record.name, reason=exc.message)
-            if fire.cause == "schedule" and record.schedule is not None and record.schedule.max_runs is not None:
-                # The run counted for this fire is given back: the clock must count it back too (a
-                # trigger it let go as having run all its runs may run again).
-                self._released.add(record.id)
+            return self._finished_fire(record, fire, month, skipped=exc.message)
         except HerderError as exc:
             self.log.warning("trigger.fire_unfinished", trigger=record.name, fire=fire.id, error=exc.message)
             return fire
-        else:
-            done = replace(fire, job_id=job.id, fired_at=utcnow())
-        self._batch.done.append(done)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="scheduler.finish")
-        return done
+        return self._finished_fire(record, fire, month, job_id=job.id)
 
     async def _flush(self, delay_s: float = FINISH_BATCH_S) -> None:
         """Write the fires that ended since the last flush, in one transaction."""
@@ -433,6 +513,8 @@ class SchedulerService(Service):
         """Read every enabled cron trigger again (and the calendars they use)."""
         async with database.read(self.engine) as connection:
             records = await self.repo.enabled(connection, TriggerKind.CRON)
+            mail_records = await self.repo.enabled(connection, TriggerKind.MAIL)
+        await self.mail.sync(mail_records)
         seen = set()
         for record in records:
             seen.add(record.id)
@@ -450,6 +532,7 @@ class SchedulerService(Service):
                     self.log.warning("trigger.calendar_unreadable", trigger=record.name, error=exc.message)
                     self._calendars[key] = frozenset()
         self._install(record)
+        await self.mail.install(record)
 
     def _install(self, record: TriggerRecord) -> None:
         """Hold (or update) a cron trigger in the clock; a disabled or exhausted one is let go."""
@@ -457,19 +540,20 @@ class SchedulerService(Service):
             self._uninstall(record.id)
             return
         off_days = self._calendars.get((record.tenant, record.schedule.calendar or ""), frozenset())
+        held = self._plans.get(record.id)
+        cursor = record.considered_until or record.created_at
+        if held is not None:
+            cursor = max(cursor, held.cursor)
+            unchanged = held.record.schedule == record.schedule and held.timing.rules.off_days == off_days
+            if unchanged and held.cursor >= cursor:
+                held.record = record  # the same schedule: its place in the clock stands
+                return
         try:
             timing_ = timing(record.schedule, off_days)
         except BadRequest as exc:  # a time zone this machine lacks, say: logged, and the others go on
             self.log.warning("trigger.unschedulable", trigger=record.name, error=exc.message)
             return
         now = utcnow()
-        held = self._plans.get(record.id)
-        cursor = record.considered_until or record.created_at
-        if held is not None:
-            cursor = max(cursor, held.cursor)
-            if held.timing == timing_ and held.cursor >= cursor:
-                held.record = record  # the same schedule: its place in the clock stands
-                return
         plan = _Plan(
             record=record, timing=timing_, cursor=cursor, next_at=None, version=(held.version + 1) if held else 0
         )
@@ -477,8 +561,20 @@ class SchedulerService(Service):
         # A fire missed since the cursor is due now (the misfire policy decides it).
         self._schedule(plan, after=min(cursor, now))
 
-    def _schedule(self, plan: _Plan, *, after: datetime) -> None:
-        found = fires.next_times(plan.timing.schedule, after, 1, rules=plan.timing.rules)
+    def _only_fire(self, plan: _Plan, now: datetime, grace: timedelta) -> list[datetime] | None:
+        """When `plan`'s next fire is the only one due by `now`, and on time: the fire after it (an
+        empty list when there is none). None otherwise: the full reckoning (`fires.due`) decides."""
+        if plan.next_at is None or plan.next_at <= plan.cursor or now - plan.next_at > grace:
+            return None
+        following = fires.next_times(plan.timing.schedule, plan.next_at, 1, rules=plan.timing.rules)
+        if following and following[0] <= now:
+            return None
+        return following
+
+    def _schedule(self, plan: _Plan, *, after: datetime, known: list[datetime] | None = None) -> None:
+        found = (
+            known if known is not None else fires.next_times(plan.timing.schedule, after, 1, rules=plan.timing.rules)
+        )
         plan.version += 1
         plan.next_at = found[0] if found else None
         if plan.next_at is not None:
@@ -503,6 +599,7 @@ class SchedulerService(Service):
             record = await self.repo.by_id(connection, trigger_id)
         if record is None:
             self._uninstall(trigger_id)
+            await self.mail.uninstall(trigger_id)
         else:
             await self._install_loaded(record)
 
@@ -632,6 +729,7 @@ class SchedulerService(Service):
                 self._mark_queue(after.tenant, after.queue.queue)
         else:
             self._uninstall(record.id)
+            await self.mail.uninstall(record.id)
         ctx.log.info("trigger.enabled" if enabled else "trigger.disabled", trigger=name)
         return self._info(after, last)
 
@@ -689,6 +787,12 @@ class SchedulerService(Service):
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("scheduler.background_failed", error=repr(task.exception()))
+
+
+def _kind(request: TriggerAdd) -> TriggerKind:
+    if request.schedule is not None:
+        return TriggerKind.CRON
+    return TriggerKind.MAIL if request.mail is not None else TriggerKind.QUEUE
 
 
 def _scheduled_fire(record: TriggerRecord, moment: datetime, instance: str, now: datetime) -> FireRow:

@@ -10,7 +10,7 @@ from datetime import date, datetime
 
 from herder.protocol.errors import BadRequest
 from herder.protocol.jobs import JobStart
-from herder.protocol.scheduler import FireInfo, QueueRule, Schedule, TriggerInfo, TriggerJob, TriggerKind
+from herder.protocol.scheduler import FireInfo, MailRule, QueueRule, Schedule, TriggerInfo, TriggerJob, TriggerKind
 from herder.services.scheduler import fires
 
 # Fires older than this when a scheduler first sees them were missed (no scheduler ran): the
@@ -31,6 +31,7 @@ class TriggerRecord:
     created_at: datetime
     schedule: Schedule | None = None
     queue: QueueRule | None = None
+    mail: MailRule | None = None
     runs: int = 0
     month: str | None = None  # the calendar month `month_runs` counts (in the trigger's time zone)
     month_runs: int = 0
@@ -50,6 +51,7 @@ class TriggerRecord:
             job=self.job,
             schedule=self.schedule,
             queue=self.queue,
+            mail=self.mail,
             runs=self.runs,
             next_fires=next_fires,
             last_fire=last_fire,
@@ -63,10 +65,10 @@ class TriggerRecord:
         """How many of its jobs may be open at once (a queue trigger's `max_jobs`)."""
         return self.queue.max_jobs if self.queue is not None else self.job.max_concurrent
 
-    def job_start(self) -> JobStart:
-        """The start request of one of this trigger's jobs."""
+    def job_start(self, request_id: str | None = None) -> JobStart:
+        """The start request of one of this trigger's jobs (under `request_id`, in a batch)."""
         spec = self.job.model_dump(exclude={"max_concurrent"})
-        return JobStart(**spec, trigger=self.name, max_concurrent=self.max_concurrent)
+        return JobStart(**spec, trigger=self.name, max_concurrent=self.max_concurrent, request_id=request_id)
 
 
 @dataclass(frozen=True, slots=True)

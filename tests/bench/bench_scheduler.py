@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
 import subprocess
@@ -165,7 +166,9 @@ async def run_load(
                 await client.request(RobotAdd(name=f"bot{n}", type=RobotType.UNATTENDED, host="box", groups=["pool"]))
             began = time.perf_counter()
             # The burst second: far enough ahead that all the triggers are in by then.
-            burst_at = (datetime.now(UTC) + timedelta(seconds=45 if seconds >= 60 else 10)).replace(microsecond=0)
+            burst_at = (datetime.now(UTC) + timedelta(seconds=45 if seconds >= 60 else 10 + count // 20)).replace(
+                microsecond=0
+            )
             burst_second = burst_at.second
             semaphore = asyncio.Semaphore(ADD_CONCURRENCY)
 
@@ -322,7 +325,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     logs.configure(level="warning")
     if argv[:1] == [SERVICES_FLAG]:
-        asyncio.run(serve_services(*argv[1:4]))
+        # HERDER_BENCH_PROFILE=FILE: the services' process writes a cProfile of its run to FILE.
+        profile_to = os.environ.get("HERDER_BENCH_PROFILE")
+        if profile_to:
+            with cProfile.Profile() as profile:
+                asyncio.run(serve_services(*argv[1:4]))
+            profile.dump_stats(profile_to)
+        else:
+            asyncio.run(serve_services(*argv[1:4]))
         return 0
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="herder-bench-") as folder:

@@ -140,7 +140,7 @@ def test_db_upgrade(tmp_path: Path) -> None:
         "packages_0001",
         "queues_0002",
         "registry_0001",
-        "scheduler_0001",
+        "scheduler_0002",
         "secrets_0001",
         "storage_0001",
     ]

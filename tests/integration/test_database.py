@@ -61,7 +61,7 @@ async def test_migrations_build_the_schema_the_code_expects(blank_db_url: str) -
                 "queues_0002",
                 "secrets_0001",
                 "storage_0001",
-                "scheduler_0001",
+                "scheduler_0002",
             }
         )
         assert await migrate.upgrade(engine) == revisions  # a second run changes nothing

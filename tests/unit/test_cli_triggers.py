@@ -323,6 +323,20 @@ def test_a_trigger_shows_every_setting_and_its_next_fires() -> None:
 
 # --- the commands, before they connect ---
 
+MAIL = [
+    "trigger",
+    "add-mail",
+    "m",
+    "--host",
+    "imap.example.com",
+    "--credential",
+    "mailbox",
+    "--process",
+    "p",
+    "--robot",
+    "r",
+]
+
 
 @pytest.mark.parametrize(
     ("args", "message", "exit_code"),
@@ -346,6 +360,10 @@ def test_a_trigger_shows_every_setting_and_its_next_fires() -> None:
             2,
         ),
         (["trigger", "add-queue", "t", "--queue", "bad queue", "--process", "p", "--robot", "r"], "--queue: ", 1),
+        ([*MAIL, "--after", "move"], "needs where the mails go: give --move-to", 1),
+        ([*MAIL, "--all-mail"], "would start a job at every poll", 1),
+        ([*MAIL, "--poll", "1s"], "--poll", 1),
+        ([*MAIL, "--host", "bad host!"], "--host: must be a host name", 1),
     ],
 )
 def test_bad_command_lines_are_one_line_before_connecting(
