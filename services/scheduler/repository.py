@@ -241,6 +241,21 @@ class TriggerRepository:
             query = query.where(triggers.c.kind == kind.value)
         return [_record(row) for row in (await connection.execute(query)).mappings()]
 
+    async def versions(self, connection: AsyncConnection, kind: TriggerKind) -> dict[str, datetime | None]:
+        """id -> `updated_at` of every enabled trigger of one kind, of every tenant."""
+        query = select(triggers.c.id, triggers.c.updated_at).where(
+            triggers.c.enabled.is_(True), triggers.c.kind == kind.value
+        )
+        return {row.id: row.updated_at for row in await connection.execute(query)}
+
+    async def by_ids(self, connection: AsyncConnection, trigger_ids: Sequence[str]) -> list[TriggerRecord]:
+        """The triggers with these ids, of any tenant."""
+        found: list[TriggerRecord] = []
+        for first in range(0, len(trigger_ids), 500):
+            query = select(triggers).where(triggers.c.id.in_(trigger_ids[first : first + 500]))
+            found += [_record(row) for row in (await connection.execute(query)).mappings()]
+        return found
+
     async def of_queue(self, connection: AsyncConnection, tenant: str, queue: str) -> list[TriggerRecord]:
         """The enabled queue triggers watching `queue`."""
         query = select(triggers).where(
