@@ -146,6 +146,10 @@ class SchedulerService(Service):
         self._batch = _Batch()
         self._flusher: asyncio.Task[None] | None = None
         self._dirty_queues: set[tuple[str, str]] = set()
+        # (tenant, queue) of every enabled queue trigger, as last read (by `check_queues`, and on a
+        # change here): the queue events worth reading. One another replica adds is seen within
+        # QUEUE_CHECK_INTERVAL_S.
+        self._watched_queues: set[tuple[str, str]] = set()
         self._queue_checker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # Fires this replica is starting the jobs of: not for `take_over`, however long they take.
@@ -153,6 +157,9 @@ class SchedulerService(Service):
         # Triggers with limits of runs whose counted runs were given back: read again after the flush.
         self._released: set[str] = set()
         await self.reload()
+        async with database.read(self.engine) as connection:
+            queued = await self.repo.enabled(connection, TriggerKind.QUEUE)
+        self._watched_queues = {(record.tenant, record.queue.queue) for record in queued if record.queue}
         self._subscriptions: list[Subscription] = [
             await self.runtime.nc.subscribe("hd.*.evt.scheduler.trigger_changed", cb=self._on_trigger_event),
             await self.runtime.nc.subscribe("hd.*.evt.secrets.asset_changed", cb=self._on_asset_event),
@@ -173,8 +180,16 @@ class SchedulerService(Service):
                 await subscription.unsubscribe()
         for name in ("scheduler.clock", "scheduler.reload", "scheduler.take_over", "scheduler.queues"):
             await self.tasks.cancel(name)
+        # Nothing of this instance may hold a database connection once the engine is disposed.
+        if self._queue_checker is not None:
+            await _cancelled(self._queue_checker)
         if self._background:
-            await asyncio.wait(set(self._background), timeout=JOBS_TIMEOUT_S)
+            _done, late = await asyncio.wait(set(self._background), timeout=JOBS_TIMEOUT_S)
+            for task in late:
+                await _cancelled(task)
+        if self._flusher is not None and not self._flusher.done():
+            with contextlib.suppress(Exception):
+                await self._flusher
         await self._flush(delay_s=0)
 
     # --- people and programs ---
@@ -220,6 +235,7 @@ class SchedulerService(Service):
         self._install(record)
         await self.mail.install(record)
         if record.queue is not None and record.enabled:
+            self._watched_queues.add((record.tenant, record.queue.queue))
             self._mark_queue(record.tenant, record.queue.queue)
         return self._info(record, None)
 
@@ -625,16 +641,22 @@ class SchedulerService(Service):
             self._spawn(self._install_loaded(record))
 
     async def _on_queue_event(self, msg: Msg) -> None:
+        if not self._watched_queues:
+            return  # no queue trigger anywhere: a queue's events concern no one here
         event = _event(msg)
         queue = event.data.get("queue") if event else None
-        if event is not None and isinstance(queue, str):
+        if event is not None and isinstance(queue, str) and (event.tenant, queue) in self._watched_queues:
             self._mark_queue(event.tenant, queue)
 
     async def _on_job_event(self, msg: Msg) -> None:
         # A job that ended may leave room for a queue trigger's next job; which trigger made it the
         # event does not say, so the tenant's queue triggers are looked at (gathered, see `_mark_queue`).
+        if not self._watched_queues:
+            return
         event = _event(msg)
-        if event is not None and event.data.get("state") in {"Successful", "Faulted", "Stopped"}:
+        if event is None or not any(tenant == event.tenant for tenant, _queue in self._watched_queues):
+            return
+        if event.data.get("state") in {"Successful", "Faulted", "Stopped"}:
             self._mark_queue(event.tenant, "")
 
     def _mark_queue(self, tenant: str, queue: str) -> None:
@@ -661,6 +683,7 @@ class SchedulerService(Service):
         """Look at every enabled queue trigger (what no event caused: a job lost, an item postponed)."""
         async with database.read(self.engine) as connection:
             records = await self.repo.enabled(connection, TriggerKind.QUEUE)
+        self._watched_queues = {(record.tenant, record.queue.queue) for record in records if record.queue}
         await self._evaluate(records)
 
     async def _evaluate(self, records: Iterable[TriggerRecord]) -> None:
@@ -733,6 +756,7 @@ class SchedulerService(Service):
                 held.cursor = now
             await self._install_loaded(after)
             if after.queue is not None:
+                self._watched_queues.add((after.tenant, after.queue.queue))
                 self._mark_queue(after.tenant, after.queue.queue)
         else:
             self._uninstall(record.id)
@@ -794,6 +818,12 @@ class SchedulerService(Service):
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("scheduler.background_failed", error=repr(task.exception()))
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 def _kind(request: TriggerAdd) -> TriggerKind:
