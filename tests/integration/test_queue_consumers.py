@@ -23,7 +23,8 @@ from herder.services.common.host import HostConfig, ServiceHost
 from herder.services.queues.service import QueuesService
 from tests.fleet import Fleet, python_process, running_fleet
 
-pytestmark = pytest.mark.slow
+# A rig of eight robot agents and ten thousand items: minutes on a busy 2-core machine, not the suite's 180 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 ITEMS = 10_000
 ROBOTS = 8
