@@ -148,8 +148,10 @@ class ServiceHost:
             await self._supervisor.cancel("herder.outbox.relay")
         if self.runtime is not None:
             await self.runtime.events.close()
+            # What is still in the outbox goes now if JetStream takes it at once; else the next start
+            # relays it. Bounded: one relay waits on each event in turn, up to 200 of them.
             with contextlib.suppress(Exception):
-                await self.runtime.events.relay_once(grace_s=0)
+                await asyncio.wait_for(self.runtime.events.relay_once(grace_s=0), timeout)
         if self._tokens is not None:
             await self._tokens.stop()
             self._tokens = None
