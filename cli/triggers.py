@@ -922,8 +922,18 @@ def show(
     print_table(FIRE_COLUMNS, [fire_row(fire) for fire in details.fires], wide=wide, title="last fires, newest first")
 
 
-def _change(request: TriggerEnable | TriggerDisable | TriggerRemove, target: Target) -> TriggerInfo:
-    return call(target, lambda c: c.request(request))
+def _change(
+    request: TriggerEnable | TriggerDisable | TriggerRemove,
+    target: Target,
+    json_out: bool,
+    said: Callable[[TriggerInfo], str],
+) -> None:
+    """Send a change of one trigger; print the trigger (`--json`) or the line `said` makes of it."""
+    changed = call(target, lambda c: c.request(request))
+    if json_out:
+        print_json(changed)
+        return
+    print(said(changed))
 
 
 @trigger_app.command("enable")
@@ -936,11 +946,12 @@ def enable(
     json_out: JsonOption = False,
 ) -> None:
     """Let a trigger fire again, from now on (fires due while it was disabled are not made up)."""
-    enabled = _change(TriggerEnable(name=name), resolve(data_dir, url, token_file, bundle))
-    if json_out:
-        print_json(enabled)
-        return
-    print(f"enabled trigger {enabled.name}; {_next_line(enabled)}")
+    _change(
+        TriggerEnable(name=name),
+        resolve(data_dir, url, token_file, bundle),
+        json_out,
+        lambda enabled: f"enabled trigger {enabled.name}; {_next_line(enabled)}",
+    )
 
 
 @trigger_app.command("disable")
@@ -953,11 +964,12 @@ def disable(
     json_out: JsonOption = False,
 ) -> None:
     """Stop a trigger firing until it is enabled again; the jobs it made already go on."""
-    disabled = _change(TriggerDisable(name=name), resolve(data_dir, url, token_file, bundle))
-    if json_out:
-        print_json(disabled)
-        return
-    print(f"disabled trigger {disabled.name}; the jobs it made go on")
+    _change(
+        TriggerDisable(name=name),
+        resolve(data_dir, url, token_file, bundle),
+        json_out,
+        lambda disabled: f"disabled trigger {disabled.name}; the jobs it made go on",
+    )
 
 
 @trigger_app.command("remove")
@@ -970,11 +982,12 @@ def remove(
     json_out: JsonOption = False,
 ) -> None:
     """Remove a trigger and its fire history; the jobs it made go on."""
-    removed = _change(TriggerRemove(name=name), resolve(data_dir, url, token_file, bundle))
-    if json_out:
-        print_json(removed)
-        return
-    print(f"removed trigger {removed.name}; the jobs it made go on")
+    _change(
+        TriggerRemove(name=name),
+        resolve(data_dir, url, token_file, bundle),
+        json_out,
+        lambda removed: f"removed trigger {removed.name}; the jobs it made go on",
+    )
 
 
 @trigger_app.command("fire-now")

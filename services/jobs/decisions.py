@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from herder.protocol.errors import Conflict
-from herder.protocol.jobs import JobReport, JobState, OnRobotLost, Outcome
+from herder.protocol.jobs import JobReport, JobState, OnRobotLost, Outcome, WhenBusy
 from herder.services.jobs import states
+from herder.services.jobs.allocation import Target
 from herder.services.jobs.records import JobRecord, requeued
 
 LOST = "robot lost"
@@ -207,3 +208,22 @@ def not_running(job: JobRecord, robot: str) -> JobRecord | None:
     if job.state is not JobState.RUNNING or job.lost_at is None:
         return None
     return requeued(job, reason=f"re-queued: robot {robot} came back without it")
+
+
+def refused_start(
+    *,
+    trigger: str | None,
+    max_concurrent: int | None,
+    open_jobs: int,
+    target: Target,
+    robot_free: bool,
+    when_busy: WhenBusy,
+) -> Conflict | None:
+    """Why a start must make no job: its trigger has `max_concurrent` jobs open already, or no robot
+    it may run on is free and it says to skip then. None: it makes its job."""
+    if trigger is not None and max_concurrent is not None and open_jobs >= max_concurrent:
+        return Conflict(f"trigger {trigger} has {open_jobs} jobs Pending or running, its limit of concurrent jobs")
+    if not robot_free and when_busy is WhenBusy.SKIP:
+        who = f"every robot of group {target.group} is" if target.group is not None else f"robot {target.robot} is"
+        return Conflict(f"{who} busy or offline, and this start skips then")
+    return None

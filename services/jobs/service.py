@@ -60,7 +60,6 @@ from herder.protocol.jobs import (
     StartCommand,
     StopCommand,
     Strategy,
-    WhenBusy,
 )
 from herder.protocol.messages import ErrorBody, Event, Model, new_id, utcnow
 from herder.protocol.packages import PackageRef
@@ -166,39 +165,27 @@ class JobsService(Service):
         given: list[JobRecord] = []
         async with self.runtime.events.transaction(defer=True) as tx:
             await ctx.claim(tx.connection, record.id)
+            open_jobs = 0
             if trigger is not None and max_concurrent is not None:
                 open_jobs = await self.repo.open_of_trigger(tx.connection, ctx.tenant, trigger)
-                if open_jobs >= max_concurrent:
-                    raise Conflict(
-                        f"trigger {trigger} has {open_jobs} jobs Pending or running, its limit of concurrent jobs"
-                    )
             busy = await self.repo.busy(tx.connection, ctx.tenant)
             robots = self.directory.robots(ctx.tenant)
             candidates = allocation.idle_candidates(target, robots, busy, self._given(ctx.tenant))
-            if not candidates:
-                if request.when_busy is WhenBusy.SKIP:
-                    raise Conflict(f"{_target_words(target)} busy or offline, and this start skips then")
-                if request.strategy is Strategy.FEWEST_PENDING:
-                    record = await self._to_least_waited_for(tx.connection, record, target, robots)
-                    target = record.target
-            await self.repo.insert(tx.connection, record)
-            tx.emit(
-                Event.of(
-                    JobCreatedEvent(
-                        job_id=record.id,
-                        process=record.process,
-                        version=record.version,
-                        priority=record.priority,
-                        target_robot=record.target_robot,
-                        target_group=record.target_group,
-                        trigger=record.trigger,
-                        parent_job=record.parent_job,
-                        request_id=ctx.idempotency_key,
-                    ),
-                    tenant=ctx.tenant,
-                    actor=ctx.actor,
-                )
+            refusal = decisions.refused_start(
+                trigger=trigger,
+                max_concurrent=max_concurrent,
+                open_jobs=open_jobs,
+                target=target,
+                robot_free=bool(candidates),
+                when_busy=request.when_busy,
             )
+            if refusal is not None:
+                raise refusal
+            if not candidates and request.strategy is Strategy.FEWEST_PENDING:
+                record = await self._to_least_waited_for(tx.connection, record, target, robots)
+                target = record.target
+            await self.repo.insert(tx.connection, record)
+            tx.emit(_created(record, ctx, ctx.idempotency_key))
             # A free robot takes its next job in the same transaction: usually this one. One robot at
             # most: a transaction that held one robot's place while reaching for another's could
             # deadlock with one doing the same the other way round (PostgreSQL).
@@ -262,26 +249,22 @@ class JobsService(Service):
             accepted: list[tuple[int, JobRecord, idempotency.Claim]] = []
             for index, start, record, claim in prepared:
                 target = record.target
-                if start.trigger is not None and start.max_concurrent is not None:
-                    if start.trigger not in open_jobs:
-                        open_jobs[start.trigger] = await self.repo.open_of_trigger(
-                            tx.connection, ctx.tenant, start.trigger
-                        )
-                    if open_jobs[start.trigger] >= start.max_concurrent:
-                        results[index] = _refused(
-                            Conflict(
-                                f"trigger {start.trigger} has {open_jobs[start.trigger]} jobs Pending or running, "
-                                "its limit of concurrent jobs"
-                            )
-                        )
-                        continue
-                if not allocation.idle_candidates(target, robots, busy, given):
-                    if start.when_busy is WhenBusy.SKIP:
-                        why = Conflict(f"{_target_words(target)} busy or offline, and this start skips then")
-                        results[index] = _refused(why)
-                        continue
-                    if start.strategy is Strategy.FEWEST_PENDING:
-                        record = await self._to_least_waited_for(tx.connection, record, target, robots)
+                if start.trigger is not None and start.max_concurrent is not None and start.trigger not in open_jobs:
+                    open_jobs[start.trigger] = await self.repo.open_of_trigger(tx.connection, ctx.tenant, start.trigger)
+                robot_free = bool(allocation.idle_candidates(target, robots, busy, given))
+                refusal = decisions.refused_start(
+                    trigger=start.trigger,
+                    max_concurrent=start.max_concurrent,
+                    open_jobs=open_jobs.get(start.trigger or "", 0),
+                    target=target,
+                    robot_free=robot_free,
+                    when_busy=start.when_busy,
+                )
+                if refusal is not None:
+                    results[index] = _refused(refusal)
+                    continue
+                if not robot_free and start.strategy is Strategy.FEWEST_PENDING:
+                    record = await self._to_least_waited_for(tx.connection, record, target, robots)
                 if start.trigger is not None:
                     open_jobs[start.trigger] = open_jobs.get(start.trigger, 0) + 1
                 accepted.append((index, record, claim))
@@ -295,22 +278,7 @@ class JobsService(Service):
                     repeated[index] = claim
             await self.repo.insert_many(tx.connection, [record for _index, record in made])
             for index, record in made:
-                tx.emit(
-                    Event.of(
-                        JobCreatedEvent(
-                            job_id=record.id,
-                            process=record.process,
-                            version=record.version,
-                            priority=record.priority,
-                            target_robot=record.target_robot,
-                            target_group=record.target_group,
-                            trigger=record.trigger,
-                            request_id=request.starts[index].request_id,
-                        ),
-                        tenant=ctx.tenant,
-                        actor=ctx.actor,
-                    )
-                )
+                tx.emit(_created(record, ctx, request.starts[index].request_id))
             # Read in the same transaction, which holds SQLite's one connection already: why each new
             # job waits (no query while no robot it may run on is free), and what repeated keys made.
             reasons = await self._pending_reasons(tx.connection, ctx.tenant, [record for _index, record in made], busy)
@@ -971,8 +939,23 @@ def _refused(error: HerderError) -> JobStartResult:
     return JobStartResult(error=ErrorBody(code=error.code.value, message=error.message, details=error.details))
 
 
-def _target_words(target: Target) -> str:
-    return f"every robot of group {target.group} is" if target.group is not None else f"robot {target.robot} is"
+def _created(record: JobRecord, ctx: RequestContext, request_id: str | None) -> Event:
+    """The event of a job just made (under the caller's idempotency key `request_id`)."""
+    return Event.of(
+        JobCreatedEvent(
+            job_id=record.id,
+            process=record.process,
+            version=record.version,
+            priority=record.priority,
+            target_robot=record.target_robot,
+            target_group=record.target_group,
+            trigger=record.trigger,
+            parent_job=record.parent_job,
+            request_id=request_id,
+        ),
+        tenant=ctx.tenant,
+        actor=ctx.actor,
+    )
 
 
 def _gone(robot: RobotPresence) -> str:

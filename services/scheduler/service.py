@@ -198,12 +198,11 @@ class SchedulerService(Service):
     async def trigger_add(self, request: TriggerAdd, ctx: RequestContext) -> TriggerInfo:
         """Add a trigger, after checking that what it names exists and that its schedule fires."""
         asker = ctx.on_behalf(self.runtime.client)
-        off_days: frozenset[date] = frozenset()
         if request.schedule is not None:
-            timing(request.schedule)  # the schedule itself first: its errors are the likeliest
+            timing_ = timing(request.schedule)  # the schedule itself first: its errors are the likeliest
             if request.schedule.calendar is not None:
                 off_days = await self._calendar(asker, ctx.tenant, request.schedule.calendar)
-            timing_ = timing(request.schedule, off_days)
+                timing_ = timing(request.schedule, off_days)
             if not fires.next_times(timing_.schedule, utcnow(), 1, rules=timing_.rules):
                 raise BadRequest("schedule: it never fires from now on (its window, calendar or validity end first)")
         await self._check_names(asker, ctx.tenant, request)
@@ -772,7 +771,11 @@ class SchedulerService(Service):
 
     def _info(self, record: TriggerRecord, last: FireInfo | None, *, count: int = 1) -> TriggerInfo:
         next_fires: list[datetime] = []
-        if record.enabled and record.schedule is not None and count and not exhausted(record):
+        held = self._plans.get(record.id)
+        if count == 1 and held is not None and held.next_at is not None and held.record.schedule == record.schedule:
+            # The clock knows it already (a listing of thousands of triggers computes none).
+            next_fires = [held.next_at]
+        elif record.enabled and record.schedule is not None and count and not exhausted(record):
             off_days = self._calendars.get((record.tenant, record.schedule.calendar or ""), frozenset())
             try:
                 timing_ = timing(record.schedule, off_days)

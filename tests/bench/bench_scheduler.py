@@ -3,7 +3,8 @@
 Run it with `make bench` or `.venv/bin/python tests/bench/bench_scheduler.py [--db sqlite|postgres|both] [--json]`.
 
 One isolated nats-server is started (herder's `EmbeddedNats`, temporary store) and, for each load
-and database, a fresh stack: a child process runs herder's services (auth, registry, packages,
+and database, a fresh stack: a child process (the one `bench_dispatch.py` starts, every service of
+`herder up`; HERDER_BENCH_PROFILE=FILE profiles it) runs herder's services (auth, registry, packages,
 jobs, scheduler and the rest) in one `ServiceHost`, on a fresh SQLite file or a fresh PostgreSQL
 database (from HERDER_TEST_POSTGRES); on PostgreSQL a second scheduler replica runs in a process of
 its own (`herder service run scheduler`), as a deployment without a single scheduler node would.
@@ -32,19 +33,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
+from bench_dispatch import SERVICES_FLAG, Child, credential_file, postgres_database
 from benchlib import environment, percentile
 from sqlalchemy import func, select
 
@@ -58,42 +56,10 @@ from herder.services.common import database
 from herder.services.common.credentials import ServiceCredential
 from herder.services.common.natsserver import EmbeddedNats
 
-READY = "HERDER-BENCH-READY"
-SERVICES_FLAG = "--serve-services"  # hidden: runs herder's services, in a child process
-SCRIPT = Path(__file__).resolve()
 HERDER = str(Path(sys.executable).with_name("herder"))
-CREDENTIAL_FILE = "service-credential.json"
-POSTGRES_URL = os.environ.get("HERDER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 ADD_CONCURRENCY = 32
 # Fires of the measured minute are read this long after it ends: the late ones land meanwhile.
 SETTLE_S = 5.0
-
-
-async def serve_services(nats_url: str, db_url: str, data_dir: str) -> None:
-    """Run every herder service until stdin closes; the first line printed holds the admin token."""
-    from herder.services.auth.service import AuthService
-    from herder.services.catalog import NAMES
-    from herder.services.common.host import HostConfig, ServiceHost, resolve_services
-
-    credential = ServiceCredential.read(Path(data_dir).parent / CREDENTIAL_FILE)
-    host = ServiceHost(
-        HostConfig(
-            nats_url=nats_url,
-            db_url=db_url,
-            services=resolve_services(NAMES),
-            credential=credential,
-            data_dir=Path(data_dir),
-        )
-    )
-    await host.start()
-    try:
-        auth = host.services["auth"]
-        assert isinstance(auth, AuthService)
-        admin = await auth.bootstrap_admin(None, may_rotate=False)
-        print(f"{READY} {admin}", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    finally:
-        await host.stop()
 
 
 @dataclass
@@ -131,25 +97,15 @@ async def run_load(
 ) -> Load:
     folder = root / f"{database_name}-{load}"
     folder.mkdir()
-    ServiceCredential.read(root / CREDENTIAL_FILE).write(folder / CREDENTIAL_FILE)
-    services = subprocess.Popen(  # noqa: ASYNC220 - started once, stopped at the end
-        [sys.executable, str(SCRIPT), SERVICES_FLAG, nats_url, db_url, str(folder / "services")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    ServiceCredential.read(credential_file(root)).write(credential_file(folder))
+    services, token = await Child.start("services", SERVICES_FLAG, nats_url, db_url, str(folder / "services"))
     replicas: list[subprocess.Popen[bytes]] = []
     try:
-        assert services.stdout is not None
-        line = await asyncio.to_thread(services.stdout.readline)
-        if not line.startswith(READY):
-            raise SystemExit(f"the services did not start: {line!r}")
-        token = line.split()[1]
         if database_name == "postgres":
             replica_command = [HERDER, "service", "run", "scheduler", "--nats", nats_url, "--db", db_url]
             replicas.append(
                 subprocess.Popen(  # noqa: ASYNC220 - started once, stopped at the end
-                    [*replica_command, "--credential", str(folder / CREDENTIAL_FILE), "--log-level", "warning"],
+                    [*replica_command, "--credential", str(credential_file(folder)), "--log-level", "warning"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -200,9 +156,7 @@ async def run_load(
     finally:
         for replica in replicas:
             replica.terminate()
-        if services.stdin is not None:
-            services.stdin.close()
-        services.wait(timeout=60)
+        await services.stop()
         for replica in replicas:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 replica.wait(timeout=30)
@@ -260,22 +214,6 @@ async def tally(
     )
 
 
-@contextlib.contextmanager
-def postgres_database() -> Any:
-    """A fresh PostgreSQL database on HERDER_TEST_POSTGRES's server, dropped afterwards."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    server = make_url(POSTGRES_URL).set(drivername="postgresql")
-    name = f"herder_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True, connect_timeout=3) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield server.set(database=name).render_as_string(hide_password=False)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 async def measure(args: argparse.Namespace, server: EmbeddedNats, root: Path) -> list[Load]:
     results: list[Load] = []
     for database_name in ("sqlite", "postgres") if args.db == "both" else (args.db,):
@@ -324,21 +262,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     logs.configure(level="warning")
-    if argv[:1] == [SERVICES_FLAG]:
-        # HERDER_BENCH_PROFILE=FILE: the services' process writes a cProfile of its run to FILE.
-        profile_to = os.environ.get("HERDER_BENCH_PROFILE")
-        if profile_to:
-            with cProfile.Profile() as profile:
-                asyncio.run(serve_services(*argv[1:4]))
-            profile.dump_stats(profile_to)
-        else:
-            asyncio.run(serve_services(*argv[1:4]))
-        return 0
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="herder-bench-") as folder:
         root = Path(folder)
         credential = ServiceCredential.generate()
-        credential.write(root / CREDENTIAL_FILE)
+        credential.write(credential_file(root))
         server = EmbeddedNats(root / "nats", credential=credential)
         server.start()
         try:

@@ -12,7 +12,7 @@ import pytest
 from herder.protocol import codec, subjects
 from herder.protocol.codec import BEARER, Header
 from herder.protocol.errors import BadRequest, Forbidden
-from herder.protocol.jobs import JobListRequest, JobStart, JobStartBatch, JobState, WhenBusy
+from herder.protocol.jobs import JobListRequest, JobStart, JobStartBatch, JobState, Strategy, WhenBusy
 from herder.services.common.credentials import ServiceCredential
 from tests.fleet import Fleet, python_process, running_fleet
 
@@ -75,3 +75,17 @@ async def test_a_batch_must_key_every_start_and_only_the_scheduler_names_trigger
             codec.raise_error_reply(reply.data, reply.headers or {})
     with pytest.raises(Forbidden, match="only the scheduler"):
         await fleet.client.request(JobStartBatch(starts=[start("t1", trigger="forged")]))
+
+
+async def test_fewest_pending_aims_each_job_at_the_least_waited_for_robot_of_the_group(fleet: Fleet) -> None:
+    # No robot of the group runs: each job goes to the one with the fewest jobs waiting for it by name.
+    await fleet.add_robot("r2", groups=["pool"])
+    targets: list[str | None] = []
+    for _ in range(4):
+        job = await fleet.client.request(JobStart(process="tick", group="pool", strategy=Strategy.FEWEST_PENDING))
+        assert job.target_group is None and "fewest jobs waiting" in job.reason, job.reason
+        targets.append(job.target_robot)
+    assert sorted(target or "" for target in targets) == ["r1", "r1", "r2", "r2"]
+    batch = JobStartBatch(starts=[start(f"f{n}", strategy=Strategy.FEWEST_PENDING) for n in range(2)])
+    made = [result.job for result in (await fleet.client.request(batch)).results]
+    assert all(job is not None and job.target_robot in ("r1", "r2") for job in made)

@@ -38,7 +38,7 @@ from herder.protocol.jobs import (
     Priority,
     StartCommand,
 )
-from herder.protocol.messages import Event
+from herder.protocol.messages import Event, utcnow
 from herder.protocol.packages import PackageResolve
 from herder.protocol.registry import RobotStatus, RobotType
 from herder.services.common.credentials import ServiceCredential
@@ -218,6 +218,25 @@ async def test_a_soft_stop_the_script_honours_ends_stopped(lite: Fleet) -> None:
     assert stopped.output is not None and "stopped_at" in stopped.output
     with pytest.raises(Conflict, match="already ended"):
         await lite.client.request(JobStop(id=job.id))
+
+
+async def test_a_job_past_its_stop_after_is_soft_stopped_by_herder(lite: Fleet) -> None:
+    await lite.run_robot("r1")
+    await lite.publish(python_process(lite.root, "loop", LOOP))
+    marker = lite.root / "marker"
+    # The script ignores the soft stop, so the job stays Stopping, saying who asked and why.
+    job = await lite.client.request(
+        JobStart(
+            process="loop", robot="r1", input={"marker": str(marker), "honour": False}, stop_after_s=1.5, kill_grace_s=2
+        )
+    )
+    assert job.stop_after_s == 1.5
+    stopping = await lite.wait_job(job.id, JobState.STOPPING, timeout=30)
+    assert "soft stop: it ran for its stop-after of 1.5 s" in stopping.reason
+    assert stopping.started_at is not None and (utcnow() - stopping.started_at).total_seconds() >= 1.5
+    assert await eventually(lambda: _logged(lite, job.id, "ignoring the soft stop"), timeout=20)
+    await lite.client.request(JobKill(id=job.id))
+    await lite.wait_job(job.id, JobState.STOPPED)
 
 
 async def test_a_soft_stop_the_script_ignores_then_a_kill(lite: Fleet) -> None:

@@ -14,7 +14,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from herder.client import discovery
 from herder.protocol.errors import BadRequest, Conflict, Forbidden, NotFound
 from herder.protocol.jobs import JobInfo, JobListRequest, JobStart, JobState
 from herder.protocol.queues import ItemAdd, NewItem, QueueCreate
@@ -32,6 +34,7 @@ from herder.protocol.scheduler import (
 )
 from herder.protocol.secrets import AssetSet, AssetType
 from herder.services.common.credentials import ServiceCredential
+from herder.services.scheduler.repository import fires as fires_table
 from tests.fleet import Fleet, python_process, running_fleet
 from tests.support import eventually
 
@@ -283,17 +286,12 @@ TAKE_OVER_WAIT_S = 7.0
 
 
 async def _replicas(fleet: Fleet, count: int) -> bool:
-    from herder.client import discovery
-
     found = discovery.summarize(await discovery.gather(fleet.nc, timeout=1.0))
     return any(service.name == "scheduler" and service.instances >= count for service in found)
 
 
 async def _all_fires(fleet: Fleet, trigger: str) -> list[datetime]:
     """The scheduled times of a trigger's fires that made a job, from the jobs' own records."""
-    from sqlalchemy import select
-
-    from herder.services.scheduler.repository import fires as fires_table
 
     engine = fleet.host.engine
     assert engine is not None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from herder.protocol.errors import Conflict
-from herder.protocol.jobs import JobReport, JobState, OnRobotLost, Outcome, Priority
+from herder.protocol.jobs import JobReport, JobState, OnRobotLost, Outcome, Priority, WhenBusy
 from herder.protocol.packages import EntryKind, EntryPoint, PackageRef
 from herder.services.jobs import decisions
+from herder.services.jobs.allocation import Target
 from herder.services.jobs.records import JobRecord
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -224,3 +226,34 @@ def test_a_robot_back_without_its_held_job_lets_it_run_elsewhere_at_once() -> No
     after = decisions.not_running(held, "r1")
     assert after is not None and after.state is P and after.reason == "re-queued: robot r1 came back without it"
     assert decisions.not_running(job(R), "r1") is None  # not waiting for the robot: nothing to do
+
+
+@pytest.mark.parametrize(
+    ("fields", "refused"),
+    [
+        ({}, None),
+        ({"trigger": "t", "max_concurrent": 2, "open_jobs": 1}, None),
+        ({"trigger": "t", "max_concurrent": 2, "open_jobs": 2}, "trigger t has 2 jobs Pending or running"),
+        ({"trigger": "t", "open_jobs": 50}, None),  # no limit of concurrent jobs
+        ({"robot_free": False}, None),  # it waits for a robot
+        ({"robot_free": False, "when_busy": WhenBusy.SKIP}, "every robot of group pool is busy or offline"),
+        ({"robot_free": False, "when_busy": WhenBusy.SKIP, "target": Target(robot="r1")}, "robot r1 is busy"),
+    ],
+)
+def test_a_start_is_refused_for_its_triggers_limit_or_when_it_skips_a_busy_fleet(
+    fields: dict[str, Any], refused: str | None
+) -> None:
+    arguments: dict[str, Any] = {
+        "trigger": None,
+        "max_concurrent": None,
+        "open_jobs": 0,
+        "target": Target(group="pool"),
+        "robot_free": True,
+        "when_busy": WhenBusy.QUEUE,
+        **fields,
+    }
+    refusal = decisions.refused_start(**arguments)
+    if refused is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refused in refusal.message
